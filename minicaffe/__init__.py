@@ -1,0 +1,26 @@
+"""minicaffe: Caffe in pure Python on numpy, with pycaffe's API.
+
+    import minicaffe as caffe
+    net = caffe.Net("deploy.prototxt", caffe.TEST, weights="model.caffemodel")
+"""
+from .proto import caffe_pb2
+from .blob import Blob
+from .layer import Layer, LayerError, register_layer, create_layer, layer_registry
+from .rng import set_random_seed
+
+TRAIN = caffe_pb2.TRAIN
+TEST = caffe_pb2.TEST
+
+__version__ = "0.1.0"
+
+
+def set_mode_cpu():
+    """pycaffe compatibility: minicaffe always runs on the CPU."""
+
+
+def set_device(device_id):
+    """pycaffe compatibility: there is only the CPU."""
+
+
+def set_mode_gpu():
+    raise RuntimeError("minicaffe runs on the CPU only; remove caffe.set_mode_gpu() or use set_mode_cpu()")

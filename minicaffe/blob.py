@@ -1,0 +1,192 @@
+"""Blob: an N-d array of `data` plus a same-shaped `diff` (its gradient), as in Caffe.
+
+Storage is a flat buffer that only grows; `data`/`diff` are views of its first
+`count` elements in the current shape, so `reshape` to a smaller or equal size
+never reallocates, and blobs that share storage (`share_data`/`share_diff`)
+keep seeing each other's writes.
+"""
+import numpy as np
+
+from .proto import caffe_pb2
+
+__all__ = ["Blob"]
+
+
+class _Memory:
+    """A growable flat buffer that several blobs can point to."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self, size, dtype):
+        self.buf = np.zeros(size, dtype=dtype)
+
+    def ensure(self, size):
+        if size > self.buf.size:
+            grown = np.zeros(size, dtype=self.buf.dtype)
+            grown[: self.buf.size] = self.buf
+            self.buf = grown
+
+
+class Blob:
+    """`data` and `diff` arrays of one shape (float32 unless told otherwise)."""
+
+    def __init__(self, shape=(), dtype=np.float32, name=None):
+        self.name = name
+        self._shape = ()
+        self._count = 1
+        self._data = _Memory(0, dtype)
+        self._diff = _Memory(0, dtype)
+        self.reshape(shape)
+
+    # -- shape -------------------------------------------------------------
+    @property
+    def shape(self):
+        return self._shape
+
+    @property
+    def dtype(self):
+        return self._data.buf.dtype
+
+    @property
+    def num_axes(self):
+        return len(self._shape)
+
+    def count(self, start=0, end=None):
+        """Product of dims start..end-1 (all of them by default), as Blob::count."""
+        return int(np.prod(self._shape[start:end], dtype=np.int64))
+
+    def canonical_axis(self, axis):
+        n = len(self._shape)
+        if not -n <= axis < max(n, 1):
+            raise IndexError(f"axis {axis} out of range for {n}-d blob {self._label()} of shape {self._shape}")
+        return axis % n if n else 0
+
+    def reshape(self, *shape):
+        """Reshape to `shape` (dims or one tuple); storage grows only when needed."""
+        if len(shape) == 1 and not isinstance(shape[0], (int, np.integer)):
+            shape = shape[0]
+        shape = tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape):
+            raise ValueError(f"blob {self._label()}: negative dimension in shape {shape}")
+        self._shape = shape
+        self._count = int(np.prod(shape, dtype=np.int64))
+        self._data.ensure(self._count)
+        self._diff.ensure(self._count)
+        return self
+
+    def reshape_like(self, other):
+        return self.reshape(other.shape)
+
+    # -- arrays ------------------------------------------------------------
+    @property
+    def data(self):
+        return self._data.buf[: self._count].reshape(self._shape)
+
+    @data.setter
+    def data(self, value):
+        self._assign(self.data, value, "data")
+
+    @property
+    def diff(self):
+        return self._diff.buf[: self._count].reshape(self._shape)
+
+    @diff.setter
+    def diff(self, value):
+        self._assign(self.diff, value, "diff")
+
+    def _assign(self, view, value, what):
+        value = np.asarray(value)
+        if value.shape != view.shape and value.size != view.size:
+            raise ValueError(f"cannot set {what} of blob {self._label()}: shape {value.shape} "
+                             f"does not match the blob's shape {view.shape}")
+        view[...] = value.reshape(view.shape)
+
+    def _label(self):
+        return repr(self.name) if self.name else "<unnamed>"
+
+    # -- sharing -----------------------------------------------------------
+    def share_data(self, other):
+        """Make this blob's data the same memory as `other`'s (shapes must hold the same count)."""
+        if other._count != self._count:
+            raise ValueError(f"share_data: blob {self._label()} has {self._count} elements but "
+                             f"{other._label()} has {other._count}")
+        self._data = other._data
+
+    def share_diff(self, other):
+        if other._count != self._count:
+            raise ValueError(f"share_diff: blob {self._label()} has {self._count} elements but "
+                             f"{other._label()} has {other._count}")
+        self._diff = other._diff
+
+    def shares_data_with(self, other):
+        return self._data is other._data
+
+    # -- numbers -----------------------------------------------------------
+    def update(self):
+        """data -= diff, Caffe's Blob::Update."""
+        np.subtract(self.data, self.diff, out=self.data)
+
+    def asum_data(self):
+        return float(np.abs(self.data).sum())
+
+    def asum_diff(self):
+        return float(np.abs(self.diff).sum())
+
+    def sumsq_data(self):
+        d = self.data.ravel()
+        return float(np.dot(d, d))
+
+    def sumsq_diff(self):
+        d = self.diff.ravel()
+        return float(np.dot(d, d))
+
+    def scale_diff(self, factor):
+        self.diff[...] *= factor
+
+    # -- BlobProto -----------------------------------------------------------
+    def to_proto(self, write_diff=False, proto=None):
+        """Fill a BlobProto (float data, shape in `shape.dim`) as Caffe's ToProto does."""
+        proto = caffe_pb2.BlobProto() if proto is None else proto
+        proto.Clear()
+        proto.shape.dim.extend(self._shape)
+        if self.dtype == np.float64:
+            proto.double_data.extend(self.data.ravel().tolist())
+            if write_diff:
+                proto.double_diff.extend(self.diff.ravel().tolist())
+        else:
+            proto.data.extend(self.data.ravel().tolist())
+            if write_diff:
+                proto.diff.extend(self.diff.ravel().tolist())
+        return proto
+
+    @staticmethod
+    def proto_shape(proto):
+        """The shape a BlobProto describes, including the legacy num/channels/height/width form."""
+        if proto.HasField("shape"):
+            return tuple(int(d) for d in proto.shape.dim)
+        if any(proto.HasField(f) for f in ("num", "channels", "height", "width")):
+            return (proto.num, proto.channels, proto.height, proto.width)
+        n = len(proto.double_data) or len(proto.data)
+        return (n,) if n else ()
+
+    def from_proto(self, proto, reshape=True, what=None):
+        """Load data (and diff when present) from a BlobProto; checks the shape unless reshape."""
+        shape = self.proto_shape(proto)
+        if reshape:
+            self.reshape(shape)
+        elif int(np.prod(shape, dtype=np.int64)) != self._count or (
+                len(shape) == len(self._shape) and shape != self._shape):
+            raise ValueError(f"{what or 'blob ' + self._label()}: shape mismatch, "
+                             f"expected {self._shape} but the file has {shape}")
+        values = proto.double_data if len(proto.double_data) else proto.data
+        if len(values) != self._count:
+            raise ValueError(f"{what or 'blob ' + self._label()}: BlobProto holds {len(values)} "
+                             f"values but its shape {shape} needs {self._count}")
+        self.data[...] = np.asarray(values, dtype=self.dtype).reshape(self._shape)
+        diffs = proto.double_diff if len(proto.double_diff) else proto.diff
+        if len(diffs) == self._count:
+            self.diff[...] = np.asarray(diffs, dtype=self.dtype).reshape(self._shape)
+        return self
+
+    def __repr__(self):
+        return f"Blob({self._label()}, shape={self._shape}, dtype={self.dtype})"
