@@ -14,8 +14,7 @@ def test_generated_module_matches_schema(tmp_path):
     rc = protoc.main(["protoc", f"-I{PROTO.parent}", f"--descriptor_set_out={out}", str(PROTO)])
     assert rc == 0
     fresh = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
-    committed = descriptor_pb2.FileDescriptorProto()
-    caffe_pb2.DESCRIPTOR.CopyToProto(committed)
+    committed = descriptor_pb2.FileDescriptorProto.FromString(caffe_pb2.DESCRIPTOR.serialized_pb)
     assert fresh == committed, "caffe_pb2.py is stale: run python tools/gen_proto.py"
 
 
