@@ -14,6 +14,7 @@ def test_generated_module_matches_schema(tmp_path):
     rc = protoc.main(["protoc", f"-I{PROTO.parent}", f"--descriptor_set_out={out}", str(PROTO)])
     assert rc == 0
     fresh = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
+    _drop_json_names(fresh.message_type)  # protoc adds these only to descriptor sets
     committed = descriptor_pb2.FileDescriptorProto.FromString(caffe_pb2.DESCRIPTOR.serialized_pb)
     assert fresh == committed, "caffe_pb2.py is stale: run python tools/gen_proto.py"
 
@@ -30,3 +31,10 @@ def test_field_numbers_and_defaults_match_caffe():
     assert caffe_pb2.PoolingParameter().pool == caffe_pb2.PoolingParameter.MAX
     assert caffe_pb2.LRNParameter().k == 1.0 and caffe_pb2.LRNParameter().local_size == 5
     assert caffe_pb2.BlobProto.DESCRIPTOR.fields_by_name["double_data"].number == 8
+
+
+def _drop_json_names(messages):
+    for m in messages:
+        for f in m.field:
+            f.ClearField("json_name")
+        _drop_json_names(m.nested_type)
