@@ -7,6 +7,7 @@ from .proto import caffe_pb2
 from .blob import Blob
 from .layer import Layer, LayerError, register_layer, create_layer, layer_registry
 from .rng import set_random_seed
+from .net import Net
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST

@@ -1,0 +1,145 @@
+"""Core layers: InnerProduct, Softmax, Split, Silence."""
+import numpy as np
+
+from ..blob import Blob
+from ..fillers import fill
+from ..layer import Layer, register_layer
+
+
+def softmax(x, axis, out):
+    """Numerically stable softmax of `x` along `axis`, written into `out` (may be `x`)."""
+    np.subtract(x, x.max(axis=axis, keepdims=True), out=out)
+    np.exp(out, out=out)
+    out /= out.sum(axis=axis, keepdims=True)
+    return out
+
+
+@register_layer("InnerProduct")
+class InnerProductLayer(Layer):
+    """top (M, N) = bottom (M, K) @ W.T + b, with M = bottom.count(0, axis), K = bottom.count(axis).
+
+    W is (N, K), or (K, N) with `transpose: true`; the top keeps bottom's leading axes.
+    """
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.inner_product_param
+        if p.num_output <= 0:
+            raise self.error("inner_product_param.num_output must be positive")
+        self.num_output = p.num_output
+        self.bias_term = p.bias_term
+        self.transpose = p.transpose
+        self.axis = bottom[0].canonical_axis(p.axis)
+        self.K = bottom[0].count(self.axis)
+        if self.blobs_loaded:
+            return
+        w_shape = (self.K, self.num_output) if self.transpose else (self.num_output, self.K)
+        self.blobs = [fill(Blob(w_shape, self.dtype), p.weight_filler, f"layer {self.name!r} weights")]
+        if self.bias_term:
+            self.blobs.append(fill(Blob((self.num_output,), self.dtype), p.bias_filler,
+                                   f"layer {self.name!r} bias"))
+
+    def reshape(self, bottom, top):
+        k = bottom[0].count(self.axis)
+        if k != self.K:
+            raise self.error(f"input size {bottom[0].shape} gives {k} features from axis "
+                             f"{self.axis} but the weights expect {self.K}")
+        top[0].reshape(bottom[0].shape[: self.axis] + (self.num_output,))
+
+    def _weight(self):
+        w = self.blobs[0].data
+        return w if self.transpose else w.T  # (K, N)
+
+    def forward(self, bottom, top):
+        x = bottom[0].data.reshape(-1, self.K)
+        y = top[0].data.reshape(-1, self.num_output)
+        np.matmul(x, self._weight(), out=y)
+        if self.bias_term:
+            y += self.blobs[1].data
+
+    def backward(self, top, propagate_down, bottom):
+        dy = top[0].diff.reshape(-1, self.num_output)
+        x = bottom[0].data.reshape(-1, self.K)
+        if self.param_propagate_down[0]:
+            w_diff = self.blobs[0].diff
+            if self.transpose:
+                w_diff += x.T @ dy
+            else:
+                w_diff += dy.T @ x
+        if self.bias_term and self.param_propagate_down[1]:
+            self.blobs[1].diff[...] += dy.sum(axis=0)
+        if propagate_down[0]:
+            np.matmul(dy, self._weight().T, out=bottom[0].diff.reshape(-1, self.K))
+
+
+@register_layer("Softmax")
+class SoftmaxLayer(Layer):
+    """top = exp(x) / sum(exp(x)) along `softmax_param.axis` (default 1)."""
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+    allows_in_place = True
+
+    def layer_setup(self, bottom, top):
+        self.axis = bottom[0].canonical_axis(self.layer_param.softmax_param.axis)
+
+    def reshape(self, bottom, top):
+        top[0].reshape(bottom[0].shape)
+
+    def forward(self, bottom, top):
+        softmax(bottom[0].data, self.axis, top[0].data)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        y, dy = top[0].data, top[0].diff
+        dot = (dy * y).sum(axis=self.axis, keepdims=True)
+        np.subtract(dy, dot, out=bottom[0].diff)
+        bottom[0].diff[...] *= y
+
+
+@register_layer("Split")
+class SplitLayer(Layer):
+    """Every top shares bottom's data; bottom diff = sum of the top diffs (fan-out)."""
+
+    exact_num_bottom = 1
+    min_num_top = 1
+
+    def reshape(self, bottom, top):
+        for t in top:
+            if t is bottom[0]:
+                raise self.error("Split does not work in place")
+            t.reshape(bottom[0].shape)
+            t.share_data(bottom[0])
+
+    def forward(self, bottom, top):
+        pass  # tops already see bottom's data
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        diff = bottom[0].diff
+        diff[...] = top[0].diff
+        for t in top[1:]:
+            diff += t.diff
+
+
+@register_layer("Silence")
+class SilenceLayer(Layer):
+    """Consumes its bottoms and produces nothing (so they are not net outputs)."""
+
+    min_num_bottom = 1
+    exact_num_top = 0
+
+    def reshape(self, bottom, top):
+        pass
+
+    def forward(self, bottom, top):
+        pass
+
+    def backward(self, top, propagate_down, bottom):
+        for b, down in zip(bottom, propagate_down):
+            if down:
+                b.diff[...] = 0

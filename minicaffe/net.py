@@ -1,0 +1,595 @@
+"""Net: a DAG of layers built from a NetParameter, run forward and backward.
+
+Construction follows Caffe's Net::Init: filter layers by phase/level/stage,
+insert Split layers where one top feeds several bottoms, create blobs (in-place
+layers reuse their bottom blob), set layers up, wire shared parameters, and
+work out which layers need backward.
+"""
+import collections
+import os
+
+import numpy as np
+
+from .blob import Blob
+from .layer import LayerError, create_layer
+from .proto import caffe_pb2
+from .proto_io import ProtoFileError, read_net_param, read_proto, write_binary
+
+__all__ = ["Net", "filter_net", "insert_splits", "state_meets_rule"]
+
+
+# -- NetParameter passes ---------------------------------------------------------
+def state_meets_rule(state, rule):
+    """Does NetState `state` satisfy NetStateRule `rule`? (Caffe's StateMeetsRule.)"""
+    if rule.HasField("phase") and rule.phase != state.phase:
+        return False
+    if rule.HasField("min_level") and state.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and state.level > rule.max_level:
+        return False
+    stages = set(state.stage)
+    if any(s not in stages for s in rule.stage):
+        return False
+    if any(s in stages for s in rule.not_stage):
+        return False
+    return True
+
+
+def filter_net(param, state):
+    """A copy of `param` keeping only the layers whose include/exclude rules admit `state`."""
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(param)
+    out.ClearField("layer")
+    for layer in param.layer:
+        if len(layer.include) and len(layer.exclude):
+            raise LayerError(f"layer {layer.name!r}: specify include or exclude rules, not both")
+        keep = not len(layer.include)
+        if any(state_meets_rule(state, r) for r in layer.exclude):
+            keep = False
+        if any(state_meets_rule(state, r) for r in layer.include):
+            keep = True
+        if keep:
+            out.layer.add().CopyFrom(layer)
+    return out
+
+
+def _split_layer_name(layer_name, blob_name, top_index):
+    return f"{blob_name}_{layer_name}_{top_index}_split"
+
+
+def _split_blob_name(layer_name, blob_name, top_index, split_index):
+    return f"{blob_name}_{layer_name}_{top_index}_split_{split_index}"
+
+
+def insert_splits(param):
+    """Copy of `param` with a Split layer after every top that feeds more than one consumer.
+
+    A top with a nonzero loss_weight counts as one consumer itself, as in Caffe.
+    """
+    last_top = {}                      # blob name -> (layer, top index) that last produced it
+    source_of_bottom = {}              # (layer, bottom index) -> (layer, top index)
+    consumers = collections.Counter()  # (layer, top index) -> number of consumers
+    loss_weight = {}
+    for i, layer in enumerate(param.layer):
+        for j, name in enumerate(layer.bottom):
+            if name not in last_top:
+                raise LayerError(f"layer {layer.name!r} ({layer.type}): unknown bottom blob "
+                                 f"{name!r} (bottom {j}); no earlier layer produces it")
+            source_of_bottom[i, j] = last_top[name]
+            consumers[last_top[name]] += 1
+        for j, name in enumerate(layer.top):
+            last_top[name] = (i, j)
+        for j, w in enumerate(layer.loss_weight):
+            loss_weight[i, j] = w
+            if w:
+                consumers[i, j] += 1
+
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(param)
+    out.ClearField("layer")
+    next_split = collections.Counter()
+    for i, layer in enumerate(param.layer):
+        new = out.layer.add()
+        new.CopyFrom(layer)
+        for j, name in enumerate(layer.bottom):
+            src = source_of_bottom[i, j]
+            if consumers[src] > 1:
+                src_layer = param.layer[src[0]].name
+                new.bottom[j] = _split_blob_name(src_layer, name, src[1], next_split[src])
+                next_split[src] += 1
+        for j, name in enumerate(layer.top):
+            n = consumers[i, j]
+            if n <= 1:
+                continue
+            split = out.layer.add(name=_split_layer_name(layer.name, name, j), type="Split")
+            split.bottom.append(name)
+            split.top.extend(_split_blob_name(layer.name, name, j, k) for k in range(n))
+            w = loss_weight.get((i, j), 0.0)
+            if w:
+                # The split's first top carries the loss; consumers read from the second on.
+                new.ClearField("loss_weight")
+                split.loss_weight.extend([w] + [0.0] * (n - 1))
+                next_split[i, j] = 1
+    return out
+
+
+# -- the Net -----------------------------------------------------------------------
+class Net:
+    """A network for one phase, built from a prototxt path or a NetParameter.
+
+    pycaffe-style: `Net(model, phase, weights=None, level=0, stages=())`; the
+    older `Net(model, weights, phase)` form is accepted too.
+    """
+
+    def __init__(self, model, phase=None, *args, weights=None, level=0, stages=(),
+                 dtype=np.float32):
+        if isinstance(phase, (str, os.PathLike)):   # Net(model, weights, phase)
+            if args:
+                weights, phase, args = phase, args[0], args[1:]
+            else:
+                raise TypeError("Net(model, weights, phase): phase is missing")
+        if args:
+            raise TypeError(f"Net() got unexpected positional arguments {args!r}")
+        if isinstance(stages, str):
+            stages = [stages]
+        self.source = model if isinstance(model, (str, os.PathLike)) else None
+        param = read_net_param(model)
+        state = caffe_pb2.NetState()
+        state.CopyFrom(param.state)
+        if phase is not None:
+            if phase not in (caffe_pb2.TRAIN, caffe_pb2.TEST):
+                raise ValueError(f"phase must be minicaffe.TRAIN or minicaffe.TEST, got {phase!r}")
+            state.phase = phase
+        elif not param.HasField("state") or not param.state.HasField("phase"):
+            raise ValueError("Net needs a phase: Net(model, minicaffe.TRAIN or minicaffe.TEST)")
+        if level:
+            state.level = level
+        if stages:
+            state.ClearField("stage")
+            state.stage.extend(stages)
+        self.phase = state.phase
+        self.state = state
+        self.dtype = np.dtype(dtype)
+        try:
+            self._init(param)
+        except (LayerError, ProtoFileError) as exc:
+            if self.source is not None and not str(exc).startswith(os.fspath(self.source)):
+                raise type(exc)(f"{os.fspath(self.source)}: {exc}") from None
+            raise
+        if weights:
+            for w in ([weights] if isinstance(weights, (str, os.PathLike)) else weights):
+                self.copy_from(w)
+
+    # -- construction ----------------------------------------------------------
+    def _init(self, param):
+        self.name = param.name
+        self.force_backward = param.force_backward
+        self.debug_info = param.debug_info
+        param = insert_splits(filter_net(param, self.state))
+        self.net_param = param
+
+        self.layers = []
+        self.layer_names = []
+        self.blobs = collections.OrderedDict()
+        self.bottom_ids, self.top_ids = [], []        # per layer: blob names
+        self._bottom_vecs, self._top_vecs = [], []    # per layer: Blob lists
+        self.bottom_need_backward = []
+        self.layer_need_backward = []
+        self.params = collections.OrderedDict()
+        self.learnable_params = []
+        self.params_lr, self.params_weight_decay = [], []
+        self._param_owner_of = []                    # per (layer, j): index into learnable_params
+        self._spec_had_lr, self._spec_had_decay = [], []  # was lr/decay_mult set explicitly
+        self.param_display_names = []
+        producer = {}                                # blob name -> layer that produced it
+        blob_need_backward = {}
+        available = collections.OrderedDict()        # produced, not yet consumed
+        param_names = {}                             # shared ParamSpec name -> learnable index
+
+        for layer_param in param.layer:
+            layer_param = _with_phase(layer_param, self.phase)
+            name = layer_param.name
+            if name in self.layer_names and name:
+                raise LayerError(f"two layers are named {name!r}; layer names must be unique")
+            if len(layer_param.propagate_down) and len(layer_param.propagate_down) != len(layer_param.bottom):
+                raise LayerError(f"layer {name!r}: propagate_down must be given once per bottom "
+                                 f"({len(layer_param.bottom)}), got {len(layer_param.propagate_down)}")
+            layer = create_layer(layer_param, self.phase)
+            bottoms, need_down = [], []
+            for j, bname in enumerate(layer_param.bottom):
+                if bname not in self.blobs:
+                    raise LayerError(f"layer {name!r} ({layer_param.type}): unknown bottom blob {bname!r}")
+                bottoms.append(self.blobs[bname])
+                down = blob_need_backward.get(bname, False)
+                if len(layer_param.propagate_down):
+                    down = down and layer_param.propagate_down[j]
+                need_down.append(down)
+                available.pop(bname, None)
+            tops = []
+            for j, tname in enumerate(layer_param.top):
+                if j < len(layer_param.bottom) and layer_param.bottom[j] == tname:
+                    blob = self.blobs[tname]  # in place, as Caffe allows for any layer
+                elif tname in self.blobs:
+                    raise LayerError(f"top blob {tname!r} is produced by both layer "
+                                     f"{producer[tname]!r} and layer {name!r}; give one a new top name "
+                                     f"(only in-place layers may reuse their own bottom's name)")
+                else:
+                    blob = Blob((), self.dtype, name=tname)
+                    self.blobs[tname] = blob
+                producer[tname] = name
+                tops.append(blob)
+                available[tname] = True
+            n_auto = max(layer.exact_num_top or 0, layer.min_num_top or 0)
+            if layer.auto_top_blobs and len(tops) < n_auto:
+                for k in range(len(tops), n_auto):
+                    tname = f"(automatic) {name} top {k}"
+                    blob = Blob((), self.dtype, name=tname)
+                    self.blobs[tname] = blob
+                    tops.append(blob)
+                    available[tname] = True
+            try:
+                layer.setup(bottoms, tops)
+            except LayerError:
+                raise
+            except (ValueError, IndexError, TypeError, KeyError) as exc:
+                raise LayerError(f"layer {name!r} ({layer_param.type}): setup failed: {exc}") from exc
+
+            self.layers.append(layer)
+            self.layer_names.append(name)
+            self.bottom_ids.append(list(layer_param.bottom))
+            self.top_ids.append([b.name for b in tops])
+            self._bottom_vecs.append(bottoms)
+            self._top_vecs.append(tops)
+            need_backward = any(need_down)
+            need_backward |= self._append_params(layer, param_names)
+            for t in tops:
+                blob_need_backward[t.name] = blob_need_backward.get(t.name, False) or need_backward
+            self.bottom_need_backward.append(need_down)
+            self.layer_need_backward.append(need_backward)
+
+        self._prune_backward(blob_need_backward)
+        self.output_names = list(available)
+        self.input_names = [t for layer, tops in zip(self.layers, self.top_ids)
+                            if layer.type == "Input" for t in tops]
+        self.layer_dict = collections.OrderedDict(zip(self.layer_names, self.layers))
+        self._blob_loss_weights = {}
+        for layer, tops in zip(self.layers, self._top_vecs):
+            for t, w in zip(tops, layer.loss_weights):
+                if w:
+                    self._blob_loss_weights[t.name] = w
+
+    def _append_params(self, layer, param_names):
+        """Register `layer`'s blobs as learnable params (or as shares of earlier ones)."""
+        specs = layer.layer_param.param
+        if len(specs) > len(layer.blobs):
+            raise LayerError(f"layer {layer.name!r} ({layer.type}) has {len(layer.blobs)} parameter "
+                             f"blobs but {len(specs)} param specs")
+        if layer.blobs:
+            self.params[layer.name] = layer.blobs
+        needs = False
+        owners = []
+        for j, blob in enumerate(layer.blobs):
+            spec = specs[j] if j < len(specs) else caffe_pb2.ParamSpec()
+            learn = spec.lr_mult != 0
+            layer.param_propagate_down[j] = learn
+            needs |= learn
+            display = spec.name or f"{layer.name}[{j}]"
+            if spec.name and spec.name in param_names:
+                owner = param_names[spec.name]
+                owner_blob = self.learnable_params[owner]
+                if spec.share_mode == caffe_pb2.ParamSpec.PERMISSIVE:
+                    if owner_blob.count() != blob.count():
+                        raise LayerError(f"layer {layer.name!r}: shared param {spec.name!r} has "
+                                         f"{blob.count()} elements here but {owner_blob.count()} "
+                                         f"in its owner")
+                elif owner_blob.shape != blob.shape:
+                    raise LayerError(f"layer {layer.name!r}: shared param {spec.name!r} has shape "
+                                     f"{blob.shape} here but {owner_blob.shape} in its owner "
+                                     f"(set share_mode: PERMISSIVE to share by count)")
+                if spec.HasField("lr_mult") and spec.lr_mult != self.params_lr[owner]:
+                    if self._spec_had_lr[owner]:
+                        raise LayerError(f"layer {layer.name!r}: shared param {spec.name!r} sets "
+                                         f"lr_mult {spec.lr_mult} but its owner uses "
+                                         f"{self.params_lr[owner]}")
+                    self.params_lr[owner] = spec.lr_mult
+                    self._spec_had_lr[owner] = True
+                if spec.HasField("decay_mult") and spec.decay_mult != self.params_weight_decay[owner]:
+                    if self._spec_had_decay[owner]:
+                        raise LayerError(f"layer {layer.name!r}: shared param {spec.name!r} sets "
+                                         f"decay_mult {spec.decay_mult} but its owner uses "
+                                         f"{self.params_weight_decay[owner]}")
+                    self.params_weight_decay[owner] = spec.decay_mult
+                    self._spec_had_decay[owner] = True
+                blob.share_data(owner_blob)
+                blob.share_diff(owner_blob)
+                owners.append(owner)
+                continue
+            index = len(self.learnable_params)
+            if spec.name:
+                param_names[spec.name] = index
+            self.learnable_params.append(blob)
+            self.params_lr.append(spec.lr_mult)
+            self.params_weight_decay.append(spec.decay_mult)
+            self._spec_had_lr.append(spec.HasField("lr_mult"))
+            self._spec_had_decay.append(spec.HasField("decay_mult"))
+            self.param_display_names.append(display)
+            owners.append(index)
+        self._param_owner_of.append(owners)
+        return needs
+
+    def _prune_backward(self, blob_need_backward):
+        """Skip backward for layers that do not lead to a loss; honour force_backward."""
+        under_loss = set()
+        for i in reversed(range(len(self.layers))):
+            layer, tops = self.layers[i], self._top_vecs[i]
+            contributes = any(w for w in layer.loss_weights) or any(t.name in under_loss for t in tops)
+            if not contributes:
+                self.layer_need_backward[i] = False
+                self.bottom_need_backward[i] = [False] * len(self._bottom_vecs[i])
+            else:
+                under_loss.update(b.name for b in self._bottom_vecs[i])
+            if self.force_backward:
+                self.layer_need_backward[i] = True
+                self.bottom_need_backward[i] = [
+                    bool(down or layer.allow_force_backward(j))
+                    for j, down in enumerate(self.bottom_need_backward[i])]
+                if len(layer.layer_param.propagate_down):
+                    self.bottom_need_backward[i] = [
+                        d and bool(p) for d, p in zip(self.bottom_need_backward[i],
+                                                      layer.layer_param.propagate_down)]
+
+    # -- pycaffe-style accessors -------------------------------------------------
+    @property
+    def inputs(self):
+        return list(self.input_names)
+
+    @property
+    def outputs(self):
+        return list(self.output_names)
+
+    @property
+    def top_names(self):
+        return collections.OrderedDict(zip(self.layer_names, self.top_ids))
+
+    @property
+    def bottom_names(self):
+        return collections.OrderedDict(zip(self.layer_names, self.bottom_ids))
+
+    @property
+    def blob_loss_weights(self):
+        return {name: self._blob_loss_weights.get(name, 0.0) for name in self.blobs}
+
+    def _layer_index(self, which, default):
+        if which is None:
+            return default
+        if isinstance(which, int):
+            return which
+        try:
+            return self.layer_names.index(which)
+        except ValueError:
+            raise KeyError(f"no layer named {which!r} in net {self.name!r}") from None
+
+    # -- running ------------------------------------------------------------------
+    def forward_from_to(self, start=0, end=None):
+        """Run layers start..end (inclusive) and return their summed weighted loss."""
+        end = len(self.layers) - 1 if end is None else end
+        loss = 0.0
+        for i in range(start, end + 1):
+            layer, bottom, top = self.layers[i], self._bottom_vecs[i], self._top_vecs[i]
+            try:
+                layer.reshape(bottom, top)
+                loss += layer.run_forward(bottom, top)
+            except LayerError:
+                raise
+            except Exception as exc:
+                if isinstance(exc, (KeyboardInterrupt, MemoryError)):
+                    raise
+                raise type(exc)(f"layer {layer.name!r} ({layer.type}) forward: {exc}") from exc
+        return loss
+
+    def backward_from_to(self, start=None, end=0):
+        start = len(self.layers) - 1 if start is None else start
+        for i in range(start, end - 1, -1):
+            if not self.layer_need_backward[i]:
+                continue
+            layer = self.layers[i]
+            try:
+                layer.run_backward(self._top_vecs[i], self.bottom_need_backward[i],
+                                   self._bottom_vecs[i])
+            except LayerError:
+                raise
+            except Exception as exc:
+                if isinstance(exc, (KeyboardInterrupt, MemoryError)):
+                    raise
+                raise type(exc)(f"layer {layer.name!r} ({layer.type}) backward: {exc}") from exc
+
+    def forward_loss(self):
+        """Forward through the whole net; the total weighted loss (Caffe's Net::Forward)."""
+        return self.forward_from_to(0, len(self.layers) - 1)
+
+    def forward(self, blobs=None, start=None, end=None, **kwargs):
+        """pycaffe's forward: set inputs from kwargs, run, return {output name: data array}."""
+        for name, value in kwargs.items():
+            if name not in self.blobs:
+                raise KeyError(f"forward(): net {self.name!r} has no blob named {name!r}")
+            blob = self.blobs[name]
+            value = np.asarray(value)
+            if value.shape != blob.shape:
+                blob.reshape(value.shape)
+            blob.data[...] = value
+        start_i = self._layer_index(start, 0)
+        end_i = self._layer_index(end, len(self.layers) - 1)
+        self.forward_from_to(start_i, end_i)
+        names = list(self.top_ids[end_i]) if end is not None else list(self.output_names)
+        names += [b for b in (blobs or []) if b not in names]
+        return {name: self.blobs[name].data for name in names}
+
+    def backward(self, diffs=None, start=None, end=None, **kwargs):
+        """pycaffe's backward: set output diffs from kwargs, run, return {input name: diff array}."""
+        for name, value in kwargs.items():
+            if name not in self.blobs:
+                raise KeyError(f"backward(): net {self.name!r} has no blob named {name!r}")
+            self.blobs[name].diff = value
+        start_i = self._layer_index(start, len(self.layers) - 1)
+        end_i = self._layer_index(end, 0)
+        self.backward_from_to(start_i, end_i)
+        names = list(self.bottom_ids[end_i]) if end is not None else list(self.input_names)
+        names += [b for b in (diffs or []) if b not in names]
+        return {name: self.blobs[name].diff for name in names}
+
+    def forward_backward(self):
+        loss = self.forward_loss()
+        self.backward_from_to()
+        return loss
+
+    def reshape(self):
+        for layer, bottom, top in zip(self.layers, self._bottom_vecs, self._top_vecs):
+            layer.reshape(bottom, top)
+
+    def clear_param_diffs(self):
+        for blob in self.learnable_params:
+            blob.diff[...] = 0
+
+    def update(self):
+        for blob in self.learnable_params:
+            blob.update()
+
+    # -- weights ---------------------------------------------------------------
+    def share_with(self, other):
+        """Use `other`'s weights for layers of the same name (test nets share the train net's)."""
+        for name, layer in self.layer_dict.items():
+            source = other.layer_dict.get(name)
+            if source is None or not layer.blobs:
+                continue
+            if len(source.blobs) != len(layer.blobs):
+                raise LayerError(f"layer {name!r}: {len(layer.blobs)} param blobs here but "
+                                 f"{len(source.blobs)} in the net to share with")
+            for j, (mine, theirs) in enumerate(zip(layer.blobs, source.blobs)):
+                if mine.shape != theirs.shape:
+                    raise LayerError(f"layer {name!r} param {j}: shape {mine.shape} here but "
+                                     f"{theirs.shape} in the net to share with")
+                mine.share_data(theirs)
+    share_trained_layers_with = share_with
+
+    def copy_from(self, source):
+        """Load weights by layer name from a .caffemodel (binary NetParameter), .h5, or a NetParameter."""
+        if isinstance(source, caffe_pb2.NetParameter):
+            param, label = source, "NetParameter"
+        else:
+            label = os.fspath(source)
+            if label.endswith((".h5", ".hdf5")):
+                return self._copy_from_hdf5(label)
+            param = caffe_pb2.NetParameter()
+            try:
+                with open(label, "rb") as f:
+                    param.ParseFromString(f.read())
+            except FileNotFoundError:
+                raise ProtoFileError(f"{label}: no such weights file") from None
+            except Exception as exc:
+                raise ProtoFileError(f"{label}: not a binary .caffemodel ({exc})") from None
+            param = read_net_param(param)
+        for src in param.layer:
+            layer = self.layer_dict.get(src.name)
+            if layer is None or not len(src.blobs):
+                continue
+            if len(src.blobs) != len(layer.blobs):
+                raise LayerError(f"{label}: layer {src.name!r} has {len(src.blobs)} parameter blobs "
+                                 f"in the file but {len(layer.blobs)} in the net")
+            for j, (blob, proto) in enumerate(zip(layer.blobs, src.blobs)):
+                shape = Blob.proto_shape(proto)
+                if not _shapes_match(blob.shape, shape):
+                    raise LayerError(f"{label}: layer {src.name!r} param {j}: the file has shape "
+                                     f"{shape} but the net expects {blob.shape}")
+                blob.from_proto(proto, reshape=False, what=f"{label}: layer {src.name!r} param {j}")
+        return self
+
+    def _copy_from_hdf5(self, path):
+        try:
+            import h5py
+        except ImportError:
+            raise ImportError(f"{path}: reading HDF5 weights needs h5py: pip install 'minicaffe[hdf5]'") from None
+        with h5py.File(path, "r") as f:
+            group = f["data"]
+            for name in group:
+                layer = self.layer_dict.get(name)
+                if layer is None:
+                    continue
+                for j, blob in enumerate(layer.blobs):
+                    values = np.asarray(group[name][str(j)])
+                    if values.size != blob.count():
+                        raise LayerError(f"{path}: layer {name!r} param {j}: the file has shape "
+                                         f"{values.shape} but the net expects {blob.shape}")
+                    blob.data[...] = values.reshape(blob.shape)
+        return self
+
+    def to_proto(self, write_diff=False):
+        """A NetParameter with every layer's definition and its parameter blobs."""
+        out = caffe_pb2.NetParameter(name=self.name)
+        for layer in self.layers:
+            lp = out.layer.add()
+            lp.CopyFrom(layer.layer_param)
+            lp.ClearField("blobs")
+            for blob in layer.blobs:
+                blob.to_proto(write_diff, lp.blobs.add())
+        return out
+
+    def save(self, path, write_diff=False):
+        """Write the weights as a binary .caffemodel (atomically), or HDF5 for .h5 paths."""
+        path = os.fspath(path)
+        if path.endswith((".h5", ".hdf5")):
+            return self.save_hdf5(path, write_diff)
+        write_binary(self.to_proto(write_diff), path)
+
+    def save_hdf5(self, path, write_diff=False):
+        try:
+            import h5py
+        except ImportError:
+            raise ImportError("saving HDF5 weights needs h5py: pip install 'minicaffe[hdf5]'") from None
+        from .proto_io import atomic_write
+        import io
+        buf = io.BytesIO()
+        with h5py.File(buf, "w") as f:
+            data = f.create_group("data")
+            diff = f.create_group("diff") if write_diff else None
+            for layer in self.layers:
+                if not layer.blobs:
+                    continue
+                g = data.create_group(layer.name)
+                for j, blob in enumerate(layer.blobs):
+                    g.create_dataset(str(j), data=blob.data)
+                    if diff is not None:
+                        diff.require_group(layer.name).create_dataset(str(j), data=blob.diff)
+        atomic_write(path, buf.getvalue())
+
+    def __repr__(self):
+        return f"<Net {self.name!r} phase={'TRAIN' if self.phase == caffe_pb2.TRAIN else 'TEST'} " \
+               f"layers={len(self.layers)}>"
+
+
+def _with_phase(layer_param, phase):
+    lp = caffe_pb2.LayerParameter()
+    lp.CopyFrom(layer_param)
+    lp.phase = phase
+    return lp
+
+
+def _shapes_match(net_shape, file_shape):
+    """Caffe's ShapeEquals: exact, or a legacy 4-d shape equal after padding with leading 1s."""
+    if tuple(net_shape) == tuple(file_shape):
+        return True
+    if len(file_shape) == 4 and len(net_shape) <= 4:
+        padded = (1,) * (4 - len(net_shape)) + tuple(net_shape)
+        return padded == tuple(file_shape)
+    return False
+
+
+def read_net(path):
+    """The NetParameter in a prototxt/YAML/binary file, upgraded (for tools)."""
+    return read_net_param(path)
+
+
+def load_blob_proto(path):
+    """A numpy array from a .binaryproto BlobProto file (e.g. a mean file)."""
+    proto = read_proto(path, caffe_pb2.BlobProto())
+    blob = Blob(Blob.proto_shape(proto))
+    return blob.from_proto(proto).data.copy()

@@ -1,0 +1,249 @@
+"""Reading and writing Caffe's protobuf files: prototxt (text), YAML, and binary.
+
+Every reader returns an up-to-date message: V1 `layers` nets, data-layer
+transformation fields and the solver's `solver_type` enum are upgraded the way
+Caffe's upgrade_proto does, so old files keep working.
+"""
+import os
+import tempfile
+
+from google.protobuf import json_format, text_format
+from google.protobuf.message import DecodeError
+
+from .proto import caffe_pb2
+
+__all__ = ["ProtoFileError", "read_net_param", "read_solver_param", "read_proto",
+           "write_binary", "atomic_write", "upgrade_net_param", "upgrade_solver_param"]
+
+
+class ProtoFileError(ValueError):
+    """A file that cannot be read as the message it should hold; the text names the file."""
+
+
+def atomic_write(path, data):
+    """Write bytes to `path` through a temporary file in the same folder, then rename."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_binary(message, path):
+    atomic_write(path, message.SerializeToString())
+
+
+def _parse_text(text, message, path):
+    try:
+        text_format.Parse(text, message)
+    except text_format.ParseError as exc:
+        line, col = exc.GetLine(), exc.GetColumn()
+        where = f"{path}:{line}:{col}" if line else str(path)
+        msg = str(exc)
+        # protobuf prefixes "line:col : "; the location is already in `where`.
+        if line and msg.startswith(f"{line}:"):
+            msg = msg.split(" : ", 1)[-1]
+        raise ProtoFileError(f"{where}: {msg}") from None
+    return message
+
+
+def _parse_yaml(text, message, path):
+    import yaml
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ProtoFileError(f"{where}: {getattr(exc, 'problem', exc)}") from None
+    try:
+        json_format.ParseDict(tree, message)
+    except json_format.ParseError as exc:
+        raise ProtoFileError(f"{path}: {exc}") from None
+    return message
+
+
+def read_proto(path, message):
+    """Fill `message` from a text prototxt, a YAML file (.yaml/.yml) or a binary file."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ProtoFileError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ProtoFileError(f"{path}: is a directory, expected a file") from None
+    if path.endswith((".yaml", ".yml")):
+        return _parse_yaml(raw.decode("utf-8"), message, path)
+    if path.endswith((".caffemodel", ".solverstate", ".binaryproto")):
+        return _parse_binary(raw, message, path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return _parse_binary(raw, message, path)
+    return _parse_text(text, message, path)
+
+
+def _parse_binary(raw, message, path):
+    try:
+        message.ParseFromString(raw)
+    except DecodeError as exc:
+        raise ProtoFileError(f"{path}: not a valid binary {message.DESCRIPTOR.name} ({exc})") from None
+    return message
+
+
+def read_net_param(path_or_param):
+    """A NetParameter from a file path (text, YAML or binary) or a message, upgraded."""
+    if isinstance(path_or_param, caffe_pb2.NetParameter):
+        param = caffe_pb2.NetParameter()
+        param.CopyFrom(path_or_param)
+        return upgrade_net_param(param)
+    param = read_proto(path_or_param, caffe_pb2.NetParameter())
+    try:
+        return upgrade_net_param(param)
+    except ValueError as exc:
+        raise ProtoFileError(f"{os.fspath(path_or_param)}: {exc}") from None
+
+
+def read_solver_param(path_or_param):
+    if isinstance(path_or_param, caffe_pb2.SolverParameter):
+        param = caffe_pb2.SolverParameter()
+        param.CopyFrom(path_or_param)
+        return upgrade_solver_param(param)
+    param = read_proto(path_or_param, caffe_pb2.SolverParameter())
+    try:
+        return upgrade_solver_param(param)
+    except ValueError as exc:
+        raise ProtoFileError(f"{os.fspath(path_or_param)}: {exc}") from None
+
+
+# -- upgrades ------------------------------------------------------------------
+_V1 = caffe_pb2.V1LayerParameter
+V1_TYPE_NAMES = {
+    _V1.NONE: "", _V1.ABSVAL: "AbsVal", _V1.ACCURACY: "Accuracy", _V1.ARGMAX: "ArgMax",
+    _V1.BNLL: "BNLL", _V1.CONCAT: "Concat", _V1.CONTRASTIVE_LOSS: "ContrastiveLoss",
+    _V1.CONVOLUTION: "Convolution", _V1.DECONVOLUTION: "Deconvolution", _V1.DATA: "Data",
+    _V1.DROPOUT: "Dropout", _V1.DUMMY_DATA: "DummyData", _V1.EUCLIDEAN_LOSS: "EuclideanLoss",
+    _V1.ELTWISE: "Eltwise", _V1.EXP: "Exp", _V1.FLATTEN: "Flatten", _V1.HDF5_DATA: "HDF5Data",
+    _V1.HDF5_OUTPUT: "HDF5Output", _V1.HINGE_LOSS: "HingeLoss", _V1.IM2COL: "Im2col",
+    _V1.IMAGE_DATA: "ImageData", _V1.INFOGAIN_LOSS: "InfogainLoss",
+    _V1.INNER_PRODUCT: "InnerProduct", _V1.LRN: "LRN", _V1.MEMORY_DATA: "MemoryData",
+    _V1.MULTINOMIAL_LOGISTIC_LOSS: "MultinomialLogisticLoss", _V1.MVN: "MVN",
+    _V1.POOLING: "Pooling", _V1.POWER: "Power", _V1.RELU: "ReLU", _V1.SIGMOID: "Sigmoid",
+    _V1.SIGMOID_CROSS_ENTROPY_LOSS: "SigmoidCrossEntropyLoss", _V1.SILENCE: "Silence",
+    _V1.SOFTMAX: "Softmax", _V1.SOFTMAX_LOSS: "SoftmaxWithLoss", _V1.SPLIT: "Split",
+    _V1.SLICE: "Slice", _V1.TANH: "TanH", _V1.WINDOW_DATA: "WindowData",
+    _V1.THRESHOLD: "Threshold",
+}
+# V1 fields copied verbatim: same name and message type in LayerParameter.
+_V1_SHARED_FIELDS = [f.name for f in _V1.DESCRIPTOR.fields
+                     if f.name.endswith("_param") or f.name in ("bottom", "top", "name", "include",
+                                                                "exclude", "blobs", "loss_weight")]
+_DATA_PARAMS_WITH_TRANSFORM = ("data_param", "image_data_param", "window_data_param")
+_TRANSFORM_FIELDS = ("scale", "mean_file", "crop_size", "mirror")
+
+
+def _upgrade_v1_layer(v1, index):
+    if v1.HasField("layer"):
+        raise ValueError(f"layer {index} ({v1.name or 'unnamed'}) is in Caffe's V0 format, which "
+                         "minicaffe does not upgrade; run Caffe's upgrade_net_proto_text on it first")
+    layer = caffe_pb2.LayerParameter()
+    for name in _V1_SHARED_FIELDS:
+        if name == "blobs":
+            layer.blobs.extend(v1.blobs)
+            continue
+        field = _V1.DESCRIPTOR.fields_by_name[name]
+        if field.is_repeated:
+            getattr(layer, name).extend(getattr(v1, name))
+        elif v1.HasField(name):
+            target = getattr(layer, name)
+            if field.message_type is not None:
+                target.CopyFrom(getattr(v1, name))
+            else:
+                setattr(layer, name, getattr(v1, name))
+    layer.type = V1_TYPE_NAMES.get(v1.type, "")
+    n_specs = max(len(v1.param), len(v1.blob_share_mode), len(v1.blobs_lr), len(v1.weight_decay))
+    for i in range(n_specs):
+        spec = layer.param.add()
+        if i < len(v1.param):
+            spec.name = v1.param[i]
+        if i < len(v1.blob_share_mode):
+            spec.share_mode = v1.blob_share_mode[i]
+        if i < len(v1.blobs_lr):
+            spec.lr_mult = v1.blobs_lr[i]
+        if i < len(v1.weight_decay):
+            spec.decay_mult = v1.weight_decay[i]
+    return layer
+
+
+def _upgrade_data_transform(layer):
+    """Move scale/mean_file/crop_size/mirror from old data params into transform_param."""
+    for pname in _DATA_PARAMS_WITH_TRANSFORM:
+        if not layer.HasField(pname):
+            continue
+        old = getattr(layer, pname)
+        for f in _TRANSFORM_FIELDS:
+            if old.HasField(f):
+                setattr(layer.transform_param, f, getattr(old, f))
+                old.ClearField(f)
+
+
+def _upgrade_inputs(param):
+    """Deprecated net-level input/input_shape/input_dim become one Input layer."""
+    if not len(param.input):
+        return
+    shapes = list(param.input_shape)
+    if not shapes and len(param.input_dim):
+        dims = list(param.input_dim)
+        if len(dims) != 4 * len(param.input):
+            raise ValueError(f"input_dim must give 4 values per input ({len(param.input)} inputs), "
+                             f"got {len(dims)}")
+        for i in range(len(param.input)):
+            shape = caffe_pb2.BlobShape()
+            shape.dim.extend(dims[4 * i: 4 * i + 4])
+            shapes.append(shape)
+    if len(shapes) not in (len(param.input), 1) and shapes:
+        raise ValueError(f"{len(param.input)} inputs but {len(shapes)} input_shape entries")
+    layer = caffe_pb2.LayerParameter(name="input", type="Input")
+    layer.top.extend(param.input)
+    for s in shapes:
+        layer.input_param.shape.add().CopyFrom(s)
+    layers = [layer] + list(param.layer)
+    param.ClearField("layer")
+    param.layer.extend(layers)
+    param.ClearField("input")
+    param.ClearField("input_shape")
+    param.ClearField("input_dim")
+
+
+def upgrade_net_param(param):
+    """Upgrade a NetParameter in place (and return it)."""
+    if len(param.layers):
+        if len(param.layer):
+            raise ValueError("the net mixes V1 'layers' and current 'layer' fields; use one")
+        for i, v1 in enumerate(param.layers):
+            param.layer.add().CopyFrom(_upgrade_v1_layer(v1, i))
+        param.ClearField("layers")
+    for layer in param.layer:
+        _upgrade_data_transform(layer)
+    _upgrade_inputs(param)
+    return param
+
+
+_SOLVER_TYPE_NAMES = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDelta", 5: "Adam"}
+
+
+def upgrade_solver_param(param):
+    """Map the deprecated `solver_type` enum onto the string `type` field."""
+    if param.HasField("solver_type"):
+        name = _SOLVER_TYPE_NAMES[param.solver_type]
+        if param.HasField("type") and param.type != name:
+            raise ValueError(f"solver_type {name} contradicts type {param.type!r}; keep one")
+        param.type = name
+        param.ClearField("solver_type")
+    return param
