@@ -8,6 +8,10 @@ from .blob import Blob
 from .layer import Layer, LayerError, register_layer, create_layer, layer_registry
 from .rng import set_random_seed
 from .net import Net
+from . import layers as _builtin_layers  # noqa: F401  (registers the built-in layer types)
+# pycaffe's `caffe.layers` / `caffe.params` are the NetSpec helpers; they shadow the
+# package attribute, and the layer modules stay importable as minicaffe.layers.<family>.
+from .net_spec import NetSpec, layers, params, to_proto
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST

@@ -6,6 +6,7 @@ and is registered under Caffe's type string with `@register_layer("Type")`.
 The Net calls `setup` once, then `run_forward` / `run_backward` each iteration.
 """
 import difflib
+import importlib
 
 import numpy as np
 
@@ -183,7 +184,7 @@ def unknown_type_message(type_name):
 
 def create_layer(layer_param, phase=None):
     """Instantiate the registered class for `layer_param.type`."""
-    from . import layers  # noqa: F401  (registers the built-in layers)
+    importlib.import_module("minicaffe.layers")  # registers the built-in layers
     cls = _REGISTRY.get(layer_param.type)
     if cls is None:
         raise LayerError(f"layer {layer_param.name!r}: " + unknown_type_message(layer_param.type))
