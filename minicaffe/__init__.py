@@ -12,6 +12,7 @@ from . import layers as _builtin_layers  # noqa: F401  (registers the built-in l
 # pycaffe's `caffe.layers` / `caffe.params` are the NetSpec helpers; they shadow the
 # package attribute, and the layer modules stay importable as minicaffe.layers.<family>.
 from .net_spec import NetSpec, layers, params, to_proto
+from . import io  # noqa: F401  (pycaffe's caffe.io)
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
