@@ -112,7 +112,7 @@ def test_gradient(name):
     x = random_input((2, 3, 2, 2), low, high, kinks, seed=3)
     layer = layer_from(text, caffe_pb2.TEST if name == "dropout_test" else caffe_pb2.TRAIN)
     bottom = make_blobs(x)
-    check_gradient(layer, bottom, [Blob()])
+    check_gradient(layer, bottom, [Blob(dtype=np.float64)])
 
 
 @pytest.mark.parametrize("name", sorted(ALLOWS_IN_PLACE))
@@ -183,7 +183,7 @@ def test_prelu_per_channel_slopes_and_param_gradient():
     np.testing.assert_allclose(y, expected)
     top_diff = np.random.default_rng(1).uniform(-1, 1, x.shape)
     np.testing.assert_allclose(dslope, (top_diff * x * (x <= 0)).sum(axis=(0, 2, 3)))
-    check_gradient(layer_from(text), make_blobs(x), [Blob()])
+    check_gradient(layer_from(text), make_blobs(x), [Blob(dtype=np.float64)])
 
 
 def test_prelu_shared_slope_is_scalar_and_accumulates():
@@ -213,11 +213,11 @@ def test_prelu_skips_param_gradient_when_told():
 
 def test_prelu_bad_inputs():
     with pytest.raises(LayerError, match="at least 2 axes"):
-        layer_from('type: "PReLU"').setup(make_blobs(np.ones(4)), [Blob()])
+        layer_from('type: "PReLU"').setup(make_blobs(np.ones(4)), [Blob(dtype=np.float64)])
     param = text_format.Parse('name: "p" type: "PReLU"', caffe_pb2.LayerParameter())
     param.blobs.add().CopyFrom(Blob((2,)).to_proto())
     with pytest.raises(LayerError, match="slope blob holds 2 values"):
-        create_layer(param).setup(make_blobs(np.ones((2, 3))), [Blob()])
+        create_layer(param).setup(make_blobs(np.ones((2, 3))), [Blob(dtype=np.float64)])
 
 
 # -- Dropout ---------------------------------------------------------------------
@@ -238,7 +238,7 @@ def test_dropout_train_mask_and_scale():
 
 def test_dropout_train_gradient_and_in_place():
     text = 'type: "Dropout" dropout_param { dropout_ratio: 0.4 }'
-    check_gradient(layer_from(text), make_blobs(random_input((3, 4))), [Blob()])
+    check_gradient(layer_from(text), make_blobs(random_input((3, 4))), [Blob(dtype=np.float64)])
     x = random_input((3, 4, 5))
     y, dx, _, _ = run(text, x)
     y_in, dx_in, _, _ = run(text, x, in_place=True)
@@ -257,7 +257,7 @@ def test_dropout_test_phase_is_identity():
 def test_dropout_bad_ratio(ratio):
     with pytest.raises(LayerError, match="dropout_ratio"):
         layer_from(f'type: "Dropout" dropout_param {{ dropout_ratio: {ratio} }}').setup(
-            make_blobs(np.ones(3)), [Blob()])
+            make_blobs(np.ones(3)), [Blob(dtype=np.float64)])
 
 
 # -- Threshold -------------------------------------------------------------------
@@ -286,7 +286,7 @@ def test_threshold_forward_and_no_backward():
 ])
 def test_bad_params_are_refused(text, message):
     with pytest.raises(LayerError, match=message):
-        layer_from(text).setup(make_blobs(np.ones((2, 2))), [Blob()])
+        layer_from(text).setup(make_blobs(np.ones((2, 2))), [Blob(dtype=np.float64)])
 
 
 def test_absval_refuses_in_place():
@@ -299,7 +299,7 @@ def test_absval_refuses_in_place():
 
 def test_wrong_blob_counts_are_refused():
     with pytest.raises(LayerError):
-        layer_from('type: "ReLU"').setup(make_blobs(np.ones(2), np.ones(2)), [Blob()])
+        layer_from('type: "ReLU"').setup(make_blobs(np.ones(2), np.ones(2)), [Blob(dtype=np.float64)])
 
 
 def test_exp_log_round_trip_and_base_e():
