@@ -31,7 +31,8 @@ def _share(top, bottom):
 
 
 def _refuse_in_place(layer, bottom, top):
-    if top[0] is bottom[0]:
+    """Raise unless every top is a blob of its own (none of these layers can work in place)."""
+    if any(t is b for t in top for b in bottom):
         raise layer.error(f"{layer.type} does not allow in-place computation; give the top "
                           f"its own name")
 
@@ -158,6 +159,7 @@ class ConcatLayer(Layer):
             raise self.error("give either concat_param.axis or concat_param.concat_dim, not both")
 
     def reshape(self, bottom, top):
+        _refuse_in_place(self, bottom, top)
         axis = _legacy_axis(self, bottom[0], self.layer_param.concat_param, "concat_dim",
                             "concat_param")
         shape = list(bottom[0].shape)
@@ -207,6 +209,7 @@ class SliceLayer(Layer):
                              f"strictly increasing")
 
     def reshape(self, bottom, top):
+        _refuse_in_place(self, bottom, top)
         axis = _legacy_axis(self, bottom[0], self.layer_param.slice_param, "slice_dim",
                             "slice_param")
         size = bottom[0].shape[axis]
@@ -262,6 +265,7 @@ class TileLayer(Layer):
         self.tiles = p.tiles
 
     def reshape(self, bottom, top):
+        _refuse_in_place(self, bottom, top)
         axis = _canonical_axis(self, bottom[0], self.layer_param.tile_param.axis)
         shape = list(bottom[0].shape)
         shape[axis] *= self.tiles
@@ -298,6 +302,7 @@ class CropLayer(Layer):
                              f"{n - 1} of the bottom are cropped: give one value or {n - start}")
 
     def reshape(self, bottom, top):
+        _refuse_in_place(self, bottom, top)
         p = self.layer_param.crop_param
         big, ref = bottom
         start = _canonical_axis(self, big, p.axis)
@@ -348,6 +353,7 @@ class BatchReindexLayer(Layer):
         return bottom_index != 1
 
     def reshape(self, bottom, top):
+        _refuse_in_place(self, bottom, top)
         if bottom[1].num_axes != 1:
             raise self.error(f"the index blob bottom[1] must be 1-d, got shape {bottom[1].shape}")
         top[0].reshape((bottom[1].shape[0],) + bottom[0].shape[1:])
@@ -398,6 +404,7 @@ class FilterLayer(Layer):
         return bottom_index != getattr(self, "selector_index", None)
 
     def reshape(self, bottom, top):
+        _refuse_in_place(self, bottom, top)
         selector = bottom[-1]
         if any(d != 1 for d in selector.shape[1:]):
             raise self.error(f"selector blob dimensions must be singletons (1), except the "

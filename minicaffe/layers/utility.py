@@ -19,6 +19,13 @@ def _canonical_axis(layer, blob, axis):
         raise layer.error(str(e)) from None
 
 
+def _refuse_in_place(layer, bottom, top):
+    """Raise unless every top is a blob of its own (none of these layers can work in place)."""
+    if any(t is b for t in top for b in bottom):
+        raise layer.error(f"{layer.type} does not allow in-place computation; give the top "
+                          f"its own name")
+
+
 @register_layer("Eltwise")
 class EltwiseLayer(Layer):
     """Element-wise over same-shaped bottoms: PROD (x1*x2*...), SUM (c1*x1 + c2*x2 + ...), MAX.
@@ -46,6 +53,7 @@ class EltwiseLayer(Layer):
         self.stable_prod_grad = p.stable_prod_grad
 
     def reshape(self, bottom, top):
+        _refuse_in_place(self, bottom, top)
         for i, b in enumerate(bottom[1:], 1):
             if b.shape != bottom[0].shape:
                 raise self.error(f"all bottoms must have the same shape: bottom[0] is "
@@ -119,6 +127,7 @@ class ReductionLayer(Layer):
             raise self.error(f"unknown reduction_param.operation {self.op}")
 
     def reshape(self, bottom, top):
+        _refuse_in_place(self, bottom, top)
         p = self.layer_param.reduction_param
         axis = _canonical_axis(self, bottom[0], p.axis)
         top[0].reshape(bottom[0].shape[:axis])
@@ -195,6 +204,7 @@ class ArgMaxLayer(Layer):
         return False
 
     def reshape(self, bottom, top):
+        _refuse_in_place(self, bottom, top)
         if self.axis is not None:
             shape = list(bottom[0].shape)
             shape[self.axis] = self.top_k
@@ -297,6 +307,7 @@ class EmbedLayer(Layer):
         return False
 
     def reshape(self, bottom, top):
+        _refuse_in_place(self, bottom, top)
         top[0].reshape(bottom[0].shape + (self.num_output,))
 
     def _indices(self, bottom):

@@ -375,3 +375,14 @@ def test_filter_float32_and_rejections():
         run(make_layer('type: "Filter"'), make_blobs(np.ones((3, 2)), np.ones((3, 2))))
     with pytest.raises(LayerError, match="first dimension"):
         run(make_layer('type: "Filter"'), make_blobs(np.ones((2, 2)), [1, 0, 1]))
+
+
+# -- none of these layers can run in place ---------------------------------------------
+@pytest.mark.parametrize("text,shapes", [
+    ('type: "Concat"', [(2, 3), (2, 3)]), ('type: "Slice"', [(2, 4)]),
+    ('type: "Tile" tile_param { tiles: 2 }', [(2, 3)]),
+    ('type: "Crop"', [(2, 3, 4, 4), (2, 3, 2, 2)]), ('type: "Filter"', [(2, 3), (2,)])])
+def test_in_place_is_refused(text, shapes):
+    bottom = make_blobs(*[np.ones(s) for s in shapes])
+    with pytest.raises(LayerError, match="in-place"):
+        make_layer(text).setup(bottom, bottom[:1] if "Slice" not in text else [bottom[0], Blob()])

@@ -311,3 +311,12 @@ def test_embed_param_diffs_accumulate_and_float32():
 def test_embed_rejections(text, index, match):
     with pytest.raises(LayerError, match=match):
         run(make_layer(text), make_blobs(np.array(index, dtype=float)))
+
+
+@pytest.mark.parametrize("text,num_bottom", [
+    ('type: "Eltwise"', 2), ('type: "Reduction"', 1), ('type: "ArgMax"', 1),
+    ('type: "Embed" embed_param { num_output: 2 input_dim: 3 }', 1)])
+def test_in_place_is_refused(text, num_bottom):
+    bottom = make_blobs(*[np.ones((2, 3)) for _ in range(num_bottom)])
+    with pytest.raises(LayerError, match="in-place"):
+        make_layer(text).setup(bottom, bottom[:1])
