@@ -1,0 +1,437 @@
+"""Normalization layers: LRN, BatchNorm, MVN, and the affine pair Scale and Bias.
+
+Caffe's BatchNorm only normalizes: y = (x - mean) / sqrt(var + eps). The learned
+per-channel gamma and beta of the batch-norm paper come from a following Scale
+layer with bias_term: true.
+"""
+import numpy as np
+
+from ..blob import Blob
+from ..fillers import fill
+from ..layer import Layer, register_layer
+from ..proto import caffe_pb2
+from .pooling import PoolWindows, average_pool, average_pool_backward
+
+__all__ = ["LRNLayer", "BatchNormLayer", "MVNLayer", "ScaleLayer", "BiasLayer"]
+
+_LRN = caffe_pb2.LRNParameter
+
+
+def _in_place(bottom, top):
+    return top[0] is bottom[0] or top[0].shares_data_with(bottom[0])
+
+
+def _buffer(current, shape, dtype, fill_value=None):
+    """Reuse a scratch array when shape and dtype still match, else make a new one."""
+    if current is not None and current.shape == tuple(shape) and current.dtype == dtype:
+        return current
+    if fill_value is None:
+        return np.empty(shape, dtype=dtype)
+    return np.full(shape, fill_value, dtype=dtype)
+
+
+@register_layer("LRN")
+class LRNLayer(Layer):
+    """Local response normalization of (N, C, H, W): y = x * (k + alpha/n * sum_window x^2) ^ -beta.
+
+    ACROSS_CHANNELS sums over n = local_size neighbouring channels; WITHIN_CHANNEL uses
+    y = x * (1 + alpha * mean_window x^2) ^ -beta over a local_size x local_size square (k unused).
+    """
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.lrn_param
+        self.size = p.local_size
+        if self.size % 2 != 1:
+            raise self.error(f"LRN only supports odd values for local_size, got {self.size}")
+        self.pre_pad = (self.size - 1) // 2
+        self.alpha, self.beta, self.k = p.alpha, p.beta, p.k
+        self.region = p.norm_region
+        if self.region not in (_LRN.ACROSS_CHANNELS, _LRN.WITHIN_CHANNEL):
+            raise self.error(f"unknown norm_region {self.region}")
+        if _in_place(bottom, top):
+            raise self.error("LRN cannot run in place: its backward needs both its input and output")
+        self._padded = self._padded_diff = None
+        self._scale = self._windows = None
+
+    def reshape(self, bottom, top):
+        if bottom[0].num_axes != 4:
+            raise self.error(f"input must have 4 axes (num, channels, height, width), "
+                             f"got shape {bottom[0].shape}")
+        num, channels, height, width = shape = bottom[0].shape
+        dtype = bottom[0].dtype
+        top[0].reshape(shape)
+        # scale: the denominator base (k + alpha/n sum x^2), or (1 + alpha * mean x^2) within channel.
+        self._scale = _buffer(self._scale, shape, dtype)
+        if self.region == _LRN.ACROSS_CHANNELS:
+            # Channels zero-padded by pre_pad on both sides, so every window is a plain slice.
+            padded = (num, channels + self.size - 1, height, width)
+            self._padded = _buffer(self._padded, padded, dtype, 0)
+        else:
+            w = self._windows
+            if w is None or (w.height, w.width) != (height, width):
+                w = self._windows = PoolWindows(height, width, self.size, self.size,
+                                                pad_h=self.pre_pad, pad_w=self.pre_pad)
+            padded = w.padded_shape(num, channels)
+            self._padded = _buffer(self._padded, padded, dtype, 0)
+            self._padded_diff = _buffer(self._padded_diff, padded, dtype, 0)
+
+    def forward(self, bottom, top):
+        x, y, scale = bottom[0].data, top[0].data, self._scale
+        if self.region == _LRN.ACROSS_CHANNELS:
+            channels = x.shape[1]
+            squares = self._padded
+            np.square(x, out=squares[:, self.pre_pad: self.pre_pad + channels])
+            scale[...] = 0
+            for offset in range(self.size):
+                scale += squares[:, offset: offset + channels]
+            scale *= self.alpha / self.size
+            scale += self.k
+        else:
+            average_pool(self._windows, np.square(x), scale, self._padded)
+            scale *= self.alpha
+            scale += 1
+        np.power(scale, -self.beta, out=y)
+        y *= x
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        x, y, dy, scale = bottom[0].data, top[0].data, top[0].diff, self._scale
+        # Each y_j depends on x_i through scale_j: dy_j/dx_i = -2 beta (alpha/n) x_i y_j / scale_j
+        # for every window j holding i. So dx_i = dy_i scale_i^-beta - 2 beta (alpha/n) x_i *
+        # sum_{j: i in window j} dy_j y_j / scale_j.
+        ratio = dy * y
+        ratio /= scale
+        if self.region == _LRN.ACROSS_CHANNELS:
+            channels = x.shape[1]
+            # Reuse the forward's channel-padded buffer; its zero border is never written.
+            padded = self._padded
+            padded[:, self.pre_pad: self.pre_pad + channels] = ratio
+            accum = np.zeros_like(ratio)
+            for offset in range(self.size):
+                accum += padded[:, offset: offset + channels]
+            accum *= x
+            accum *= 2 * self.alpha * self.beta / self.size
+        else:
+            # Here scale = 1 + alpha * avg_pool(x^2), so the window sum goes through the pooling's
+            # backward (which divides by the window size) and d(x^2)/dx = 2x.
+            accum = np.empty_like(ratio)
+            average_pool_backward(self._windows, ratio, accum, self._padded_diff)
+            accum *= x
+            accum *= 2 * self.alpha * self.beta
+        dx = bottom[0].diff
+        np.power(scale, -self.beta, out=dx)
+        dx *= dy
+        dx -= accum
+
+
+@register_layer("BatchNorm")
+class BatchNormLayer(Layer):
+    """y = (x - mean_c) / sqrt(var_c + eps) per channel c (axis 1), over the batch and spatial axes.
+
+    blobs: [sum of means (C,), sum of variances (C,), normalizer (1,)], running averages that are
+    statistics, not learned: the global mean is blobs[0] / blobs[2]. In TEST (or with
+    use_global_stats) those are used instead of the batch's own statistics.
+    """
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+    allows_in_place = True
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.batch_norm_param
+        self.moving_average_fraction = p.moving_average_fraction
+        self.use_global_stats = self.phase == caffe_pb2.TEST
+        if p.HasField("use_global_stats"):
+            self.use_global_stats = p.use_global_stats
+        self.channels = 1 if bottom[0].num_axes == 1 else bottom[0].shape[1]
+        self.eps = p.eps
+        shapes = [(self.channels,), (self.channels,), (1,)]
+        if not self.blobs_loaded:
+            self.blobs = [Blob(shape, dtype=self.dtype) for shape in shapes]
+        elif [b.count() for b in self.blobs] != [s[0] for s in shapes]:
+            raise self.error(f"loaded statistics have shapes {[b.shape for b in self.blobs]}, "
+                             f"expected {shapes} for {self.channels} channels")
+        # The three blobs are running statistics, not parameters: like Caffe, force their
+        # learning rate to 0 (adding param specs if missing) so no solver ever updates them.
+        for i in range(len(self.blobs)):
+            if len(self.layer_param.param) == i:
+                self.layer_param.param.add().lr_mult = 0
+            elif self.layer_param.param[i].lr_mult != 0:
+                raise self.error("cannot configure batch normalization statistics as layer "
+                                 "parameters: every param { lr_mult } must be 0")
+        self.param_propagate_down = [False] * len(self.blobs)
+        self._x_norm = self._std = None
+
+    def reshape(self, bottom, top):
+        if bottom[0].num_axes > 1 and bottom[0].shape[1] != self.channels:
+            raise self.error(f"bottom has {bottom[0].shape[1]} channels, the layer was set up "
+                             f"for {self.channels}")
+        top[0].reshape(bottom[0].shape)
+        self._x_norm = _buffer(self._x_norm, self._grouped_shape(bottom[0]), bottom[0].dtype)
+
+    def _grouped_shape(self, blob):
+        """(N, C, S): batch, channels, and everything after the channels flattened."""
+        num = blob.shape[0] if blob.num_axes else 1
+        return (num, self.channels, blob.count() // max(num * self.channels, 1))
+
+    def _grouped(self, array, blob):
+        return array.reshape(self._grouped_shape(blob))
+
+    def forward(self, bottom, top):
+        x = self._grouped(bottom[0].data, bottom[0])
+        y = self._grouped(top[0].data, top[0])
+        dtype = x.dtype.type
+        mean_sum, var_sum, normalizer = (b.data for b in self.blobs)
+        if self.use_global_stats:
+            factor = 0 if normalizer[0] == 0 else 1 / normalizer[0]
+            mean = mean_sum * dtype(factor)
+            var = var_sum * dtype(factor)
+        else:
+            mean = x.mean(axis=(0, 2))
+            centered = x - mean[:, None]
+            var = np.square(centered).mean(axis=(0, 2))
+            # Running sums, decayed by moving_average_fraction; the normalizer tracks their weight.
+            # The variance gets Bessel's correction m / (m - 1), m = values per channel.
+            maf = self.moving_average_fraction
+            normalizer *= maf
+            normalizer += 1
+            mean_sum *= maf
+            mean_sum += mean
+            m = x.size // self.channels
+            correction = m / (m - 1) if m > 1 else 1.0
+            var_sum *= maf
+            var_sum += var * dtype(correction)
+        self._std = np.sqrt(var + dtype(self.eps))
+        np.subtract(x, mean[:, None], out=y)
+        y /= self._std[:, None]
+        # Kept for backward, since a later in-place layer may overwrite the top.
+        np.copyto(self._x_norm, y)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        dy = self._grouped(top[0].diff, top[0])
+        dx = self._grouped(bottom[0].diff, bottom[0])
+        std = self._std[:, None]
+        if self.use_global_stats:
+            np.divide(dy, std, out=dx)
+            return
+        # dx = (dy - mean(dy) - y * mean(dy * y)) / std, means over all but the channel axis.
+        xn = self._x_norm
+        mean_dy = dy.mean(axis=(0, 2))
+        mean_dy_xn = (dy * xn).mean(axis=(0, 2))
+        grad = xn * mean_dy_xn[:, None]
+        grad += mean_dy[:, None]
+        np.subtract(dy, grad, out=dx)
+        dx /= std
+
+
+@register_layer("MVN")
+class MVNLayer(Layer):
+    """Mean-variance normalization per image and channel (or per image with across_channels):
+    y = (x - mean) / (std + eps), or y = x - mean without normalize_variance.
+
+    Like Caffe it views the bottom as (N, C, H, W) (missing axes are 1) and shapes the top so.
+    """
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+    allows_in_place = True
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.mvn_param
+        self.normalize_variance = p.normalize_variance
+        self.across_channels = p.across_channels
+        self.eps = p.eps
+
+    def reshape(self, bottom, top):
+        if bottom[0].num_axes > 4:
+            raise self.error(f"MVN works on blobs of up to 4 axes (num, channels, height, width), "
+                             f"got shape {bottom[0].shape}")
+        shape = tuple(bottom[0].shape) + (1,) * (4 - bottom[0].num_axes)
+        top[0].reshape(shape)
+        num = shape[0] if self.across_channels else shape[0] * shape[1]
+        self._groups = (num, bottom[0].count() // max(num, 1))
+
+    def forward(self, bottom, top):
+        x = bottom[0].data.reshape(self._groups)
+        y = top[0].data.reshape(self._groups)
+        mean = x.mean(axis=1, keepdims=True)
+        np.subtract(x, mean, out=y)
+        if self.normalize_variance:
+            # Caffe adds eps to the standard deviation, not to the variance.
+            self._std = np.sqrt(np.square(y).mean(axis=1, keepdims=True))
+            self._std += self.eps
+            y /= self._std
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        dy = top[0].diff.reshape(self._groups)
+        dx = bottom[0].diff.reshape(self._groups)
+        grad = dy.mean(axis=1, keepdims=True)
+        if self.normalize_variance:
+            # dx = (dy - mean(dy) - y * mean(dy * y)) / (std + eps), Caffe's formula.
+            y = top[0].data.reshape(self._groups)
+            grad = grad + y * (dy * y).mean(axis=1, keepdims=True)
+            np.subtract(dy, grad, out=dx)
+            dx /= self._std
+        else:
+            np.subtract(dy, grad, out=dx)
+
+
+def _affine_blob_shape(layer, bottom, axis, num_axes, what):
+    """Shape of a learned scale/bias: bottom's axes axis .. axis + num_axes (-1: to the end)."""
+    axis = layer.canonical_axis(bottom, axis)
+    if num_axes < -1:
+        raise layer.error(f"num_axes must be non-negative, or -1 to extend to the end of bottom[0]; "
+                          f"got {num_axes}")
+    if num_axes >= 0 and bottom.num_axes < axis + num_axes:
+        raise layer.error(f"{what} blob's shape extends past bottom[0]'s shape {bottom.shape} when "
+                          f"applied starting with bottom[0] axis {axis}")
+    end = None if num_axes == -1 else axis + num_axes
+    return bottom.shape[axis:end]
+
+
+def _affine_dims(layer, bottom, operand, axis, what):
+    """(outer, dim, inner) so that bottom reshaped to them lines up with operand as (1, dim, 1)."""
+    # A scalar operand is applied the same way along any axis; axis 0 keeps outer = 1.
+    axis = 0 if operand.num_axes == 0 else layer.canonical_axis(bottom, axis)
+    if bottom.num_axes < axis + operand.num_axes:
+        raise layer.error(f"{what} blob's shape {operand.shape} extends past bottom[0]'s shape "
+                          f"{bottom.shape} when applied starting with bottom[0] axis {axis}")
+    if bottom.shape[axis: axis + operand.num_axes] != operand.shape:
+        raise layer.error(f"dimension mismatch between bottom[0] shape {bottom.shape} (from axis "
+                          f"{axis}) and {what} shape {operand.shape}")
+    return bottom.count(0, axis), operand.count(), bottom.count(axis + operand.num_axes)
+
+
+class _AffineLayer(Layer):
+    """Shared parts of Scale and Bias: one or two bottoms, a broadcast operand along some axes."""
+
+    min_num_bottom = 1
+    max_num_bottom = 2
+    exact_num_top = 1
+    allows_in_place = True
+
+    def canonical_axis(self, blob, axis):
+        try:
+            return blob.canonical_axis(axis)
+        except IndexError as e:
+            raise self.error(str(e)) from None
+
+
+@register_layer("Bias")
+class BiasLayer(_AffineLayer):
+    """y = x + b, b broadcast along bottom[0]'s axes axis .. axis + num_axes.
+
+    b is bottom[1] if given, else a learned blob (filled by `filler`, default constant 0).
+    """
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.bias_param
+        if len(bottom) == 1 and not self.blobs_loaded:
+            shape = _affine_blob_shape(self, bottom[0], p.axis, p.num_axes, "bias")
+            self.blobs = [Blob(shape, dtype=self.dtype)]
+            fill(self.blobs[0], p.filler, what=f"layer {self.name!r} bias")
+
+    def reshape(self, bottom, top):
+        bias = bottom[1] if len(bottom) > 1 else self.blobs[0]
+        self.dims = _affine_dims(self, bottom[0], bias, self.layer_param.bias_param.axis, "bias")
+        if not _in_place(bottom, top):
+            top[0].reshape(bottom[0].shape)
+
+    def forward(self, bottom, top):
+        bias = bottom[1] if len(bottom) > 1 else self.blobs[0]
+        outer, dim, inner = self.dims
+        np.add(bottom[0].data.reshape(self.dims), bias.data.reshape(1, dim, 1),
+               out=top[0].data.reshape(self.dims))
+
+    def backward(self, top, propagate_down, bottom):
+        dy = top[0].diff
+        if propagate_down[0] and not _in_place(bottom, top):
+            np.copyto(bottom[0].diff, dy)
+        learned = len(bottom) == 1
+        if (learned and self.param_propagate_down[0]) or (not learned and propagate_down[1]):
+            total = dy.reshape(self.dims).sum(axis=(0, 2))
+            if learned:
+                self.blobs[0].diff[...] += total.reshape(self.blobs[0].shape)
+            else:
+                bottom[1].diff[...] = total.reshape(bottom[1].shape)
+
+
+@register_layer("Scale")
+class ScaleLayer(_AffineLayer):
+    """y = x * s (+ b with bias_term), s broadcast along bottom[0]'s axes axis .. axis + num_axes.
+
+    s is bottom[1] if given, else learned blobs[0] (filler default constant 1). The bias, when
+    bias_term is set, is the last blob (bias_filler, default constant 0) and has s's shape.
+    """
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.scale_param
+        if len(bottom) == 1 and not self.blobs_loaded:
+            shape = _affine_blob_shape(self, bottom[0], p.axis, p.num_axes, "scale")
+            self.blobs = [Blob(shape, dtype=self.dtype)]
+            filler = p.filler if p.HasField("filler") else caffe_pb2.FillerParameter(type="constant",
+                                                                                      value=1)
+            fill(self.blobs[0], filler, what=f"layer {self.name!r} scale")
+        self.bias_index = None
+        if p.bias_term:
+            # With two bottoms the bias spans bottom[1]'s axes; else num_axes, like the scale.
+            num_axes = bottom[1].num_axes if len(bottom) > 1 else p.num_axes
+            if len(self.blobs) + len(bottom) < 3:
+                shape = _affine_blob_shape(self, bottom[0], p.axis, num_axes, "bias")
+                bias = Blob(shape, dtype=self.dtype)
+                fill(bias, p.bias_filler, what=f"layer {self.name!r} bias")
+                self.blobs.append(bias)
+            self.bias_index = len(self.blobs) - 1
+        self._saved_input = None
+
+    def reshape(self, bottom, top):
+        p = self.layer_param.scale_param
+        scale = bottom[1] if len(bottom) > 1 else self.blobs[0]
+        self.dims = _affine_dims(self, bottom[0], scale, p.axis, "scale")
+        if self.bias_index is not None:
+            self.bias_dims = _affine_dims(self, bottom[0], self.blobs[self.bias_index], p.axis, "bias")
+        if _in_place(bottom, top):
+            # Backward needs x for the scale's gradient; forward is about to overwrite it.
+            self._saved_input = _buffer(self._saved_input, bottom[0].shape, bottom[0].dtype)
+        else:
+            self._saved_input = None
+            top[0].reshape(bottom[0].shape)
+
+    def forward(self, bottom, top):
+        if self._saved_input is not None:
+            np.copyto(self._saved_input, bottom[0].data)
+        scale = bottom[1] if len(bottom) > 1 else self.blobs[0]
+        dim = self.dims[1]
+        y = top[0].data.reshape(self.dims)
+        np.multiply(bottom[0].data.reshape(self.dims), scale.data.reshape(1, dim, 1), out=y)
+        if self.bias_index is not None:
+            bias = self.blobs[self.bias_index]
+            top[0].data.reshape(self.bias_dims)[...] += bias.data.reshape(1, self.bias_dims[1], 1)
+
+    def backward(self, top, propagate_down, bottom):
+        dy = top[0].diff
+        # In place, dx will overwrite dy: take the parameter gradients first.
+        if self.bias_index is not None and self.param_propagate_down[self.bias_index]:
+            bias = self.blobs[self.bias_index]
+            bias.diff[...] += dy.reshape(self.bias_dims).sum(axis=(0, 2)).reshape(bias.shape)
+        learned = len(bottom) == 1
+        scale = self.blobs[0] if learned else bottom[1]
+        if (learned and self.param_propagate_down[0]) or (not learned and propagate_down[1]):
+            x = bottom[0].data if self._saved_input is None else self._saved_input
+            total = (dy * x).reshape(self.dims).sum(axis=(0, 2)).reshape(scale.shape)
+            if learned:
+                scale.diff[...] += total
+            else:
+                scale.diff[...] = total
+        if propagate_down[0]:
+            dim = self.dims[1]
+            np.multiply(dy.reshape(self.dims), scale.data.reshape(1, dim, 1),
+                        out=bottom[0].diff.reshape(self.dims))
