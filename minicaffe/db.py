@@ -275,7 +275,8 @@ class LMDBWriter:
         self.path = path
         self.commit_every = commit_every
         os.makedirs(path)
-        self.env = lmdb.open(path, map_size=map_size, subdir=True)
+        # Flush to disk once at close rather than at every commit.
+        self.env = lmdb.open(path, map_size=map_size, subdir=True, sync=False)
         self.pending = []
         self.count = 0
 
@@ -290,8 +291,7 @@ class LMDBWriter:
         while self.pending:
             try:
                 with self.env.begin(write=True) as txn:
-                    for key, value in self.pending:
-                        txn.put(key, value)
+                    txn.cursor().putmulti(self.pending)
             except self._lmdb.MapFullError:
                 # The aborted transaction left nothing behind; retry in a bigger map.
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
@@ -301,7 +301,7 @@ class LMDBWriter:
 
     def close(self):
         self.commit()
-        self.env.sync()
+        self.env.sync(True)
         self.env.close()
 
     def __enter__(self):

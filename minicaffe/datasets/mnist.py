@@ -44,12 +44,13 @@ class MnistError(ValueError):
 
 
 def _read_bytes(path):
+    """A file's contents, decompressed when it is gzip (recognised by its magic bytes)."""
     with open(path, "rb") as f:
-        head = f.read(2)
-    opener = gzip.open if head == b"\x1f\x8b" else open
+        raw = f.read()
+    if raw[:2] != b"\x1f\x8b":
+        return raw
     try:
-        with opener(path, "rb") as f:
-            return f.read()
+        return gzip.decompress(raw)
     except (OSError, EOFError) as exc:
         raise MnistError(f"cannot read {os.fspath(path)!r}: {exc}") from None
 
@@ -164,6 +165,9 @@ def fetch_mnist(out_dir, source=None, mirrors=MNIST_MIRRORS, checksums=MNIST_FIL
             try:
                 log(f"Downloading {url}")
                 _download(url, dest)
+            except urllib.error.HTTPError as exc:
+                failures.append(f"{url}: HTTP {exc.code} {exc.reason}")
+                continue
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 failures.append(f"{url}: {getattr(exc, 'reason', exc)}")
                 continue

@@ -1,0 +1,1 @@
+"""Tests of the dataset tools (MNIST, image sets)."""
