@@ -5,8 +5,7 @@
 """
 from .proto import caffe_pb2
 from .blob import Blob
-from .layer import (Layer, LayerError, register_layer, create_layer, layer_registry,  # noqa: F401
-                    layer_source, layer_type_list)
+from .layer import Layer, LayerError, register_layer, create_layer, layer_registry
 from .rng import set_random_seed
 from .net import Net
 from . import layers as _builtin_layers  # noqa: F401  (registers the built-in layer types)
