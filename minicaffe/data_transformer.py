@@ -14,6 +14,7 @@ built, so a solver's `random_seed` fixes them.
 import os
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from .blob import Blob
 from .proto import caffe_pb2
@@ -123,16 +124,17 @@ class DataTransformer:
             if mean is not None:
                 mean = mean[:, ys, xs]
         else:
-            # Per-item windows (and flips): one gather with broadcast index arrays.
-            rows = (y0[:, None] + np.arange(h))[:, None, :, None]
-            cols = x0[:, None] + np.arange(w)
-            if flip is not None:
-                cols = np.where(flip[:, None], cols[:, ::-1], cols)
-            cols = cols[:, None, None, :]
-            chans = np.arange(c)[None, :, None, None]
-            pixels = batch[np.arange(n)[:, None, None, None], chans, rows, cols]
+            # Per-item windows: view every h x w window of the batch, then pick
+            # item i's window at (y0[i], x0[i]) with one fancy-index gather.
+            windows = sliding_window_view(batch, (h, w), axis=(2, 3))
+            pixels = windows[np.arange(n), :, y0, x0]
             if mean is not None:
-                mean = mean[chans[0], rows, cols]
+                mean = sliding_window_view(mean, (h, w), axis=(1, 2))[:, y0, x0].transpose(1, 0, 2, 3)
+            if flip is not None and flip.any():
+                pixels[flip] = pixels[flip, :, :, ::-1]
+                if mean is not None:
+                    mean = mean.copy()
+                    mean[flip] = mean[flip, :, :, ::-1]
 
         if mean is None and self.mean_values is not None:
             mean = self.mean_values.reshape(1, -1, 1, 1)

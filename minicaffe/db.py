@@ -99,7 +99,10 @@ def _acquire_lmdb(path):
             # lock=False: readers never block writers and need no write access to the folder.
             env = lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=subdir)
         except lmdb.Error as exc:
-            raise DBError(f"cannot open LMDB {path!r}: {exc} (corrupt, or not an LMDB?)") from None
+            reason = str(exc)
+            if reason.startswith(path + ": "):
+                reason = reason[len(path) + 2:]
+            raise DBError(f"cannot open LMDB {path!r}: {reason}") from None
         _shared_envs[key] = [env, 1]
         return key, env
 

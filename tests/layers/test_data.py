@@ -172,7 +172,7 @@ def test_data_errors_name_the_problem(tmp_path, small_db):
     corrupt = tmp_path / "corrupt_lmdb"
     corrupt.mkdir()
     (corrupt / "data.mdb").write_bytes(b"this is not an lmdb file" * 100)
-    with pytest.raises(LayerError, match="cannot open LMDB"):
+    with pytest.raises(LayerError, match="cannot open LMDB .*corrupt_lmdb': MDB_INVALID"):
         make_layer(data_text(corrupt))
     with pytest.raises(LayerError, match="crop_size 5 is larger than the 4x3"):
         make_layer(data_text(source, transform="crop_size: 5"))
@@ -446,6 +446,13 @@ def test_image_data_errors(image_dir):
         make_layer(image_text(tmp_path, 1))
     (tmp_path / "list.txt").write_text("no_label_here\n")
     with pytest.raises(LayerError, match="should read 'path label'"):
+        make_layer(image_text(tmp_path, 1))
+
+
+def test_image_data_without_pillow(image_dir, monkeypatch):
+    tmp_path, _ = image_dir
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    with pytest.raises(LayerError, match=r"needs Pillow: pip install minicaffe\[image\]"):
         make_layer(image_text(tmp_path, 1))
 
 
