@@ -390,3 +390,37 @@ def test_affine_bad_params(kind, text, arrays, message):
 def test_affine_blob_counts():
     with pytest.raises(LayerError):
         run(layer_from('type: "Scale"'), [rand(2, 3), rand(3), rand(3)])
+
+
+# -- in a Net --------------------------------------------------------------------------------------
+NET = '''
+force_backward: true
+layer { name: "in" type: "Input" top: "data" top: "target"
+        input_param { shape { dim: 2 dim: 3 dim: 5 dim: 5 } shape { dim: 2 dim: 3 dim: 3 dim: 3 } } }
+layer { name: "bn" type: "BatchNorm" bottom: "data" top: "bn" }
+layer { name: "sc" type: "Scale" bottom: "bn" top: "bn"
+        scale_param { bias_term: true filler { type: "uniform" min: 0.5 max: 1.5 }
+                      bias_filler { type: "uniform" min: -0.2 max: 0.2 } } }
+layer { name: "prelu" type: "PReLU" bottom: "bn" top: "bn" }
+layer { name: "lrn" type: "LRN" bottom: "bn" top: "norm" lrn_param { local_size: 3 } }
+layer { name: "pool" type: "Pooling" bottom: "norm" top: "pool"
+        pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "elu" type: "ELU" bottom: "pool" top: "pool" }
+layer { name: "mvn" type: "MVN" bottom: "pool" top: "mvn" }
+layer { name: "loss" type: "EuclideanLoss" bottom: "mvn" bottom: "target" top: "loss" }
+'''
+
+
+def test_in_place_chain_in_a_net():
+    """BatchNorm, then Scale/PReLU in place, pooling and friends: the whole net's gradient checks,
+    and BatchNorm's statistics are registered with lr_mult 0 (not learned)."""
+    from minicaffe.net import Net
+    from minicaffe.testing import check_gradient_net
+    set_random_seed(1)
+    net = Net(text_format.Parse(NET, caffe_pb2.NetParameter()), TRAIN, dtype=F64)
+    assert net.params_lr[:3] == [0, 0, 0] and net.params_lr[3:] == [1, 1, 1]
+    rng = np.random.default_rng(0)
+    net.blobs["data"].data[...] = rng.normal(size=(2, 3, 5, 5))
+    net.blobs["target"].data[...] = rng.normal(size=(2, 3, 3, 3))
+    # A small step keeps max pooling's argmax and PReLU's sign fixed while nudging.
+    check_gradient_net(net, blob_names=["data"], stepsize=1e-5, threshold=1e-3)
