@@ -27,6 +27,26 @@ class _Memory:
             self.buf = grown
 
 
+class _Count(int):
+    """A blob's element count that can also be called as `count(start, end)`.
+
+    pycaffe scripts and Python layers read `blob.count` as a number, while Caffe's
+    C++ API (and minicaffe's layers) call `blob.count(start_axis, end_axis)`;
+    this int answers both spellings.
+    """
+
+    def __new__(cls, value, shape):
+        self = super().__new__(cls, value)
+        self._shape = shape
+        return self
+
+    def __call__(self, start=0, end=None):
+        """Product of dims start..end-1 (all of them by default), as Blob::count."""
+        if start == 0 and end is None:
+            return int(self)
+        return int(np.prod(self._shape[start:end], dtype=np.int64))
+
+
 class Blob:
     """`data` and `diff` arrays of one shape (float32 unless told otherwise)."""
 
@@ -51,9 +71,23 @@ class Blob:
     def num_axes(self):
         return len(self._shape)
 
-    def count(self, start=0, end=None):
-        """Product of dims start..end-1 (all of them by default), as Blob::count."""
-        return int(np.prod(self._shape[start:end], dtype=np.int64))
+    @property
+    def count(self):
+        """Number of elements; `count(start, end)` is the product of dims start..end-1."""
+        return _Count(self._count, self._shape)
+
+    def _legacy_dim(self, index):
+        # Caffe's LegacyShape: num/channels/height/width of a blob with at most 4 axes,
+        # where missing axes count as 1.
+        if len(self._shape) > 4:
+            raise ValueError(f"blob {self._label()} has {len(self._shape)} axes; num/channels/"
+                             f"height/width only describe blobs with at most 4, use .shape")
+        return self._shape[index] if index < len(self._shape) else 1
+
+    num = property(lambda self: self._legacy_dim(0), doc="shape[0] (pycaffe/legacy 4-d accessor)")
+    channels = property(lambda self: self._legacy_dim(1), doc="shape[1] or 1 (legacy 4-d accessor)")
+    height = property(lambda self: self._legacy_dim(2), doc="shape[2] or 1 (legacy 4-d accessor)")
+    width = property(lambda self: self._legacy_dim(3), doc="shape[3] or 1 (legacy 4-d accessor)")
 
     def canonical_axis(self, axis):
         n = len(self._shape)

@@ -3,13 +3,17 @@
 Each module in minicaffe/commands defines `register(subparsers)`, adding its
 subcommand(s) with `set_defaults(func=run)`; `run(args)` returns an exit status.
 Errors print as one line `minicaffe: error: ...` (exit 1); `--debug` shows the traceback.
+
+`--plugin MODULE_OR_FILE.py` (repeatable) loads custom layers before the command
+runs; it may be given before the command (`minicaffe --plugin m train ...`) or
+anywhere after it (`minicaffe train ... --plugin m`).
 """
 import argparse
 import importlib
 import pkgutil
 import sys
 
-from . import commands
+from . import commands, plugins
 
 __all__ = ["main", "build_parser"]
 
@@ -18,6 +22,11 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="minicaffe", description="Caffe in pure Python: train, test and time Caffe models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE.py",
+                        help="import a module or .py file that registers custom layers before "
+                             "the command runs; repeatable, and accepted after the command too "
+                             f"(see also ${plugins.ENV_VAR} and the '{plugins.ENTRY_POINT_GROUP}' "
+                             "entry points)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
@@ -27,8 +36,19 @@ def build_parser():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    # --plugin is taken out before parsing so that it works after any subcommand.
+    try:
+        argv, plugin_specs = plugins.extract_plugin_args(argv)
+        plugins.load_default_plugins()
+        plugins.load_plugins(plugin_specs, origin="--plugin")
+    except Exception as exc:
+        if "--debug" in argv:
+            raise
+        print(f"minicaffe: error: {exc}", file=sys.stderr)
+        return 1
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.plugin = plugin_specs
     if not getattr(args, "func", None):
         parser.print_help()
         return 1

@@ -4,15 +4,25 @@ A layer implements `layer_setup` (read params, create `self.blobs`), `reshape`
 (shape the tops), `forward(bottom, top)` and `backward(top, propagate_down, bottom)`
 and is registered under Caffe's type string with `@register_layer("Type")`.
 The Net calls `setup` once, then `run_forward` / `run_backward` each iteration.
+
+Layers defined outside minicaffe (plugins, user code, Python layers) are also
+checked as they run: a param blob of the wrong dtype, a top that forward never
+writes, or a blob reshaped behind the Net's back is reported naming the layer.
 """
+import contextlib
+import contextvars
 import difflib
 import importlib
+import os
+import sys
+import warnings
 
 import numpy as np
 
 from .proto import caffe_pb2
 
-__all__ = ["Layer", "register_layer", "create_layer", "layer_registry", "LayerError"]
+__all__ = ["Layer", "register_layer", "create_layer", "layer_registry", "layer_source",
+           "layer_type_list", "LayerError", "BlobVec"]
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
@@ -20,6 +30,27 @@ TEST = caffe_pb2.TEST
 
 class LayerError(ValueError):
     """Bad layer parameters or blob shapes, named after the layer at fault."""
+
+
+class BlobVec(list):
+    """A layer's parameter blobs: a list, plus pycaffe's `add_blob(*shape)`.
+
+    Blobs made by add_blob take the layer's dtype (set by `Layer.setup`), so a
+    layer checked in float64 gets float64 parameters.
+    """
+
+    def __init__(self, blobs=(), dtype=np.float32):
+        super().__init__(blobs)
+        self.dtype = dtype
+
+    def add_blob(self, *shape):
+        """Append a zero-filled Blob of `shape` (pycaffe: `self.blobs.add_blob(2, 3)`) and return it."""
+        from .blob import Blob
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        blob = Blob(shape, dtype=self.dtype)
+        self.append(blob)
+        return blob
 
 
 class Layer:
@@ -37,6 +68,9 @@ class Layer:
     is_loss = False
     # Layers that may run with top[i] is bottom[i] (ReLU, Dropout, ...).
     allows_in_place = False
+    # Check dtypes/shapes/unwritten tops as the layer runs. None means: yes for
+    # layers defined outside minicaffe (their code has no tests here), no for built-ins.
+    check_io = None
 
     type = None  # filled in by register_layer
 
@@ -49,7 +83,7 @@ class Layer:
         self.layer_param = layer_param
         self.name = layer_param.name
         self.phase = layer_param.phase if phase is None else phase
-        self.blobs = []
+        self.blobs = BlobVec()
         self.param_propagate_down = []
         self.loss_weights = []
         self.dtype = np.float32
@@ -57,8 +91,10 @@ class Layer:
         self.blobs_loaded = False
         if len(layer_param.blobs):
             from .blob import Blob
-            self.blobs = [Blob(Blob.proto_shape(p)).from_proto(p) for p in layer_param.blobs]
+            self.blobs = BlobVec(Blob(Blob.proto_shape(p)).from_proto(p) for p in layer_param.blobs)
             self.blobs_loaded = True
+        if self.check_io is None:
+            self.check_io = not type(self).__module__.startswith("minicaffe.")
 
     # -- what subclasses implement -----------------------------------------
     def layer_setup(self, bottom, top):
@@ -80,15 +116,22 @@ class Layer:
     def setup(self, bottom, top):
         self.dtype = bottom[0].dtype if bottom else np.float32
         self.check_blob_counts(bottom, top)
+        if isinstance(self.blobs, BlobVec):
+            self.blobs.dtype = self.dtype
         self.layer_setup(bottom, top)
         if len(self.param_propagate_down) != len(self.blobs):
             self.param_propagate_down = [True] * len(self.blobs)
+        if self.check_io:
+            self._check_params_after_setup()
         self.reshape(bottom, top)
         self.set_loss_weights(top)
 
     def run_forward(self, bottom, top):
         """forward, then the weighted loss: sum over tops of data . diff (diff holds the weight)."""
-        self.forward(bottom, top)
+        if self.check_io:
+            self._checked_forward(bottom, top)
+        else:
+            self.forward(bottom, top)
         loss = 0.0
         for t, w in zip(top, self.loss_weights):
             if w:
@@ -96,7 +139,102 @@ class Layer:
         return loss
 
     def run_backward(self, top, propagate_down, bottom):
-        self.backward(top, propagate_down, bottom)
+        if self.check_io:
+            self._checked_backward(top, propagate_down, bottom)
+        else:
+            self.backward(top, propagate_down, bottom)
+
+    # -- checks for layers defined outside minicaffe (check_io) -------------------
+    def _check_params_after_setup(self):
+        from .blob import Blob
+        for j, blob in enumerate(self.blobs):
+            if not isinstance(blob, Blob):
+                raise self.error(f"self.blobs[{j}] is a {type(blob).__name__}, not a Blob; create "
+                                 f"parameters with self.blobs.add_blob(*shape) or "
+                                 f"Blob(shape, dtype=self.dtype)")
+            if not self.blobs_loaded and blob.dtype != self.dtype:
+                raise self.error(f"param blob {j} is {blob.dtype} but the net computes in "
+                                 f"{np.dtype(self.dtype)}; create it with Blob(shape, "
+                                 f"dtype=self.dtype) or self.blobs.add_blob(*shape)")
+        self._param_ids = [id(b) for b in self.blobs]
+        self._param_shapes = [b.shape for b in self.blobs]
+
+    def _check_params_unchanged(self, stage):
+        ids = getattr(self, "_param_ids", None)
+        if ids is None:  # set up outside Layer.setup (e.g. by hand): nothing to compare
+            return
+        if [id(b) for b in self.blobs] != ids:
+            raise self.error(f"{stage} replaced, added or removed parameter blobs; the Net only "
+                             f"learns the {len(ids)} blob(s) that existed after setup, so create "
+                             f"every parameter in setup")
+        for j, (blob, shape) in enumerate(zip(self.blobs, self._param_shapes)):
+            if blob.shape != shape:
+                raise self.error(f"{stage} reshaped param blob {j} from {shape} to {blob.shape}; "
+                                 f"parameter shapes are fixed after setup")
+
+    def _shapes_note(self, bottom, top):
+        return (f"bottom shapes {[b.shape for b in bottom]}, top shapes {[t.shape for t in top]}, "
+                f"param shapes {[b.shape for b in self.blobs]}")
+
+    def _check_unmoved(self, stage, what, blobs, shapes):
+        for j, (blob, shape) in enumerate(zip(blobs, shapes)):
+            if blob.shape != shape:
+                raise self.error(f"{stage} reshaped {what}[{j}] from {shape} to {blob.shape}; "
+                                 f"only reshape() may change blob shapes")
+
+    def _checked_forward(self, bottom, top):
+        bottom_shapes = [b.shape for b in bottom]
+        top_shapes = [t.shape for t in top]
+        # On the first pass (and whenever shapes change) pre-fill the tops with NaN
+        # so that elements forward never writes show up instead of passing stale values on.
+        probe = top_shapes != getattr(self, "_probed_top_shapes", None)
+        saved = {}
+        if probe:
+            self._probed_top_shapes = top_shapes
+            shared = list(bottom) + list(self.blobs)
+            for j, t in enumerate(top):
+                if np.issubdtype(t.dtype, np.floating) and not any(t.shares_data_with(b) for b in shared):
+                    saved[j] = t.data.copy()
+                    t.data.fill(np.nan)
+        try:
+            self.forward(bottom, top)
+        except LayerError:
+            raise
+        except ValueError as exc:  # numpy shape mismatches land here
+            raise self.error(f"forward: {exc} ({self._shapes_note(bottom, top)})") from exc
+        self._check_unmoved("forward", "bottom", bottom, bottom_shapes)
+        self._check_params_unchanged("forward")
+        for j, before in saved.items():
+            data = top[j].data
+            if data.shape != before.shape:  # reshaped inside forward: cannot tell
+                continue
+            unwritten = np.isnan(data)
+            if not unwritten.any():
+                continue
+            if unwritten.all():
+                data[...] = before
+                warnings.warn(f"layer {self.name!r} ({self.type}): forward did not write top[{j}] "
+                              f"{top[j].name!r}; a layer must fill its tops on every forward "
+                              f"(set check_io = False on the class if the top is filled "
+                              f"elsewhere on purpose)", LayerWarning, stacklevel=2)
+                continue
+            raise self.error(f"forward left {int(unwritten.sum())} of {data.size} elements of "
+                             f"top[{j}] {top[j].name!r} (shape {data.shape}) unwritten or NaN; "
+                             f"forward must write every element of its tops")
+
+    def _checked_backward(self, top, propagate_down, bottom):
+        bottom_shapes = [b.shape for b in bottom]
+        top_shapes = [t.shape for t in top]
+        try:
+            self.backward(top, propagate_down, bottom)
+        except LayerError:
+            raise
+        except ValueError as exc:
+            raise self.error(f"backward: {exc}; a diff must have the shape of its blob "
+                             f"({self._shapes_note(bottom, top)})") from exc
+        self._check_unmoved("backward", "bottom", bottom, bottom_shapes)
+        self._check_unmoved("backward", "top", top, top_shapes)
+        self._check_params_unchanged("backward")
 
     def check_blob_counts(self, bottom, top):
         nb, nt = len(bottom), len(top)
@@ -140,9 +278,29 @@ class Layer:
         return f"<{type(self).__name__} {self.name!r} type={self.type}>"
 
 
+class LayerWarning(UserWarning):
+    """Something suspicious (not fatal) in a layer defined outside minicaffe."""
+
+
+def uses_pycaffe_setup(cls):
+    """Is `cls` written pycaffe-style, overriding `setup` instead of `layer_setup`?
+
+    Such classes are run through the Python-layer adapter, which calls their
+    `setup` and does the Net's bookkeeping (dtype, loss weights) around it.
+    """
+    setup = getattr(cls, "setup", None)
+    return (setup is not None and setup is not Layer.setup
+            and getattr(cls, "layer_setup", Layer.layer_setup) is Layer.layer_setup
+            and not cls.__module__.startswith("minicaffe."))
+
+
 # -- registry ----------------------------------------------------------------
 _REGISTRY = {}
 _SOURCES = {}
+# What is being loaded right now (a plugin, an entry point), for `minicaffe layers`.
+_LOADING_FROM = contextvars.ContextVar("minicaffe_loading_from", default=None)
+# The folder of the model file being built, where Python layer modules are also looked for.
+_MODEL_DIR = contextvars.ContextVar("minicaffe_model_dir", default=None)
 
 
 def layer_registry():
@@ -150,24 +308,84 @@ def layer_registry():
     return dict(_REGISTRY)
 
 
+def layer_type_list():
+    """Sorted registered type names (pycaffe's caffe.layer_type_list())."""
+    importlib.import_module("minicaffe.layers")
+    return sorted(_REGISTRY)
+
+
 def layer_source(type_name):
+    """Where a registered type comes from: 'built-in (module)', a plugin, a module and file."""
     return _SOURCES.get(type_name)
 
 
+@contextlib.contextmanager
+def registering_from(description):
+    """Label layers registered inside this block (used by the plugin loader)."""
+    token = _LOADING_FROM.set(description)
+    try:
+        yield
+    finally:
+        _LOADING_FROM.reset(token)
+
+
+@contextlib.contextmanager
+def building_model(path):
+    """Let Python layers built inside this block look for their modules next to `path`."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path))) if path is not None else None
+    token = _MODEL_DIR.set(folder)
+    try:
+        yield
+    finally:
+        _MODEL_DIR.reset(token)
+
+
+def current_model_dir():
+    return _MODEL_DIR.get()
+
+
+def _module_file(cls):
+    path = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    return os.path.realpath(path) if path else None
+
+
+def _origin(cls):
+    module = cls.__module__
+    if module.startswith("minicaffe."):
+        return f"built-in ({module})"
+    path = _module_file(cls)
+    return f"{module} ({path})" if path else module
+
+
+def _same_definition(old, new):
+    # Re-running a class definition (importlib.reload, a notebook cell, one file
+    # imported under two names) must not count as a clash.
+    if old.__qualname__ != new.__qualname__:
+        return False
+    return old.__module__ == new.__module__ or (
+        _module_file(old) is not None and _module_file(old) == _module_file(new))
+
+
 def register_layer(type_name, override=False, source=None):
-    """Class decorator: make `type: "<type_name>"` in a prototxt build this Layer subclass."""
+    """Class decorator: make `type: "<type_name>"` in a prototxt build this Layer subclass.
+
+    Registering a name that another class already holds is an error unless
+    override=True (re-running the same class definition is fine).
+    """
     if not isinstance(type_name, str) or not type_name:
         raise TypeError("register_layer needs the layer's type string, e.g. @register_layer('MyLoss')")
 
     def decorate(cls):
         if not (isinstance(cls, type) and issubclass(cls, Layer)):
             raise TypeError(f"@register_layer({type_name!r}) must decorate a minicaffe.Layer subclass")
-        if type_name in _REGISTRY and _REGISTRY[type_name] is not cls and not override:
+        old = _REGISTRY.get(type_name)
+        if old is not None and old is not cls and not override and not _same_definition(old, cls):
             raise ValueError(f"layer type {type_name!r} is already registered by "
                              f"{_SOURCES.get(type_name)}; pass override=True to replace it")
         cls.type = type_name
         _REGISTRY[type_name] = cls
-        _SOURCES[type_name] = source or cls.__module__
+        loading = _LOADING_FROM.get()
+        _SOURCES[type_name] = source or (f"{loading}: {_origin(cls)}" if loading else _origin(cls))
         return cls
 
     return decorate
@@ -177,15 +395,25 @@ def unknown_type_message(type_name):
     known = sorted(_REGISTRY)
     close = difflib.get_close_matches(type_name, known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
+    from . import plugins
+    failed = "".join(f" (Note: {what} failed to load: {why}.)" for what, why in plugins.failed_plugins())
     return (f"unknown layer type {type_name!r}.{hint} Known types: {', '.join(known)}. "
-            f"To add one, subclass minicaffe.Layer and decorate it with "
-            f"@minicaffe.register_layer({type_name!r}) (load it with --plugin MODULE).")
+            f"To add one, subclass minicaffe.Layer, decorate the class with "
+            f"@minicaffe.register_layer({type_name!r}) and load its module with "
+            f"`--plugin MODULE_OR_FILE.py` (or the MINICAFFE_PLUGINS variable, or a "
+            f"'minicaffe.layers' entry point); or use type: \"Python\" with python_param "
+            f"{{ module: ... layer: ... }}. `minicaffe layers` lists the known types.{failed}")
 
 
 def create_layer(layer_param, phase=None):
     """Instantiate the registered class for `layer_param.type`."""
     importlib.import_module("minicaffe.layers")  # registers the built-in layers
+    from . import plugins
+    plugins.load_default_plugins()  # MINICAFFE_PLUGINS and installed entry points, once
     cls = _REGISTRY.get(layer_param.type)
     if cls is None:
         raise LayerError(f"layer {layer_param.name!r}: " + unknown_type_message(layer_param.type))
+    if uses_pycaffe_setup(cls):
+        from .layers.python_layer import PythonLayer
+        return PythonLayer(layer_param, phase, layer_class=cls)
     return cls(layer_param, phase)

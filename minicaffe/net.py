@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from .blob import Blob
-from .layer import LayerError, create_layer
+from .layer import LayerError, building_model, create_layer
 from .proto import caffe_pb2
 from .proto_io import ProtoFileError, read_net_param, read_proto, write_binary
 
@@ -151,7 +151,8 @@ class Net:
         self.state = state
         self.dtype = np.dtype(dtype)
         try:
-            self._init(param)
+            with building_model(self.source):  # Python layer modules may sit next to the prototxt
+                self._init(param)
         except (LayerError, ProtoFileError) as exc:
             if self.source is not None and not str(exc).startswith(os.fspath(self.source)):
                 raise type(exc)(f"{os.fspath(self.source)}: {exc}") from None
@@ -189,8 +190,6 @@ class Net:
         for layer_param in param.layer:
             layer_param = _with_phase(layer_param, self.phase)
             name = layer_param.name
-            if name in self.layer_names and name:
-                raise LayerError(f"two layers are named {name!r}; layer names must be unique")
             if len(layer_param.propagate_down) and len(layer_param.propagate_down) != len(layer_param.bottom):
                 raise LayerError(f"layer {name!r}: propagate_down must be given once per bottom "
                                  f"({len(layer_param.bottom)}), got {len(layer_param.propagate_down)}")
