@@ -425,7 +425,7 @@ class DropoutLayer(NeuronLayer):
         super().reshape(bottom, top)
         shape = bottom[0].shape
         if getattr(self, "_mask", None) is None or self._mask.shape != shape:
-            self._uniform = np.empty(shape, dtype=np.float64)
+            self._uniform = np.empty(shape, dtype=np.float32)
             self._mask = np.empty(shape, dtype=bool)
 
     def forward(self, bottom, top):

@@ -160,11 +160,11 @@ class PoolingLayer(Layer):
             if has("kernel_size") or has("kernel_h") or has("kernel_w"):
                 raise self.error("with global_pooling: true the kernel size cannot be given "
                                  "(it is the input's height and width)")
-        else:
-            if has("kernel_size") == (has("kernel_h") and has("kernel_w")):
-                raise self.error("give the filter size as kernel_size OR as kernel_h and kernel_w, "
-                                 "not both and not neither" if has("kernel_size") else
-                                 "give the filter size as kernel_size, or both kernel_h and kernel_w")
+        elif has("kernel_size") and has("kernel_h") and has("kernel_w"):
+            raise self.error("give the filter size as kernel_size OR as kernel_h and kernel_w, not both")
+        elif not has("kernel_size") and not (has("kernel_h") and has("kernel_w")):
+            raise self.error("give the filter size as kernel_size, or both kernel_h and kernel_w "
+                             "for a non-square filter")
         if not ((not has("pad") and has("pad_h") and has("pad_w")) or
                 (not has("pad_h") and not has("pad_w"))):
             raise self.error("give padding as pad OR as both pad_h and pad_w")
@@ -311,10 +311,11 @@ class PoolingLayer(Layer):
             value = w.window(xp, i, j)
             total += value
             squares += value * value
-        positive = total > 0
-        y[...] = 0
-        np.divide(squares, total, out=y, where=positive)
-        self._window_sum = total
+        mean = np.zeros_like(y)
+        np.divide(squares, total, out=mean, where=total > 0)
+        y[...] = mean
+        # Kept for backward (a later in-place layer may change the top).
+        self._window_sum, self._window_mean = total, mean
 
     # -- backward ----------------------------------------------------------------
     def backward(self, top, propagate_down, bottom):
@@ -329,14 +330,14 @@ class PoolingLayer(Layer):
         elif self.phase == caffe_pb2.TRAIN:
             _scatter_to_plane(self._chosen, dy, dx)
         else:
-            self._backward_stochastic_test(top[0].data, dy, bottom[0].data, dx)
+            self._backward_stochastic_test(dy, bottom[0].data, dx)
 
-    def _backward_stochastic_test(self, y, dy, x, dx):
+    def _backward_stochastic_test(self, dy, x, dx):
         # d/dx_k [sum(x^2) / sum(x)] = (2 x_k - y) / sum(x). Caffe has no CPU version of this;
         # this is the exact gradient of the TEST-phase output.
         w = self.windows
         xp = _padded_input(w, x, self._padded)
-        total = self._window_sum
+        total, y = self._window_sum, self._window_mean
         scale = np.zeros_like(dy)
         np.divide(dy, total, out=scale, where=total > 0)
         dxp = dx if self._padded_diff is None else self._padded_diff
