@@ -431,7 +431,7 @@ class DropoutLayer(NeuronLayer):
     def forward(self, bottom, top):
         x, y = bottom[0].data, top[0].data
         if self.phase == caffe_pb2.TRAIN:
-            get_rng().random(out=self._uniform)
+            get_rng().random(dtype=np.float32, out=self._uniform)
             # Keep an element with probability 1 - ratio.
             np.greater_equal(self._uniform, self.ratio, out=self._mask)
             np.multiply(x, self._mask, out=y)
