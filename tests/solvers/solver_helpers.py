@@ -48,7 +48,7 @@ class SolverTestDataLayer(Layer):
 
 
 @contextlib.contextmanager
-def test_data_layer():
+def registered_data_layer():
     """Register SolverTestData for the duration of a test only (keeps the registry clean)."""
     assert "SolverTestData" not in layer_registry()
     register_layer("SolverTestData")(SolverTestDataLayer)

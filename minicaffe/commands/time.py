@@ -1,0 +1,97 @@
+"""`minicaffe time`: per-layer forward and backward timings (Caffe's `caffe time`).
+
+    minicaffe time --model lenet_train_test.prototxt --iterations 20 [--phase TEST]
+"""
+import logging
+import time
+
+from .train import CommandError, add_common_flags, add_flag, note_gpu, stages_from
+
+log = logging.getLogger("minicaffe.time")
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        "time", help="benchmark a model's execution time",
+        description="Time every layer's forward and backward pass over N iterations and the "
+                    "totals, as `caffe time`. Data layers read real data, so their time counts.")
+    add_flag(p, "model", metavar="FILE", help="the model definition (required)")
+    add_flag(p, "iterations", type=int, default=50, metavar="N",
+                   help="number of forward-backward passes to time (default 50)")
+    add_flag(p, "phase", default="TRAIN", metavar="TRAIN|TEST",
+                   help="network phase (default TRAIN)")
+    add_flag(p, "weights", metavar="W.caffemodel[,...]",
+                   help="optional weights to load first")
+    add_common_flags(p)
+    p.set_defaults(func=run)
+
+
+def _ms(seconds):
+    return f"{seconds * 1000:g}"
+
+
+def run(args):
+    from ..logging_util import logging_to
+    from ..net import Net
+    from ..proto import caffe_pb2
+
+    with logging_to(args.log):
+        if not args.model:
+            raise CommandError("need a model definition to time: --model FILE")
+        phase = args.phase.upper()
+        if phase not in ("TRAIN", "TEST"):
+            raise CommandError(f'--phase must be "TRAIN" or "TEST", got {args.phase!r}')
+        if args.iterations < 1:
+            raise CommandError(f"--iterations must be at least 1, got {args.iterations}")
+        note_gpu(args)
+        net = Net(args.model, caffe_pb2.Phase.Value(phase), level=args.level,
+                  stages=stages_from(args))
+        if args.weights:
+            for path in args.weights.split(","):
+                if path.strip():
+                    net.copy_from(path.strip())
+
+        # One untimed pass first, so buffers are allocated before timing starts.
+        log.info("Performing Forward")
+        log.info("Initial loss: %s", f"{net.forward_loss():g}")
+        log.info("Performing Backward")
+        net.backward_from_to()
+
+        layers = net.layers
+        bottoms = [[net.blobs[n] for n in names] for names in net.bottom_ids]
+        tops = [[net.blobs[n] for n in names] for names in net.top_ids]
+        forward_time = [0.0] * len(layers)
+        backward_time = [0.0] * len(layers)
+        total_forward = total_backward = 0.0
+        n = args.iterations
+        log.info("*** Benchmark begins ***")
+        log.info("Testing for %d iterations.", n)
+        clock = time.perf_counter
+        start_total = clock()
+        for j in range(n):
+            start_iter = clock()
+            for i, layer in enumerate(layers):
+                t = clock()
+                layer.reshape(bottoms[i], tops[i])
+                layer.run_forward(bottoms[i], tops[i])
+                forward_time[i] += clock() - t
+            total_forward += clock() - start_iter
+            start_backward = clock()
+            for i in reversed(range(len(layers))):
+                t = clock()
+                # Like Caffe's benchmark: every layer's Backward, even ones the net would skip.
+                layers[i].run_backward(tops[i], net.bottom_need_backward[i], bottoms[i])
+                backward_time[i] += clock() - t
+            total_backward += clock() - start_backward
+            log.info("Iteration: %d forward-backward time: %s ms.", j + 1, _ms(clock() - start_iter))
+        total = clock() - start_total
+        log.info("Average time per layer: ")
+        for i, name in enumerate(net.layer_names):
+            log.info("%10s\tforward: %s ms.", name, _ms(forward_time[i] / n))
+            log.info("%10s\tbackward: %s ms.", name, _ms(backward_time[i] / n))
+        log.info("Average Forward pass: %s ms.", _ms(total_forward / n))
+        log.info("Average Backward pass: %s ms.", _ms(total_backward / n))
+        log.info("Average Forward-Backward: %s ms.", _ms(total / n))
+        log.info("Total Time: %s ms.", _ms(total))
+        log.info("*** Benchmark ends ***")
+    return 0
