@@ -76,7 +76,7 @@ def test_siamese_shares_weights_between_towers():
     net = caffe.Net(with_inputs("siamese__mnist_siamese_train_test.prototxt",
                                 {"pair_data": (2, 2, 28, 28), "sim": (2,)}), caffe.TRAIN)
     assert net.params["conv1"][0].shares_data_with(net.params["conv1_p"][0])
-    assert len(net.learnable_params) == 8
+    assert len(net.learnable_params) == 10  # conv1, conv2, ip1, ip2, feat: weights and biases
 
 
 @pytest.mark.parametrize("path,classes", [("bvlc_reference_caffenet__deploy.prototxt", 1000),

@@ -84,9 +84,8 @@ def test_lenet_whole_net_gradient():
     rng = np.random.default_rng(1)
     net.blobs["data"].data[...] = rng.random((2, 1, 28, 28))
     net.blobs["label"].data[...] = [3, 7]
-    for blob in net.learnable_params:  # keep values off ReLU/max-pool kinks
-        blob.data[...] += rng.normal(0, 1e-3, blob.shape)
-    check_gradient_net(net, stepsize=1e-3, threshold=5e-3)
+    # a small step keeps max-pooling winners fixed while the weights move
+    check_gradient_net(net, stepsize=1e-6, threshold=1e-3)
 
 
 def test_gradient_through_split_fan_out():
