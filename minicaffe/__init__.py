@@ -5,7 +5,8 @@
 """
 from .proto import caffe_pb2
 from .blob import Blob
-from .layer import Layer, LayerError, register_layer, create_layer, layer_registry
+from .layer import (Layer, LayerError, register_layer, create_layer, layer_registry,  # noqa: F401
+                    layer_source, layer_type_list)
 from .rng import set_random_seed
 from .net import Net
 from . import layers as _builtin_layers  # noqa: F401  (registers the built-in layer types)
@@ -16,6 +17,8 @@ from . import io  # noqa: F401  (pycaffe's caffe.io)
 from .solvers import (get_solver, Solver, SGDSolver, NesterovSolver, AdaGradSolver,  # noqa: F401
                       RMSPropSolver, AdaDeltaSolver, AdamSolver)
 from .logging_util import init_log  # noqa: F401  (pycaffe's caffe.init_log)
+from . import plugins, testing  # noqa: F401  (custom layers: load_plugin, check_gradient)
+from .plugins import load_plugin  # noqa: F401
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST

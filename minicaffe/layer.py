@@ -385,7 +385,7 @@ def register_layer(type_name, override=False, source=None):
         cls.type = type_name
         _REGISTRY[type_name] = cls
         loading = _LOADING_FROM.get()
-        _SOURCES[type_name] = source or (f"{loading}: {_origin(cls)}" if loading else _origin(cls))
+        _SOURCES[type_name] = source or (f"{_origin(cls)} [{loading}]" if loading else _origin(cls))
         return cls
 
     return decorate

@@ -4,7 +4,9 @@ A plugin is any Python module that registers layers when imported (classes
 decorated with `@minicaffe.register_layer("MyType")`). There are three ways in:
 
 * `minicaffe --plugin my_layers train ...` (or `minicaffe train ... --plugin
-  path/to/my_layers.py`), repeatable: a module name or a .py file;
+  path/to/my_layers.py`), repeatable: a module name or a .py file (whose folder
+  is then appended to sys.path, so modules next to it, such as Python layers,
+  import too);
 * the MINICAFFE_PLUGINS environment variable: names or files separated by
   os.pathsep (':' on Linux/macOS, ';' on Windows) or commas;
 * the `minicaffe.layers` entry-point group, so a pip-installed package provides
@@ -77,15 +79,15 @@ def load_plugin(spec, origin=None):
     return _load_module(spec, origin)
 
 
-def _label(kind, spec, origin):
-    return f"{kind} {spec}" + (f" (from {origin})" if origin else "")
+def _label(spec, origin):
+    return f"plugin {spec}" + (f" from {origin}" if origin else "")
 
 
 def _load_module(name, origin):
     if name in _loaded and name in sys.modules:
         return sys.modules[name]
-    label = _label("plugin", name, origin)
-    with registering_from(label):
+    label = _label(name, origin)
+    with registering_from(origin or "plugin"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -123,30 +125,27 @@ def _load_file(path, origin):
     if existing is not None:
         existing_file = getattr(existing, "__file__", None)
         if existing_file and os.path.realpath(existing_file) == os.path.realpath(path):
-            _loaded[path] = _label("plugin", path, origin)
+            _loaded[path] = _label(path, origin)
             _loaded_modules[path] = stem
             return existing
         name = f"minicaffe_plugin_{stem}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
+    # The plugin's folder becomes importable (appended, so it shadows nothing): the
+    # plugin can import its neighbours, and Python layers next to it
+    # (python_param { module: ... }) are found without setting PYTHONPATH.
     folder = os.path.dirname(path)
-    # Let the plugin import modules that sit next to it.
-    added = folder not in sys.path
-    if added:
-        sys.path.insert(0, folder)
+    if folder not in sys.path:
+        sys.path.append(folder)
+        importlib.invalidate_caches()
     try:
-        with registering_from(_label("plugin", path, origin)):
+        with registering_from(origin or "plugin"):
             module_spec.loader.exec_module(module)
-    except BaseException as exc:
+    except Exception as exc:
         sys.modules.pop(name, None)
-        if isinstance(exc, Exception):
-            raise PluginError(f"plugin file {path} failed to import: {type(exc).__name__}: {exc}") from exc
-        raise
-    finally:
-        if added and folder in sys.path:
-            sys.path.remove(folder)
-    _loaded[path] = _label("plugin", path, origin)
+        raise PluginError(f"plugin file {path} failed to import: {type(exc).__name__}: {exc}") from exc
+    _loaded[path] = _label(path, origin)
     _loaded_modules[path] = name
     return module
 
@@ -177,8 +176,8 @@ def load_entry_points(group=ENTRY_POINT_GROUP):
         where = f" in {dist.name} {dist.version}" if dist is not None else ""
         label = f"entry point {ep.name} = {ep.value}{where}"
         key = f"{group}:{ep.name}={ep.value}"
-        if key in _loaded:
-            continue
+        if key in _loaded or any(f == label for f, _ in _failed):
+            continue  # loaded (or failed) before
         try:
             with registering_from(label):
                 obj = ep.load()
