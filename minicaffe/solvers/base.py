@@ -479,16 +479,9 @@ class Solver:
             log.info("Test loss: %s", _g(loss / n_iter))
         if scores is None:
             return {}
-        means = scores / n_iter
-        self._log_outputs(net, "Test", _split_by_output(net, means))
-        result = {}
-        offset = 0
-        for name in net.outputs:
-            n = net.blobs[name].count()
-            chunk = means[offset: offset + n]
-            result[name] = float(chunk[0]) if n == 1 else chunk.copy()
-            offset += n
-        return result
+        means = _by_output(net, scores / n_iter)
+        self._log_outputs(net, "Test", means.get)
+        return {name: float(m[0]) if m.size == 1 else m for name, m in means.items()}
 
     def _log_outputs(self, net, kind, values_of):
         weights = net.blob_loss_weights
@@ -608,12 +601,11 @@ class Solver:
         return f"<{type(self).__name__} iter={self.iter} net={self.net.name!r}>"
 
 
-def _split_by_output(net, means):
-    """values_of(name) for _log_outputs: the slice of `means` belonging to output `name`."""
-    offsets = {}
-    offset = 0
+def _by_output(net, values):
+    """{output name: its slice of `values`}, for values laid out output after output."""
+    out, offset = {}, 0
     for name in net.outputs:
         n = net.blobs[name].count()
-        offsets[name] = (offset, offset + n)
+        out[name] = values[offset: offset + n]
         offset += n
-    return lambda name: means[offsets[name][0]: offsets[name][1]]
+    return out

@@ -203,3 +203,18 @@ def test_deprecated_solver_type_enum_selects_the_solver():
     param.solver_type = param.ADAM
     solver = get_solver(param)
     assert type(solver).__name__ == "AdamSolver" and len(solver.history) == 4
+
+
+@pytest.mark.parametrize("kind", ["SGD", "Adam"])
+def test_100_straight_equals_50_restore_50(kind, tmp_path):
+    straight = make_solver(kind, 0.01, 0.01, 0.9, max_iter=100)
+    straight.solve()
+    first = make_solver(kind, 0.01, 0.01, 0.9, max_iter=50, snapshot=50,
+                        snapshot_prefix=str(tmp_path / "half"))
+    first.solve()
+    resumed = make_solver(kind, 0.01, 0.01, 0.9, max_iter=100)
+    resumed.solve(str(tmp_path / "half_iter_50.solverstate"))
+    assert resumed.iter == 100
+    for a, b in zip(straight.net.learnable_params + straight.history,
+                    resumed.net.learnable_params + resumed.history):
+        np.testing.assert_array_equal(a.data, b.data)
