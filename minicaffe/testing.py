@@ -42,6 +42,11 @@ def check_gradient(layer, bottom, top, stepsize=1e-2, threshold=1e-3, kink=0.0, 
     top_ids: which tops enter the objective (default all). Raises GradientCheckError.
     The shared RNG is reseeded before every forward so random layers (Dropout) repeat.
     """
+    dtypes = {b.dtype for b in list(bottom) + list(top)}
+    if len(dtypes) > 1:
+        raise GradientCheckError(f"check_gradient: bottoms and tops must share one dtype (float64 for "
+                                 f"a meaningful check), got {sorted(str(d) for d in dtypes)}; "
+                                 f"create tops as Blob(dtype=np.float64)")
     if setup:
         _rng.set_random_seed(seed)
         layer.setup(bottom, top)

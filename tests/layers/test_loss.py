@@ -102,7 +102,7 @@ def test_softmax_loss_gradient(mode):
     layer = make_layer(f'type: "SoftmaxWithLoss" '
                        f'loss_param {{ normalization: {mode} ignore_label: 2 }}')
     bottom = make_blobs(x, lab)
-    check_gradient(layer, bottom, [Blob()], check_bottom=[0])
+    check_gradient(layer, bottom, [Blob(dtype=np.float64)], check_bottom=[0])
 
 
 def test_softmax_loss_backward_scales_by_loss_weight_and_zeroes_ignored():
@@ -212,7 +212,7 @@ def test_euclidean_forward_gradient_and_dtype():
     ref = sum((a.reshape(3, 4)[i, j] - b[i, j]) ** 2 for i in range(3) for j in range(4)) / 3 / 2
     assert top[0].data == pytest.approx(ref)
     assert layer.allow_force_backward(1)
-    check_gradient(make_layer('type: "EuclideanLoss"'), make_blobs(a, b), [Blob()])
+    check_gradient(make_layer('type: "EuclideanLoss"'), make_blobs(a, b), [Blob(dtype=np.float64)])
     bottom = make_blobs(a, b, dtype=np.float32)
     top = run(layer, bottom, loss_weight=1.0)
     layer.backward(top, [True, True], bottom)
@@ -259,7 +259,7 @@ def test_sigmoid_cross_entropy_gradient_and_float32():
     t[1, 2] = 9
     layer = make_layer('type: "SigmoidCrossEntropyLoss" '
                        'loss_param { ignore_label: 9 normalization: VALID }')
-    check_gradient(layer, make_blobs(x, t), [Blob()], check_bottom=[0])
+    check_gradient(layer, make_blobs(x, t), [Blob(dtype=np.float64)], check_bottom=[0])
     bottom = make_blobs(x, t, dtype=np.float32)
     top = run(layer, bottom, loss_weight=1.0)
     layer.backward(top, [True, False], bottom)
@@ -298,7 +298,7 @@ def test_hinge_forward_and_gradient(norm, p):
     top = run(layer, make_blobs(x, lab))
     assert top[0].data == pytest.approx(ref_hinge(x, lab, p))
     check_gradient(make_layer(f'type: "HingeLoss" hinge_loss_param {{ norm: {norm} }}'),
-                   make_blobs(x, lab), [Blob()], check_bottom=[0])
+                   make_blobs(x, lab), [Blob(dtype=np.float64)], check_bottom=[0])
 
 
 def test_hinge_float32_and_rejections():
@@ -335,7 +335,7 @@ def test_contrastive_forward_and_gradient(legacy):
             f'{{ margin: 1.5 legacy_version: {str(legacy).lower()} }}')
     top = run(make_layer(text), make_blobs(a, b, y))
     assert top[0].data == pytest.approx(ref_contrastive(a, b, y, 1.5, legacy))
-    check_gradient(make_layer(text), make_blobs(a, b, y), [Blob()], check_bottom=[0, 1],
+    check_gradient(make_layer(text), make_blobs(a, b, y), [Blob(dtype=np.float64)], check_bottom=[0, 1],
                    threshold=1e-2)
 
 
@@ -406,7 +406,7 @@ def test_infogain_axis_and_gradient():
     assert top[0].data == pytest.approx(ref_infogain(x, lab, h, None, "VALID", axis=2))
     layer = make_layer('type: "InfogainLoss" loss_param { ignore_label: 0 }')
     lab = np.array([[0.0, 2.0], [1.0, 2.0]])
-    check_gradient(layer, make_blobs(R.uniform(-0.5, 2, size=(2, 3, 2)), lab, h), [Blob()],
+    check_gradient(layer, make_blobs(R.uniform(-0.5, 2, size=(2, 3, 2)), lab, h), [Blob(dtype=np.float64)],
                    check_bottom=[0], stepsize=1e-4, threshold=2e-2)
 
 
@@ -443,7 +443,7 @@ def test_multinomial_logistic_forward_gradient_and_rejections():
     assert top[0].data == pytest.approx(ref)
     p[0, 0] = 0.5
     layer = make_layer('type: "MultinomialLogisticLoss"')
-    check_gradient(layer, make_blobs(p, lab), [Blob()], check_bottom=[0], stepsize=1e-3,
+    check_gradient(layer, make_blobs(p, lab), [Blob(dtype=np.float64)], check_bottom=[0], stepsize=1e-3,
                    threshold=2e-2)
     bottom = make_blobs(p, lab, dtype=np.float32)
     top = run(layer, bottom, loss_weight=1.0)
