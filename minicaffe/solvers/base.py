@@ -592,7 +592,7 @@ class Solver:
             learned_net = None
             if "learned_net" in f:
                 raw = f["learned_net"][()]
-                learned_net = raw.decode() if isinstance(raw, bytes) else str(raw)
+                learned_net = raw.rstrip(b"\0").decode() if isinstance(raw, bytes) else str(raw)
             group = f["history"]
             history = [np.asarray(group[str(i)]) for i in range(len(group))]
         return iter_, learned_net, current_step, history
