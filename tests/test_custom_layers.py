@@ -161,11 +161,15 @@ def write_solver(tmp_path, max_iter=60, snapshot=True):
     return solver
 
 
-def test_plugin_layer_trains_from_the_cli_and_its_weights_round_trip(tmp_path):
+def test_plugin_layer_trains_from_the_cli_and_its_weights_round_trip(tmp_path, caplog):
     solver = write_solver(tmp_path)
     assert main(["train", "--solver", str(solver), "--plugin", str(PLUGIN)]) == 0
     model = tmp_path / "sine_iter_60.caffemodel"
     assert model.exists() and (tmp_path / "sine_iter_60.solverstate").exists()
+    with caplog.at_level(logging.INFO):
+        assert main(["--plugin", str(PLUGIN), "test", "--model", str(EXAMPLE / "train_val.prototxt"),
+                     "--weights", str(model), "--iterations", "2"]) == 0
+    assert "loss" in caplog.text
 
     saved = caffe_pb2.NetParameter()
     saved.ParseFromString(model.read_bytes())
