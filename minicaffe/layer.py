@@ -331,9 +331,14 @@ def registering_from(description):
 
 @contextlib.contextmanager
 def building_model(path):
-    """Let Python layers built inside this block look for their modules next to `path`."""
-    folder = os.path.dirname(os.path.abspath(os.fspath(path))) if path is not None else None
-    token = _MODEL_DIR.set(folder)
+    """Let Python layers built inside this block look for their modules next to `path`.
+
+    With path None (a net given as a NetParameter) an enclosing block's folder stays in force.
+    """
+    if path is None:
+        yield
+        return
+    token = _MODEL_DIR.set(os.path.dirname(os.path.abspath(os.fspath(path))))
     try:
         yield
     finally:

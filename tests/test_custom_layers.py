@@ -295,3 +295,32 @@ def test_builtin_layers_are_not_checked_and_custom_ones_are():
     relu = minicaffe.create_layer(caffe_pb2.LayerParameter(name="r", type="ReLU"))
     custom = minicaffe.create_layer(caffe_pb2.LayerParameter(name="s", type="CustomTestScale"))
     assert relu.check_io is False and custom.check_io is True
+
+
+def test_solver_finds_python_layer_module_next_to_the_net_file(tmp_path, monkeypatch):
+    """A solver's nets look for python_param.module beside the net prototxt, as Net(path) does."""
+    import minicaffe as caffe
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "beside_net_layer.py").write_text(
+        "import minicaffe as caffe\n"
+        "class Double(caffe.Layer):\n"
+        "    def setup(self, bottom, top): pass\n"
+        "    def reshape(self, bottom, top): top[0].reshape(*bottom[0].data.shape)\n"
+        "    def forward(self, bottom, top): top[0].data[...] = 2 * bottom[0].data\n"
+        "    def backward(self, top, propagate_down, bottom):\n"
+        "        bottom[0].diff[...] = 2 * top[0].diff\n")
+    (folder / "net.prototxt").write_text('''
+layer { name: "x" type: "DummyData" top: "x" top: "y"
+  dummy_data_param { shape { dim: 2 dim: 3 } data_filler { type: "constant" value: 1 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip" inner_product_param { num_output: 3 } }
+layer { name: "double" type: "Python" bottom: "ip" top: "d"
+  python_param { module: "beside_net_layer" layer: "Double" } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "d" bottom: "y" top: "loss" }
+''')
+    (folder / "solver.prototxt").write_text('net: "net.prototxt"\nbase_lr: 0.1\nlr_policy: "fixed"\n'
+                                            'max_iter: 2\nsnapshot_after_train: false\n')
+    monkeypatch.chdir(tmp_path)  # neither cwd nor sys.path holds the module
+    solver = caffe.get_solver(str(folder / "solver.prototxt"))
+    solver.step(1)
+    assert solver.net.layers[2].type == "Python" and solver.iter == 1

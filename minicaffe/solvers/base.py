@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from ..blob import Blob
-from ..layer import LayerError
+from ..layer import LayerError, building_model
 from ..net import Net
 from ..proto import caffe_pb2
 from ..proto_io import ProtoFileError, atomic_write, read_net_param, read_proto, read_solver_param, \
@@ -194,16 +194,17 @@ class Solver:
             where = f" or {os.path.join(self.base_dir, path)}" if self.base_dir else ""
             raise SolverError(self._where(f"{field}: net file {path!r} not found (looked in "
                                           f"{os.path.abspath(path)}{where})"))
-        return read_net_param(resolved), f"{field} file {resolved}"
+        return read_net_param(resolved), f"{field} file {resolved}", resolved
 
-    def _build_net(self, net_param, phase, extra_state, label):
+    def _build_net(self, net_param, phase, extra_state, label, source=None):
         state = caffe_pb2.NetState(phase=phase)
         state.MergeFrom(net_param.state)
         if extra_state is not None:
             state.MergeFrom(extra_state)
         net_param.state.CopyFrom(state)
         try:
-            net = Net(net_param, state.phase, dtype=self.dtype)
+            with building_model(source):  # Python layer modules may sit next to the net file
+                net = Net(net_param, state.phase, dtype=self.dtype)
         except (LayerError, ProtoFileError) as exc:
             raise type(exc)(f"{label}: {exc}") from None
         for entry in self.param.weights:
@@ -223,11 +224,12 @@ class Solver:
                                           "train_net, train_net_param"))
         field = given[0]
         if field.endswith("_param"):
-            net_param, label = read_net_param(getattr(p, field)), field
+            net_param, label, source = read_net_param(getattr(p, field)), field, None
         else:
-            net_param, label = self._read_net(getattr(p, field), field)
+            net_param, label, source = self._read_net(getattr(p, field), field)
         log.info("Creating training net from %s", label)
-        return self._build_net(net_param, caffe_pb2.TRAIN, p.train_state, f"train net ({label})")
+        return self._build_net(net_param, caffe_pb2.TRAIN, p.train_state, f"train net ({label})",
+                               source)
 
     def _init_test_nets(self):
         p = self.param
@@ -245,18 +247,18 @@ class Solver:
                                           f"({n_total}) or not at all, got {len(p.test_state)}"))
         if n_total and p.test_interval <= 0:
             raise SolverError(self._where("test nets need a positive test_interval"))
-        sources = [(read_net_param(np_), "test_net_param") for np_ in p.test_net_param]
+        sources = [(read_net_param(np_), "test_net_param", None) for np_ in p.test_net_param]
         sources += [self._read_net(path, "test_net") for path in p.test_net]
         for _ in range(n_total - len(sources)):
             if p.HasField("net_param"):
-                sources.append((read_net_param(p.net_param), "net_param"))
+                sources.append((read_net_param(p.net_param), "net_param", None))
             else:
                 sources.append(self._read_net(p.net, "net"))
         nets = []
-        for i, (net_param, label) in enumerate(sources):
+        for i, (net_param, label, source) in enumerate(sources):
             log.info("Creating test net (#%d) specified by %s", i, label)
             state = p.test_state[i] if len(p.test_state) else None
-            net = self._build_net(net_param, caffe_pb2.TEST, state, f"test net #{i} ({label})")
+            net = self._build_net(net_param, caffe_pb2.TEST, state, f"test net #{i} ({label})", source)
             net.share_with(self.net)   # Caffe shares before each test; sharing now keeps them in step
             nets.append(net)
         return nets
