@@ -114,7 +114,8 @@ class Layer:
 
     # -- driven by the Net -------------------------------------------------
     def setup(self, bottom, top):
-        self.dtype = bottom[0].dtype if bottom else np.float32
+        # Parameters follow the data: bottoms, else the tops the Net made (float64 nets)
+        self.dtype = bottom[0].dtype if bottom else (top[0].dtype if top else np.dtype(np.float32))
         self.check_blob_counts(bottom, top)
         if isinstance(self.blobs, BlobVec):
             self.blobs.dtype = self.dtype
