@@ -1,0 +1,501 @@
+"""Convolution, Deconvolution and Im2col: im2col + matrix products, as Caffe does them.
+
+Caffe convolves one image at a time: im2col the image into a (C*k_h*k_w, H_out*W_out)
+matrix, multiply it by the (num_output, C*k_h*k_w) weight matrix, repeat for the next
+image. Backward multiplies by the transposes and scatters back with col2im.
+Deconvolution runs the same machinery the other way round: its forward is
+convolution's backward-to-data and its backward-to-data is convolution's forward.
+
+Here the machinery (`ConvGemm`) works on many images at once so numpy makes a few
+big calls instead of many small ones. Two layouts of the column buffer are used:
+
+* batch first, columns (n, C*K, P) with P = H_out*W_out: Caffe's per-image buffer,
+  stacked. One batched matmul writes straight into the top blob. Chosen for large
+  images (long rows already) and for 1x1 convolutions (no im2col at all).
+* batch last, columns (C*K, P*n): the image is first transposed to (C, H, W, n),
+  so every im2col/col2im copy moves runs of W_out*n contiguous values instead of
+  W_out, and each product is one 2-D GEMM per group. Chosen for small images
+  (LeNet), where short rows would otherwise make numpy's copies slow.
+
+Batches are processed in chunks so the column buffer stays near COL_BUFFER_BYTES.
+"""
+import numpy as np
+
+from ..blob import Blob
+from ..fillers import fill
+from ..im2col import col2im, conv_output_shape, deconv_output_shape, im2col
+from ..layer import Layer, register_layer
+
+__all__ = ["ConvolutionLayer", "DeconvolutionLayer", "Im2colLayer", "ConvGemm",
+           "COL_BUFFER_BYTES", "parse_conv_geometry"]
+
+# Upper bound for one chunk's column buffer; a batch whose columns are larger is
+# processed a few images at a time (Caffe holds only one image's columns).
+COL_BUFFER_BYTES = 32 << 20
+
+# Batch-last columns pay for transposing the image and the output; that is worth it
+# only while output rows are short. Measured with benchmarks/conv_bench.py.
+BATCH_LAST_MAX_ROW = 16
+
+
+# -- parameters -----------------------------------------------------------------
+def _spatial_values(layer, param, name, num_spatial, default, minimum):
+    """Caffe's rule for kernel_size/stride/pad/dilation: `name_h`/`name_w` or a repeated field."""
+    values = list(getattr(param, name if name != "kernel" else "kernel_size"))
+    field = "kernel_size" if name == "kernel" else name
+    has_hw = name != "dilation" and (param.HasField(f"{name}_h") or param.HasField(f"{name}_w"))
+    if has_hw:
+        if num_spatial != 2:
+            raise layer.error(f"{name}_h & {name}_w can only be used for 2D convolution "
+                              f"(this input has {num_spatial} spatial axes)")
+        if values:
+            raise layer.error(f"either {field} or {name}_h/{name}_w should be specified, not both")
+        result = [getattr(param, f"{name}_h"), getattr(param, f"{name}_w")]
+    else:
+        allowed = (1, num_spatial) if default is None else (0, 1, num_spatial)
+        if len(values) not in allowed:
+            raise layer.error(f"{field} must be specified once, or once per spatial dimension "
+                              f"({field} specified {len(values)} times; {num_spatial} spatial dims)")
+        if not values:
+            result = [default] * num_spatial
+        else:
+            result = [values[0 if len(values) == 1 else i] for i in range(num_spatial)]
+    for v in result:
+        if v < minimum:
+            raise layer.error(f"{field} must be at least {minimum} in every spatial dimension, got {result}")
+    return tuple(int(v) for v in result)
+
+
+def parse_conv_geometry(layer, bottom, min_spatial=0):
+    """Read convolution_param: channel axis, kernel/stride/pad/dilation per spatial axis."""
+    param = layer.layer_param.convolution_param
+    try:
+        channel_axis = bottom[0].canonical_axis(param.axis)
+    except IndexError as e:
+        raise layer.error(f"convolution_param.axis: {e}") from None
+    num_spatial = bottom[0].num_axes - channel_axis - 1
+    if num_spatial < min_spatial:
+        raise layer.error(f"needs at least {min_spatial} spatial axis after the channel axis "
+                          f"{channel_axis}; bottom shape is {bottom[0].shape}")
+    return dict(
+        channel_axis=channel_axis,
+        kernel=_spatial_values(layer, param, "kernel", num_spatial, None, 1),
+        stride=_spatial_values(layer, param, "stride", num_spatial, 1, 1),
+        pad=_spatial_values(layer, param, "pad", num_spatial, 0, 0),
+        dilation=_spatial_values(layer, param, "dilation", num_spatial, 1, 1),
+        force_nd=bool(param.force_nd_im2col),
+    )
+
+
+def _flat_view(buf, shape):
+    return buf[:int(np.prod(shape, dtype=np.int64))].reshape(shape)
+
+
+# -- the machinery ----------------------------------------------------------------
+class ConvGemm:
+    """Convolution as im2col + GEMM over whole chunks of a batch, for one geometry.
+
+    "Image" side: (num, in_channels, *im_spatial); "column" side: (num, out_channels,
+    *out_spatial) where out_spatial is the convolution's output size. Weights are
+    (out_channels, in_channels/group, *kernel), Caffe's layout. Three products:
+
+      conv(im, w, out)                out = w * im          (conv forward)
+      conv_transpose(dout, w, im)     im  = w^T * dout      (conv backward to data)
+      dw += dout (x) im               weight gradient, fused into either call
+
+    A deconvolution is the same object with the roles of its blobs swapped.
+    """
+
+    def __init__(self, in_channels, out_channels, group, kernel, pad, stride, dilation,
+                 force_nd=False):
+        self.in_channels, self.out_channels, self.group = in_channels, out_channels, group
+        self.kernel, self.pad, self.stride, self.dilation = kernel, pad, stride, dilation
+        self.force_nd = force_nd
+        # Caffe skips im2col when it is the identity.
+        self.is_1x1 = all(k == 1 and s == 1 and p == 0 for k, s, p in zip(kernel, stride, pad))
+        self.kernel_count = int(np.prod(kernel, dtype=np.int64))
+        self.kernel_dim = in_channels // group * self.kernel_count   # K per group
+        # "auto" picks by image size (see reshape); "batch_first"/"batch_last" force one.
+        self.layout = "auto"
+        self._key = None
+
+    def reshape(self, num, im_spatial, dtype):
+        """Size the scratch buffers for `num` images; a no-op when nothing changed."""
+        if self.layout not in ("auto", "batch_first", "batch_last"):
+            raise ValueError(f"unknown column layout {self.layout!r}")
+        key = (num, tuple(im_spatial), np.dtype(dtype), self.layout)
+        if key == self._key:
+            return
+        self._key = key
+        self.num, self.im_spatial, self.dtype = num, tuple(im_spatial), np.dtype(dtype)
+        self.out_spatial = conv_output_shape(self.im_spatial, self.kernel, self.pad, self.stride,
+                                             self.dilation)
+        self.out_dim = int(np.prod(self.out_spatial, dtype=np.int64))                  # P
+        if self.is_1x1 or self.layout == "batch_first":
+            self.batch_last = False
+        elif self.layout == "batch_last":
+            self.batch_last = True
+        else:
+            self.batch_last = self.stride[-1] == 1 and self.out_spatial[-1] <= BATCH_LAST_MAX_ROW
+        g, c_in, c_out = self.group, self.in_channels, self.out_channels
+        col_per_image = c_in * self.kernel_count * self.out_dim
+        dw_per_image = 0 if self.batch_last else c_out * self.kernel_dim
+        per_image_bytes = (col_per_image + dw_per_image) * self.dtype.itemsize
+        chunk = max(1, min(num, COL_BUFFER_BYTES // max(1, per_image_bytes)))
+        self.chunk = chunk
+        padded = tuple(s + 2 * p for s, p in zip(self.im_spatial, self.pad))
+        zeros = lambda n: np.zeros(int(n), dtype=self.dtype)  # noqa: E731
+        self._cols = zeros(0 if self.is_1x1 else chunk * col_per_image)
+        self._padded = zeros(chunk * c_in * np.prod(padded) if any(self.pad) else 0)
+        self._dw = zeros(g * (c_out // g) * self.kernel_dim * (1 if self.batch_last else chunk))
+        self._dw_sum = zeros(0 if self.batch_last else g * (c_out // g) * self.kernel_dim)
+        if self.batch_last:
+            self._im_t = zeros(chunk * c_in * np.prod(self.im_spatial))
+            self._out_t = zeros(chunk * c_out * self.out_dim)
+
+    def _chunks(self):
+        for start in range(0, self.num, self.chunk):
+            yield start, min(self.num, start + self.chunk)
+
+    # -- public products ---------------------------------------------------------
+    def conv(self, im, w, out=None, dout=None, dw=None):
+        """out = w * im (if out given); dw += dout (x) im (if dw given). Shares the im2col."""
+        for a, b in self._chunks():
+            if self.batch_last:
+                self._conv_batch_last(im[a:b], w, None if out is None else out[a:b],
+                                      None if dw is None else dout[a:b], dw)
+            else:
+                self._conv_batch_first(im[a:b], w, None if out is None else out[a:b],
+                                       None if dw is None else dout[a:b], dw)
+
+    def conv_transpose(self, dout, w, im=None, im_data=None, dw=None):
+        """im = w^T * dout (if im given, overwritten); dw += dout (x) im_data (if dw given)."""
+        for a, b in self._chunks():
+            if self.batch_last:
+                self._transpose_batch_last(dout[a:b], w, None if im is None else im[a:b],
+                                           None if dw is None else im_data[a:b], dw)
+            else:
+                self._transpose_batch_first(dout[a:b], w, None if im is None else im[a:b],
+                                            None if dw is None else im_data[a:b], dw)
+
+    # -- batch first: columns (n, C*K, P), Caffe's buffer per image -----------------
+    def _columns_batch_first(self, im):
+        n, g = im.shape[0], self.group
+        if self.is_1x1:
+            return im.reshape(n, g, self.kernel_dim, self.out_dim)
+        shape = (n, self.in_channels) + self.kernel + self.out_spatial
+        cols = _flat_view(self._cols, shape)
+        workspace = None
+        if any(self.pad):
+            workspace = _flat_view(self._padded, (n, self.in_channels) + tuple(
+                s + 2 * p for s, p in zip(self.im_spatial, self.pad)))
+        im2col(im, self.kernel, self.pad, self.stride, self.dilation, axis=2, out=cols,
+               workspace=workspace, force_nd=self.force_nd)
+        return cols.reshape(n, g, self.kernel_dim, self.out_dim)
+
+    def _weight_grad_batch_first(self, dout, cols, dw):
+        # Per image: dout_n (M_g, P) @ cols_n^T (P, K); the sum over images is done
+        # after one batched matmul, because (n, P) cannot be merged into one GEMM axis.
+        n, g = cols.shape[0], self.group
+        per_image = _flat_view(self._dw, (n, g, self.out_channels // g, self.kernel_dim))
+        np.matmul(dout.reshape(n, g, -1, self.out_dim), cols.swapaxes(-1, -2), out=per_image)
+        total = self._dw_sum.reshape(g, -1, self.kernel_dim)
+        np.sum(per_image, axis=0, out=total)
+        flat_dw = dw.reshape(total.shape)
+        np.add(flat_dw, total, out=flat_dw)
+
+    def _conv_batch_first(self, im, w, out, dout, dw):
+        n, g = im.shape[0], self.group
+        cols = self._columns_batch_first(im)
+        if dw is not None:
+            self._weight_grad_batch_first(dout, cols, dw)
+        if out is not None:
+            w_g = w.reshape(1, g, -1, self.kernel_dim)
+            np.matmul(w_g, cols, out=out.reshape(n, g, -1, self.out_dim))
+
+    def _transpose_batch_first(self, dout, w, im, im_data, dw):
+        n, g = dout.shape[0], self.group
+        if dw is not None:
+            self._weight_grad_batch_first(dout, self._columns_batch_first(im_data), dw)
+        if im is None:
+            return
+        w_t = w.reshape(1, g, -1, self.kernel_dim).swapaxes(-1, -2)
+        dout_g = dout.reshape(n, g, -1, self.out_dim)
+        if self.is_1x1:
+            np.matmul(w_t, dout_g, out=im.reshape(n, g, self.kernel_dim, self.out_dim))
+            return
+        cols = _flat_view(self._cols, (n, g, self.kernel_dim, self.out_dim))
+        np.matmul(w_t, dout_g, out=cols)
+        col2im(cols.reshape((n, self.in_channels) + self.kernel + self.out_spatial), im.shape,
+               self.kernel, self.pad, self.stride, self.dilation, axis=2, out=im,
+               force_nd=self.force_nd)
+
+    # -- batch last: columns (C*K, P*n) -----------------------------------------
+    def _columns_batch_last(self, im):
+        n = im.shape[0]
+        im_t = _flat_view(self._im_t, (self.in_channels,) + self.im_spatial + (n,))
+        im_t[...] = np.moveaxis(im, 0, -1)
+        cols = _flat_view(self._cols, (self.in_channels,) + self.kernel + self.out_spatial + (n,))
+        workspace = None
+        if any(self.pad):
+            workspace = _flat_view(self._padded, (self.in_channels,) + tuple(
+                s + 2 * p for s, p in zip(self.im_spatial, self.pad)) + (n,))
+        im2col(im_t, self.kernel, self.pad, self.stride, self.dilation, axis=1, out=cols,
+               workspace=workspace, force_nd=self.force_nd)
+        return cols.reshape(self.group, self.kernel_dim, self.out_dim * n)
+
+    def _transposed_out(self, dout):
+        """(n, C_out, *O) -> (group, C_out/group, P*n), batch last."""
+        n = dout.shape[0]
+        dout_t = _flat_view(self._out_t, (self.out_channels, self.out_dim, n))
+        dout_t[...] = dout.reshape(n, self.out_channels, self.out_dim).transpose(1, 2, 0)
+        return dout_t.reshape(self.group, -1, self.out_dim * n)
+
+    def _weight_grad_batch_last(self, dout_t, cols, dw):
+        g = self.group
+        product = self._dw.reshape(g, -1, self.kernel_dim)
+        np.matmul(dout_t, cols.swapaxes(-1, -2), out=product)
+        flat_dw = dw.reshape(product.shape)
+        np.add(flat_dw, product, out=flat_dw)
+
+    def _conv_batch_last(self, im, w, out, dout, dw):
+        n, g = im.shape[0], self.group
+        cols = self._columns_batch_last(im)
+        if dw is not None:
+            self._weight_grad_batch_last(self._transposed_out(dout), cols, dw)
+        if out is not None:
+            result = _flat_view(self._out_t, (g, self.out_channels // g, self.out_dim * n))
+            np.matmul(w.reshape(g, -1, self.kernel_dim), cols, out=result)
+            out.reshape(n, self.out_channels, self.out_dim)[...] = \
+                result.reshape(self.out_channels, self.out_dim, n).transpose(2, 0, 1)
+
+    def _transpose_batch_last(self, dout, w, im, im_data, dw):
+        n, g = dout.shape[0], self.group
+        dout_t = self._transposed_out(dout)
+        if dw is not None:
+            self._weight_grad_batch_last(dout_t, self._columns_batch_last(im_data), dw)
+        if im is None:
+            return
+        cols = _flat_view(self._cols, (g, self.kernel_dim, self.out_dim * n))
+        np.matmul(w.reshape(g, -1, self.kernel_dim).swapaxes(-1, -2), dout_t, out=cols)
+        im_t = _flat_view(self._im_t, (self.in_channels,) + self.im_spatial + (n,))
+        col2im(cols.reshape((self.in_channels,) + self.kernel + self.out_spatial + (n,)), im_t.shape,
+               self.kernel, self.pad, self.stride, self.dilation, axis=1, out=im_t,
+               force_nd=self.force_nd)
+        im[...] = np.moveaxis(im_t, -1, 0)
+
+
+# -- layers ---------------------------------------------------------------------
+class _BaseConvolution(Layer):
+    """Shared setup of Convolution and Deconvolution (Caffe's BaseConvolutionLayer)."""
+
+    min_num_bottom = 1
+    min_num_top = 1
+    equal_num_bottom_top = True
+    reverse_dimensions = False   # True for Deconvolution
+
+    def layer_setup(self, bottom, top):
+        param = self.layer_param.convolution_param
+        geo = parse_conv_geometry(self, bottom)
+        self.channel_axis = geo["channel_axis"]
+        self.kernel, self.stride, self.pad = geo["kernel"], geo["stride"], geo["pad"]
+        self.dilation, self.force_nd = geo["dilation"], geo["force_nd"]
+        self.num_spatial = len(self.kernel)
+        self.channels = bottom[0].shape[self.channel_axis]
+        self.num_output = param.num_output
+        self.group = param.group
+        if self.num_output <= 0:
+            raise self.error("convolution_param.num_output must be set to a positive number")
+        if self.group <= 0:
+            raise self.error("convolution_param.group must be positive")
+        if self.channels % self.group:
+            raise self.error(f"the {self.channels} input channels are not divisible by group {self.group}")
+        if self.num_output % self.group:
+            raise self.error(f"num_output {self.num_output} must be a multiple of group {self.group}")
+        if self.reverse_dimensions:
+            conv_out, conv_in = self.channels, self.num_output
+        else:
+            conv_out, conv_in = self.num_output, self.channels
+        weight_shape = (conv_out, conv_in // self.group) + self.kernel
+        self.bias_term = param.bias_term
+        bias_shape = (self.num_output,)
+        if self.blobs_loaded:
+            if len(self.blobs) != 1 + self.bias_term:
+                raise self.error(f"incorrect number of weight blobs: expected {1 + self.bias_term}, "
+                                 f"got {len(self.blobs)}")
+            if self.blobs[0].shape != weight_shape:
+                raise self.error(f"incorrect weight shape: expected {weight_shape}, "
+                                 f"got {self.blobs[0].shape}")
+            if self.bias_term and self.blobs[1].shape != bias_shape:
+                raise self.error(f"incorrect bias shape: expected {bias_shape}, got {self.blobs[1].shape}")
+            # Weights read from a file are float32; a float64 layer (gradient checks) needs float64.
+            for i, b in enumerate(self.blobs):
+                if b.dtype != self.dtype:
+                    converted = Blob(b.shape, dtype=self.dtype, name=b.name)
+                    converted.data[...] = b.data
+                    self.blobs[i] = converted
+        else:
+            weight = Blob(weight_shape, dtype=self.dtype)
+            fill(weight, param.weight_filler, what=f"layer {self.name!r} weight_filler")
+            self.blobs = [weight]
+            if self.bias_term:
+                bias = Blob(bias_shape, dtype=self.dtype)
+                fill(bias, param.bias_filler, what=f"layer {self.name!r} bias_filler")
+                self.blobs.append(bias)
+        self.gemm = ConvGemm(conv_in, conv_out, self.group, self.kernel, self.pad, self.stride,
+                             self.dilation, self.force_nd)
+
+    def reshape(self, bottom, top):
+        axis = self.channel_axis
+        shape = bottom[0].shape
+        if len(shape) != axis + 1 + self.num_spatial:
+            raise self.error(f"bottom num_axes may not change: set up with {axis + 1 + self.num_spatial} "
+                             f"axes, got shape {shape}")
+        if shape[axis] != self.channels:
+            raise self.error(f"input has {shape[axis]} channels but the layer was set up for "
+                             f"{self.channels}")
+        for i, b in enumerate(bottom[1:], 1):
+            if b.shape != shape:
+                raise self.error(f"shape mismatch - bottom[0]: {shape} vs. bottom[{i}]: {b.shape}")
+        for i, (b, t) in enumerate(zip(bottom, top)):
+            if b is t:
+                raise self.error(f"cannot run in place (top[{i}] is bottom[{i}])")
+        self.num = int(np.prod(shape[:axis], dtype=np.int64))
+        self.bottom_spatial = shape[axis + 1:]
+        try:
+            self.top_spatial = self.compute_output_shape(self.bottom_spatial)
+        except ValueError as e:
+            raise self.error(str(e)) from None
+        top_shape = shape[:axis] + (self.num_output,) + self.top_spatial
+        for t in top:
+            t.reshape(top_shape)
+        im_spatial = self.top_spatial if self.reverse_dimensions else self.bottom_spatial
+        self.gemm.reshape(self.num, im_spatial, self.dtype)
+
+    def _bottom(self, array):
+        return array.reshape((self.num, self.channels) + self.bottom_spatial)
+
+    def _top(self, array):
+        return array.reshape((self.num, self.num_output) + self.top_spatial)
+
+    def _add_bias(self, top_array):
+        if self.bias_term:
+            flat = top_array.reshape(self.num, self.num_output, -1)
+            np.add(flat, self.blobs[1].data[:, None], out=flat)
+
+    def _bias_grad(self, top_diff):
+        if self.bias_term and self.param_propagate_down[1]:
+            self.blobs[1].diff[...] += top_diff.reshape(self.num, self.num_output, -1).sum(axis=(0, 2))
+
+
+@register_layer("Convolution")
+class ConvolutionLayer(_BaseConvolution):
+    """top = W * bottom + b: (N, C, *S) -> (N, num_output, *O), W (num_output, C/group, *kernel),
+    O_d = (S_d + 2*pad_d - (dilation_d*(kernel_d - 1) + 1)) // stride_d + 1."""
+
+    def compute_output_shape(self, spatial):
+        return conv_output_shape(spatial, self.kernel, self.pad, self.stride, self.dilation)
+
+    def forward(self, bottom, top):
+        weight = self.blobs[0].data
+        for b, t in zip(bottom, top):
+            out = self._top(t.data)
+            self.gemm.conv(self._bottom(b.data), weight, out=out)
+            self._add_bias(out)
+
+    def backward(self, top, propagate_down, bottom):
+        weight = self.blobs[0]
+        for i, (t, b) in enumerate(zip(top, bottom)):
+            top_diff = self._top(t.diff)
+            self._bias_grad(top_diff)
+            want_w = self.param_propagate_down[0]
+            if want_w or propagate_down[i]:
+                self.gemm.conv_transpose(
+                    top_diff, weight.data,
+                    im=self._bottom(b.diff) if propagate_down[i] else None,
+                    im_data=self._bottom(b.data), dw=weight.diff if want_w else None)
+
+
+@register_layer("Deconvolution")
+class DeconvolutionLayer(_BaseConvolution):
+    """Convolution run backwards: (N, C, *S) -> (N, num_output, *O), W (C, num_output/group, *kernel),
+    O_d = stride_d*(S_d - 1) + dilation_d*(kernel_d - 1) + 1 - 2*pad_d."""
+
+    reverse_dimensions = True
+
+    def compute_output_shape(self, spatial):
+        return deconv_output_shape(spatial, self.kernel, self.pad, self.stride, self.dilation)
+
+    def forward(self, bottom, top):
+        weight = self.blobs[0].data
+        for b, t in zip(bottom, top):
+            out = self._top(t.data)
+            self.gemm.conv_transpose(self._bottom(b.data), weight, im=out)
+            self._add_bias(out)
+
+    def backward(self, top, propagate_down, bottom):
+        weight = self.blobs[0]
+        for i, (t, b) in enumerate(zip(top, bottom)):
+            top_diff = self._top(t.diff)
+            self._bias_grad(top_diff)
+            want_w = self.param_propagate_down[0]
+            if want_w or propagate_down[i]:
+                # The top's gradient is the "image" here; one im2col serves both products.
+                self.gemm.conv(top_diff, weight.data,
+                               out=self._bottom(b.diff) if propagate_down[i] else None,
+                               dout=self._bottom(b.data), dw=weight.diff if want_w else None)
+
+
+@register_layer("Im2col")
+class Im2colLayer(Layer):
+    """Every kernel window as a column: (N, C, *S) -> (N, C*prod(kernel), *O), O as in Convolution."""
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def layer_setup(self, bottom, top):
+        geo = parse_conv_geometry(self, bottom, min_spatial=1)
+        self.channel_axis = geo["channel_axis"]
+        self.kernel, self.stride, self.pad = geo["kernel"], geo["stride"], geo["pad"]
+        self.dilation, self.force_nd = geo["dilation"], geo["force_nd"]
+        self.num_spatial = len(self.kernel)
+        self._workspace_key = None
+
+    def reshape(self, bottom, top):
+        axis, shape = self.channel_axis, bottom[0].shape
+        if len(shape) != axis + 1 + self.num_spatial:
+            raise self.error(f"bottom num_axes may not change: set up with {axis + 1 + self.num_spatial} "
+                             f"axes, got shape {shape}")
+        if top[0] is bottom[0]:
+            raise self.error("cannot run in place")
+        self.num = int(np.prod(shape[:axis], dtype=np.int64))
+        self.channels = shape[axis]
+        self.spatial = shape[axis + 1:]
+        try:
+            self.out_spatial = conv_output_shape(self.spatial, self.kernel, self.pad, self.stride,
+                                                 self.dilation)
+        except ValueError as e:
+            raise self.error(str(e)) from None
+        kernel_count = int(np.prod(self.kernel, dtype=np.int64))
+        top[0].reshape(shape[:axis] + (self.channels * kernel_count,) + self.out_spatial)
+        padded = (self.num, self.channels) + tuple(s + 2 * p for s, p in zip(self.spatial, self.pad))
+        if any(self.pad) and self._workspace_key != (padded, self.dtype):
+            self._workspace = np.zeros(padded, dtype=self.dtype)
+            self._workspace_key = (padded, self.dtype)
+
+    def _views(self, bottom_array, top_array):
+        image = bottom_array.reshape((self.num, self.channels) + self.spatial)
+        cols = top_array.reshape((self.num, self.channels) + self.kernel + self.out_spatial)
+        return image, cols
+
+    def forward(self, bottom, top):
+        image, cols = self._views(bottom[0].data, top[0].data)
+        im2col(image, self.kernel, self.pad, self.stride, self.dilation, axis=2, out=cols,
+               workspace=self._workspace if any(self.pad) else None, force_nd=self.force_nd)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        image, cols = self._views(bottom[0].diff, top[0].diff)
+        col2im(cols, image.shape, self.kernel, self.pad, self.stride, self.dilation, axis=2,
+               out=image, force_nd=self.force_nd)
