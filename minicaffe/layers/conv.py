@@ -39,18 +39,21 @@ BATCH_LAST_MAX_ROW = 16
 
 
 # -- parameters -----------------------------------------------------------------
-def _spatial_values(layer, param, name, num_spatial, default, minimum):
-    """Caffe's rule for kernel_size/stride/pad/dilation: `name_h`/`name_w` or a repeated field."""
-    values = list(getattr(param, name if name != "kernel" else "kernel_size"))
-    field = "kernel_size" if name == "kernel" else name
-    has_hw = name != "dilation" and (param.HasField(f"{name}_h") or param.HasField(f"{name}_w"))
-    if has_hw:
+def _spatial_values(layer, field, hw, num_spatial, default, minimum):
+    """One value per spatial axis from Caffe's `field_h`/`field_w` pair or repeated `field`.
+
+    `hw` is the prefix of the _h/_w pair (None if there is none); the repeated field
+    may hold one value for all axes or one per axis; default=None means required.
+    """
+    param = layer.layer_param.convolution_param
+    values = list(getattr(param, field))
+    if hw and (param.HasField(f"{hw}_h") or param.HasField(f"{hw}_w")):
         if num_spatial != 2:
-            raise layer.error(f"{name}_h & {name}_w can only be used for 2D convolution "
+            raise layer.error(f"{hw}_h & {hw}_w can only be used for 2D convolution "
                               f"(this input has {num_spatial} spatial axes)")
         if values:
-            raise layer.error(f"either {field} or {name}_h/{name}_w should be specified, not both")
-        result = [getattr(param, f"{name}_h"), getattr(param, f"{name}_w")]
+            raise layer.error(f"either {field} or {hw}_h/{hw}_w should be specified, not both")
+        result = [getattr(param, f"{hw}_h"), getattr(param, f"{hw}_w")]
     else:
         allowed = (1, num_spatial) if default is None else (0, 1, num_spatial)
         if len(values) not in allowed:
@@ -60,9 +63,8 @@ def _spatial_values(layer, param, name, num_spatial, default, minimum):
             result = [default] * num_spatial
         else:
             result = [values[0 if len(values) == 1 else i] for i in range(num_spatial)]
-    for v in result:
-        if v < minimum:
-            raise layer.error(f"{field} must be at least {minimum} in every spatial dimension, got {result}")
+    if any(v < minimum for v in result):
+        raise layer.error(f"{field} must be at least {minimum} in every spatial dimension, got {result}")
     return tuple(int(v) for v in result)
 
 
@@ -79,10 +81,10 @@ def parse_conv_geometry(layer, bottom, min_spatial=0):
                           f"{channel_axis}; bottom shape is {bottom[0].shape}")
     return dict(
         channel_axis=channel_axis,
-        kernel=_spatial_values(layer, param, "kernel", num_spatial, None, 1),
-        stride=_spatial_values(layer, param, "stride", num_spatial, 1, 1),
-        pad=_spatial_values(layer, param, "pad", num_spatial, 0, 0),
-        dilation=_spatial_values(layer, param, "dilation", num_spatial, 1, 1),
+        kernel=_spatial_values(layer, "kernel_size", "kernel", num_spatial, None, 1),
+        stride=_spatial_values(layer, "stride", "stride", num_spatial, 1, 1),
+        pad=_spatial_values(layer, "pad", "pad", num_spatial, 0, 0),
+        dilation=_spatial_values(layer, "dilation", None, num_spatial, 1, 1),
         force_nd=bool(param.force_nd_im2col),
     )
 
