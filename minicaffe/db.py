@@ -269,17 +269,12 @@ def open_writer(path, backend="lmdb", overwrite=False):
     return LMDBWriter(path)
 
 
-class LMDBWriter:
-    """Buffers puts and commits them in batches; grows the map when it fills up."""
+class _BatchedWriter:
+    """Collects puts and writes them `commit_every` at a time; subclasses store a batch."""
 
-    def __init__(self, path, commit_every=1000, map_size=LMDB_MAP_SIZE):
-        import lmdb
-        self._lmdb = lmdb
+    def __init__(self, path, commit_every):
         self.path = path
         self.commit_every = commit_every
-        os.makedirs(path)
-        # Flush to disk once at close rather than at every commit.
-        self.env = lmdb.open(path, map_size=map_size, subdir=True, sync=False)
         self.pending = []
         self.count = 0
 
@@ -291,61 +286,59 @@ class LMDBWriter:
             self.commit()
 
     def commit(self):
-        while self.pending:
-            try:
-                with self.env.begin(write=True) as txn:
-                    txn.cursor().putmulti(self.pending)
-            except self._lmdb.MapFullError:
-                # The aborted transaction left nothing behind; retry in a bigger map.
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
-                continue
+        if self.pending:
+            self._write(self.pending)
             self.count += len(self.pending)
             self.pending = []
 
     def close(self):
         self.commit()
+        self._close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LMDBWriter(_BatchedWriter):
+    def __init__(self, path, commit_every=1000, map_size=LMDB_MAP_SIZE):
+        import lmdb
+        super().__init__(path, commit_every)
+        self._lmdb = lmdb
+        os.makedirs(path)
+        # Flush to disk once at close rather than at every commit.
+        self.env = lmdb.open(path, map_size=map_size, subdir=True, sync=False)
+
+    def _write(self, items):
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    txn.cursor().putmulti(items)
+                return
+            except self._lmdb.MapFullError:
+                # The aborted transaction left nothing behind; retry in a bigger map.
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    def _close(self):
         self.env.sync(True)
         self.env.close()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-
-class LevelDBWriter:
+class LevelDBWriter(_BatchedWriter):
     def __init__(self, path, commit_every=1000):
         plyvel = _import_plyvel()
-        self.path = path
-        self.commit_every = commit_every
+        super().__init__(path, commit_every)
         self.db = plyvel.DB(path, create_if_missing=True, error_if_exists=True)
-        self.pending = []
-        self.count = 0
 
-    def put(self, key, value):
-        if isinstance(key, str):
-            key = key.encode()
-        self.pending.append((key, value))
-        if len(self.pending) >= self.commit_every:
-            self.commit()
-
-    def commit(self):
+    def _write(self, items):
         with self.db.write_batch() as batch:
-            for key, value in self.pending:
+            for key, value in items:
                 batch.put(key, value)
-        self.count += len(self.pending)
-        self.pending = []
 
-    def close(self):
-        self.commit()
+    def _close(self):
         self.db.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # -- Datum <-> numpy ---------------------------------------------------------------

@@ -1,6 +1,7 @@
 """pycaffe's caffe.io: BlobProto/Datum conversions, image loading and the input Transformer."""
 import numpy as np
 
+from . import db as _db
 from .proto import caffe_pb2
 
 __all__ = ["blobproto_to_array", "array_to_blobproto", "arraylist_to_blobprotovector_str",
@@ -49,25 +50,12 @@ def blobprotovector_str_to_arraylist(serialized):
 
 def array_to_datum(arr, label=None):
     """A Datum from a (C, H, W) array: uint8 arrays as bytes, others as float_data."""
-    arr = np.asarray(arr)
-    if arr.ndim != 3:
-        raise ValueError(f"array_to_datum needs a (channels, height, width) array, got shape {arr.shape}")
-    datum = caffe_pb2.Datum(channels=arr.shape[0], height=arr.shape[1], width=arr.shape[2])
-    if arr.dtype == np.uint8:
-        datum.data = arr.tobytes()
-    else:
-        datum.float_data.extend(arr.astype(np.float32).ravel().tolist())
-    if label is not None:
-        datum.label = int(label)
-    return datum
+    return _db.array_to_datum(arr, 0 if label is None else label)
 
 
 def datum_to_array(datum):
     """The (C, H, W) array in a Datum (uint8 for byte data, float32 for float_data)."""
-    shape = (datum.channels, datum.height, datum.width)
-    if len(datum.data):
-        return np.frombuffer(datum.data, dtype=np.uint8).reshape(shape)
-    return np.array(datum.float_data, dtype=np.float32).reshape(shape)
+    return _db.datum_to_array(datum)
 
 
 def load_image(filename, color=True):

@@ -33,6 +33,30 @@ def _objective(top, weights):
     return sum(float(np.dot(t.data.ravel(), w.ravel())) for t, w in zip(top, weights))
 
 
+def _compare(targets, analytic, objective, stepsize, threshold, kink=0.0, kink_range=-1.0):
+    """Central differences of `objective` for every element of each (name, blob) target,
+    compared with the analytic gradients; returns the failures as text."""
+    failures = []
+    for name, blob in targets:
+        flat = blob.data.reshape(-1)
+        grad = analytic[name].reshape(-1)
+        for k in range(flat.size):
+            x = flat[k]
+            if kink_range > 0 and abs(x - kink) <= kink_range:
+                continue
+            flat[k] = x + stepsize
+            plus = objective()
+            flat[k] = x - stepsize
+            minus = objective()
+            flat[k] = x
+            numeric = (plus - minus) / (2.0 * stepsize)
+            scale = max(abs(grad[k]), abs(numeric), 1.0)
+            if abs(grad[k] - numeric) > threshold * scale:
+                failures.append(f"{name}[{np.unravel_index(k, blob.shape)}]: analytic "
+                                f"{grad[k]:.6g} vs numeric {numeric:.6g}")
+    return failures
+
+
 def check_gradient(layer, bottom, top, stepsize=1e-2, threshold=1e-3, kink=0.0, kink_range=-1.0,
                    check_bottom=None, check_params=True, seed=1701, top_ids=None, setup=True):
     """Compare `layer`'s backward with central differences of its forward.
@@ -81,24 +105,8 @@ def check_gradient(layer, bottom, top, stepsize=1e-2, threshold=1e-3, kink=0.0, 
         targets += [(f"param[{i}]", b) for i, b in enumerate(layer.blobs)]
     analytic = {name: blob.diff.copy() for name, blob in targets}
 
-    failures = []
-    for name, blob in targets:
-        flat = blob.data.reshape(-1)
-        grad = analytic[name].reshape(-1)
-        for k in range(flat.size):
-            x = flat[k]
-            if kink_range > 0 and abs(x - kink) <= kink_range:
-                continue
-            flat[k] = x + stepsize
-            plus = _objective(forward(), weights)
-            flat[k] = x - stepsize
-            minus = _objective(forward(), weights)
-            flat[k] = x
-            numeric = (plus - minus) / (2.0 * stepsize)
-            scale = max(abs(grad[k]), abs(numeric), 1.0)
-            if abs(grad[k] - numeric) > threshold * scale:
-                failures.append(f"{name}[{np.unravel_index(k, blob.shape)}]: analytic {grad[k]:.6g} "
-                                f"vs numeric {numeric:.6g}")
+    failures = _compare(targets, analytic, lambda: _objective(forward(), weights),
+                        stepsize, threshold, kink, kink_range)
     forward()
     if failures:
         more = f" (+{len(failures) - 10} more)" if len(failures) > 10 else ""
@@ -123,20 +131,6 @@ def check_gradient_net(net, blob_names=(), stepsize=1e-2, threshold=1e-3, seed=1
     targets = [(f"param {i}", p) for i, p in enumerate(net.learnable_params)]
     targets += [(f"blob {n!r}", net.blobs[n]) for n in blob_names]
     analytic = {name: b.diff.copy() for name, b in targets}
-    failures = []
-    for name, blob in targets:
-        flat = blob.data.reshape(-1)
-        grad = analytic[name].reshape(-1)
-        for k in range(flat.size):
-            x = flat[k]
-            flat[k] = x + stepsize
-            plus = loss()
-            flat[k] = x - stepsize
-            minus = loss()
-            flat[k] = x
-            numeric = (plus - minus) / (2.0 * stepsize)
-            scale = max(abs(grad[k]), abs(numeric), 1.0)
-            if abs(grad[k] - numeric) > threshold * scale:
-                failures.append(f"{name}[{k}]: analytic {grad[k]:.6g} vs numeric {numeric:.6g}")
+    failures = _compare(targets, analytic, loss, stepsize, threshold)
     if failures:
         raise GradientCheckError("net gradient check failed: " + "; ".join(failures[:10]))
