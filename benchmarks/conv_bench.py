@@ -152,15 +152,15 @@ def bench(name, spec, rounds, layout):
     t = {k: min(v) for k, v in times.items()}
     out_shape = (x_shape[0], num_output) + conv_output_shape(x_shape[2:], (kernel,) * 2, pad, stride)
     geometry = f"{x_shape}->{out_shape} k{kernel} s{stride} p{pad} g{group}"
-    layout_used = "batch_last" if layer.gemm.batch_last else "batch_first"
+    layout_used = "1x1" if layer.gemm.is_1x1 else "batch_inner" if layer.gemm.batch_inner else "batch_outer"
     return name, geometry, layout_used, t
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per measurement (best is kept)")
+    parser.add_argument("--rounds", type=int, default=9, help="timed rounds per measurement (best is kept)")
     parser.add_argument("--only", default="", help="run only shapes whose name contains this text")
-    parser.add_argument("--layout", default="auto", choices=("auto", "batch_first", "batch_last"),
+    parser.add_argument("--layout", default="auto", choices=("auto", "batch_outer", "batch_inner"),
                         help="force the batched layer's column layout (default: its own choice)")
     args = parser.parse_args(argv)
 

@@ -6,18 +6,20 @@ image. Backward multiplies by the transposes and scatters back with col2im.
 Deconvolution runs the same machinery the other way round: its forward is
 convolution's backward-to-data and its backward-to-data is convolution's forward.
 
-Here the machinery (`ConvGemm`) works on many images at once so numpy makes a few
-big calls instead of many small ones. Two layouts of the column buffer are used:
+Here the machinery (`ConvGemm`) works on many images at once, so numpy makes a few
+big calls instead of many small ones: the columns of n images form one
+(C*K, n*P) matrix (K = kernel size, P = output pixels) and every product is a
+single GEMM per group. Two orders of the n*P columns are used:
 
-* batch first, columns (n, C*K, P) with P = H_out*W_out: Caffe's per-image buffer,
-  stacked. One batched matmul writes straight into the top blob. Chosen for large
-  images (long rows already) and for 1x1 convolutions (no im2col at all).
-* batch last, columns (C*K, P*n): the image is first transposed to (C, H, W, n),
-  so every im2col/col2im copy moves runs of W_out*n contiguous values instead of
-  W_out, and each product is one 2-D GEMM per group. Chosen for small images
-  (LeNet), where short rows would otherwise make numpy's copies slow.
+* batch_outer, image by image: im2col reads the images in place, and outputs are
+  copied back in runs of P. Used for large images, where rows are long.
+* batch_inner, pixel by pixel with the images innermost: the images are first
+  transposed to (C, H, W, n), so every im2col/col2im copy moves runs of W_out*n
+  values instead of W_out. Used for small images (LeNet's conv2), where numpy
+  would otherwise crawl along 8-value rows.
 
-Batches are processed in chunks so the column buffer stays near COL_BUFFER_BYTES.
+A 1x1 convolution with stride 1 and no pad skips im2col, as in Caffe. Batches are
+processed in chunks so the column buffer stays near COL_BUFFER_BYTES.
 """
 import numpy as np
 
@@ -33,9 +35,14 @@ __all__ = ["ConvolutionLayer", "DeconvolutionLayer", "Im2colLayer", "ConvGemm",
 # processed a few images at a time (Caffe holds only one image's columns).
 COL_BUFFER_BYTES = 32 << 20
 
-# Batch-last columns pay for transposing the image and the output; that is worth it
-# only while output rows are short. Measured with benchmarks/conv_bench.py.
-BATCH_LAST_MAX_ROW = 16
+# batch_outer im2col is one strided copy however many images it holds, so when a GEMM
+# reads the columns right after, bigger chunks only push them out of the CPU cache
+# first; col2im makes one numpy call per kernel offset and does gain from big chunks.
+CACHED_COL_BYTES = 8 << 20
+
+# Output rows up to this long use the "batch_inner" column layout (see ConvGemm);
+# chosen with benchmarks/conv_bench.py.
+BATCH_INNER_MAX_ROW = 16
 
 
 # -- parameters -----------------------------------------------------------------
@@ -106,7 +113,15 @@ class ConvGemm:
       dw += dout (x) im               weight gradient, fused into either call
 
     A deconvolution is the same object with the roles of its blobs swapped.
+
+    The columns of n images form one (C*K, n*P) matrix, so each product is one GEMM
+    per group. Its n*P columns are ordered image by image ("batch_outer", the image
+    is read in place) or pixel by pixel with the images innermost ("batch_inner",
+    the image is transposed to (C, *S, n) first). A 1x1 convolution with stride 1
+    and no pad needs no columns at all: the images are multiplied in place.
     """
+
+    LAYOUTS = ("auto", "batch_outer", "batch_inner")
 
     def __init__(self, in_channels, out_channels, group, kernel, pad, stride, dilation,
                  force_nd=False):
@@ -117,14 +132,13 @@ class ConvGemm:
         self.is_1x1 = all(k == 1 and s == 1 and p == 0 for k, s, p in zip(kernel, stride, pad))
         self.kernel_count = int(np.prod(kernel, dtype=np.int64))
         self.kernel_dim = in_channels // group * self.kernel_count   # K per group
-        # "auto" picks by image size (see reshape); "batch_first"/"batch_last" force one.
-        self.layout = "auto"
+        self.layout = "auto"   # or force one of LAYOUTS[1:] (tests, benchmarks)
         self._key = None
 
     def reshape(self, num, im_spatial, dtype):
         """Size the scratch buffers for `num` images; a no-op when nothing changed."""
-        if self.layout not in ("auto", "batch_first", "batch_last"):
-            raise ValueError(f"unknown column layout {self.layout!r}")
+        if self.layout not in self.LAYOUTS:
+            raise ValueError(f"unknown column layout {self.layout!r}; use one of {self.LAYOUTS}")
         key = (num, tuple(im_spatial), np.dtype(dtype), self.layout)
         if key == self._key:
             return
@@ -133,158 +147,157 @@ class ConvGemm:
         self.out_spatial = conv_output_shape(self.im_spatial, self.kernel, self.pad, self.stride,
                                              self.dilation)
         self.out_dim = int(np.prod(self.out_spatial, dtype=np.int64))                  # P
-        if self.is_1x1 or self.layout == "batch_first":
-            self.batch_last = False
-        elif self.layout == "batch_last":
-            self.batch_last = True
+        if self.layout == "auto":
+            # Short output rows make batch_outer's copies crawl; batch_inner copies runs
+            # of W_out*n values instead, paying for transposing images and outputs.
+            self.batch_inner = (not self.is_1x1 and self.stride[-1] == 1
+                                and self.out_spatial[-1] <= BATCH_INNER_MAX_ROW)
         else:
-            self.batch_last = self.stride[-1] == 1 and self.out_spatial[-1] <= BATCH_LAST_MAX_ROW
-        g, c_in, c_out = self.group, self.in_channels, self.out_channels
+            self.batch_inner = self.layout == "batch_inner" and not self.is_1x1
+        c_in, c_out = self.in_channels, self.out_channels
         col_per_image = c_in * self.kernel_count * self.out_dim
-        dw_per_image = 0 if self.batch_last else c_out * self.kernel_dim
-        per_image_bytes = (col_per_image + dw_per_image) * self.dtype.itemsize
-        chunk = max(1, min(num, COL_BUFFER_BYTES // max(1, per_image_bytes)))
-        self.chunk = chunk
-        padded = tuple(s + 2 * p for s, p in zip(self.im_spatial, self.pad))
+        # The 1x1 path's only scratch is the per-image weight gradients it sums up.
+        per_image = c_out * self.kernel_dim if self.is_1x1 else col_per_image
+        per_image_bytes = max(1, per_image * self.dtype.itemsize)
+        chunk = max(1, min(num, COL_BUFFER_BYTES // per_image_bytes))
+        self.chunk = chunk                     # conv_transpose: GEMM then col2im
+        self.conv_chunk = chunk                # conv: im2col then GEMM
+        if not self.batch_inner and not self.is_1x1:
+            self.conv_chunk = max(1, min(chunk, CACHED_COL_BYTES // per_image_bytes))
         zeros = lambda n: np.zeros(int(n), dtype=self.dtype)  # noqa: E731
+        padded = np.prod([s + 2 * p for s, p in zip(self.im_spatial, self.pad)])
         self._cols = zeros(0 if self.is_1x1 else chunk * col_per_image)
-        self._padded = zeros(chunk * c_in * np.prod(padded) if any(self.pad) else 0)
-        self._dw = zeros(g * (c_out // g) * self.kernel_dim * (1 if self.batch_last else chunk))
-        self._dw_sum = zeros(0 if self.batch_last else g * (c_out // g) * self.kernel_dim)
-        if self.batch_last:
-            self._im_t = zeros(chunk * c_in * np.prod(self.im_spatial))
-            self._out_t = zeros(chunk * c_out * self.out_dim)
+        self._padded = zeros(chunk * c_in * padded if any(self.pad) and not self.is_1x1 else 0)
+        self._image_t = zeros(chunk * c_in * np.prod(self.im_spatial) if self.batch_inner else 0)
+        self._out_t = zeros(0 if self.is_1x1 else chunk * c_out * self.out_dim)
+        self._dw = zeros(c_out * self.kernel_dim * (chunk if self.is_1x1 else 1))
+        self._dw_sum = zeros(c_out * self.kernel_dim if self.is_1x1 else 0)
 
-    def _chunks(self):
-        for start in range(0, self.num, self.chunk):
-            yield start, min(self.num, start + self.chunk)
+    def _chunks(self, size):
+        for start in range(0, self.num, size):
+            yield start, min(self.num, start + size)
 
     # -- public products ---------------------------------------------------------
     def conv(self, im, w, out=None, dout=None, dw=None):
         """out = w * im (if out given); dw += dout (x) im (if dw given). Shares the im2col."""
-        for a, b in self._chunks():
-            if self.batch_last:
-                self._conv_batch_last(im[a:b], w, None if out is None else out[a:b],
-                                      None if dw is None else dout[a:b], dw)
-            else:
-                self._conv_batch_first(im[a:b], w, None if out is None else out[a:b],
-                                       None if dw is None else dout[a:b], dw)
+        step = self._conv_1x1 if self.is_1x1 else self._conv
+        for a, b in self._chunks(self.conv_chunk):
+            step(im[a:b], w, None if out is None else out[a:b], None if dw is None else dout[a:b], dw)
 
     def conv_transpose(self, dout, w, im=None, im_data=None, dw=None):
         """im = w^T * dout (if im given, overwritten); dw += dout (x) im_data (if dw given)."""
-        for a, b in self._chunks():
-            if self.batch_last:
-                self._transpose_batch_last(dout[a:b], w, None if im is None else im[a:b],
-                                           None if dw is None else im_data[a:b], dw)
-            else:
-                self._transpose_batch_first(dout[a:b], w, None if im is None else im[a:b],
-                                            None if dw is None else im_data[a:b], dw)
+        step = self._transpose_1x1 if self.is_1x1 else self._transpose
+        for a, b in self._chunks(self.chunk):
+            step(dout[a:b], w, None if im is None else im[a:b], None if dw is None else im_data[a:b], dw)
 
-    # -- batch first: columns (n, C*K, P), Caffe's buffer per image -----------------
-    def _columns_batch_first(self, im):
-        n, g = im.shape[0], self.group
-        if self.is_1x1:
-            return im.reshape(n, g, self.kernel_dim, self.out_dim)
-        shape = (n, self.in_channels) + self.kernel + self.out_spatial
-        cols = _flat_view(self._cols, shape)
-        workspace = None
-        if any(self.pad):
-            workspace = _flat_view(self._padded, (n, self.in_channels) + tuple(
-                s + 2 * p for s, p in zip(self.im_spatial, self.pad)))
-        im2col(im, self.kernel, self.pad, self.stride, self.dilation, axis=2, out=cols,
+    # -- columns, and the (C_out, n*P) matrix on the output side ---------------------
+    def _columns(self, im):
+        """im2col of (n, C, *S) images into the (group, K/group... , n*P) column matrix."""
+        n, c, ndim = im.shape[0], self.in_channels, len(self.kernel)
+        padded = tuple(s + 2 * p for s, p in zip(self.im_spatial, self.pad))
+        if self.batch_inner:
+            image = _flat_view(self._image_t, (c,) + self.im_spatial + (n,))
+            image[...] = np.moveaxis(im, 0, -1)
+            cols = _flat_view(self._cols, (c,) + self.kernel + self.out_spatial + (n,))
+            target, axis, workspace_shape = cols, 1, (c,) + padded + (n,)
+        else:
+            image = im.swapaxes(0, 1)                       # (C, n, *S): a view, no copy
+            cols = _flat_view(self._cols, (c,) + self.kernel + (n,) + self.out_spatial)
+            target, axis, workspace_shape = np.moveaxis(cols, 1 + ndim, 1), 2, (c, n) + padded
+        workspace = _flat_view(self._padded, workspace_shape) if any(self.pad) else None
+        im2col(image, self.kernel, self.pad, self.stride, self.dilation, axis=axis, out=target,
                workspace=workspace, force_nd=self.force_nd)
-        return cols.reshape(n, g, self.kernel_dim, self.out_dim)
+        return cols.reshape(self.group, self.kernel_dim, -1)
 
-    def _weight_grad_batch_first(self, dout, cols, dw):
-        # Per image: dout_n (M_g, P) @ cols_n^T (P, K); the sum over images is done
-        # after one batched matmul, because (n, P) cannot be merged into one GEMM axis.
-        n, g = cols.shape[0], self.group
+    def _col2im(self, cols, im):
+        """Sum the (C*K, n*P) columns back into the images im (n, C, *S), overwriting them."""
+        n, c, ndim = im.shape[0], self.in_channels, len(self.kernel)
+        geometry = (self.kernel, self.pad, self.stride, self.dilation)
+        if self.batch_inner:
+            image = _flat_view(self._image_t, (c,) + self.im_spatial + (n,))
+            col2im(cols.reshape((c,) + self.kernel + self.out_spatial + (n,)), image.shape, *geometry,
+                   axis=1, out=image, force_nd=self.force_nd)
+            im[...] = np.moveaxis(image, -1, 0)
+        else:
+            cols = np.moveaxis(cols.reshape((c,) + self.kernel + (n,) + self.out_spatial), 1 + ndim, 1)
+            image = im.swapaxes(0, 1)
+            col2im(cols, image.shape, *geometry, axis=2, out=image, force_nd=self.force_nd)
+
+    def _output_matrix(self, n):
+        """Scratch (C_out, n*P) matrix, ordered like the columns."""
+        return _flat_view(self._out_t, (self.out_channels, n * self.out_dim))
+
+    def _as_blob_order(self, matrix, n):
+        """View of the (C_out, n*P) matrix with axes (n, C_out, P)."""
+        if self.batch_inner:
+            return matrix.reshape(self.out_channels, self.out_dim, n).transpose(2, 0, 1)
+        return matrix.reshape(self.out_channels, n, self.out_dim).transpose(1, 0, 2)
+
+    def _weight_grad(self, dout_matrix, cols, dw):
+        product = self._dw.reshape(self.group, -1, self.kernel_dim)
+        np.matmul(dout_matrix.reshape(self.group, -1, cols.shape[-1]), cols.swapaxes(-1, -2), out=product)
+        flat_dw = dw.reshape(product.shape)
+        np.add(flat_dw, product, out=flat_dw)
+
+    def _load_dout(self, dout):
+        n = dout.shape[0]
+        if n == 1 and not self.batch_inner:
+            return dout.reshape(self.out_channels, self.out_dim)   # already in column order
+        matrix = self._output_matrix(n)
+        self._as_blob_order(matrix, n)[...] = dout.reshape(n, self.out_channels, self.out_dim)
+        return matrix
+
+    def _conv(self, im, w, out, dout, dw):
+        n, g = im.shape[0], self.group
+        cols = self._columns(im)
+        if dw is not None:
+            self._weight_grad(self._load_dout(dout), cols, dw)
+        if out is not None:
+            # One batch_outer image is already in blob order: multiply straight into it.
+            direct = n == 1 and not self.batch_inner
+            result = out.reshape(self.out_channels, -1) if direct else self._output_matrix(n)
+            np.matmul(w.reshape(g, -1, self.kernel_dim), cols, out=result.reshape(g, -1, cols.shape[-1]))
+            if not direct:
+                out.reshape(n, self.out_channels, self.out_dim)[...] = self._as_blob_order(result, n)
+
+    def _transpose(self, dout, w, im, im_data, dw):
+        g = self.group
+        dout_matrix = self._load_dout(dout).reshape(g, -1, dout.shape[0] * self.out_dim)
+        if dw is not None:
+            self._weight_grad(dout_matrix, self._columns(im_data), dw)
+        if im is not None:
+            cols = _flat_view(self._cols, (g, self.kernel_dim, dout_matrix.shape[-1]))
+            np.matmul(w.reshape(g, -1, self.kernel_dim).swapaxes(-1, -2), dout_matrix, out=cols)
+            self._col2im(cols, im)
+
+    # -- 1x1: the images are the columns (n, C, P), one matmul per image ---------------
+    def _weight_grad_1x1(self, dout, im, dw):
+        # dw = sum over images of dout_n @ im_n^T: the images' (n, P) axes cannot be merged
+        # into one GEMM axis without a copy, so multiply per image and add up.
+        n, g = im.shape[0], self.group
         per_image = _flat_view(self._dw, (n, g, self.out_channels // g, self.kernel_dim))
-        np.matmul(dout.reshape(n, g, -1, self.out_dim), cols.swapaxes(-1, -2), out=per_image)
-        total = self._dw_sum.reshape(g, -1, self.kernel_dim)
+        np.matmul(dout.reshape(n, g, -1, self.out_dim), im.reshape(n, g, -1, self.out_dim).swapaxes(-1, -2),
+                  out=per_image)
+        total = self._dw_sum.reshape(per_image.shape[1:])
         np.sum(per_image, axis=0, out=total)
         flat_dw = dw.reshape(total.shape)
         np.add(flat_dw, total, out=flat_dw)
 
-    def _conv_batch_first(self, im, w, out, dout, dw):
+    def _conv_1x1(self, im, w, out, dout, dw):
         n, g = im.shape[0], self.group
-        cols = self._columns_batch_first(im)
         if dw is not None:
-            self._weight_grad_batch_first(dout, cols, dw)
+            self._weight_grad_1x1(dout, im, dw)
         if out is not None:
-            w_g = w.reshape(1, g, -1, self.kernel_dim)
-            np.matmul(w_g, cols, out=out.reshape(n, g, -1, self.out_dim))
+            np.matmul(w.reshape(1, g, -1, self.kernel_dim), im.reshape(n, g, -1, self.out_dim),
+                      out=out.reshape(n, g, -1, self.out_dim))
 
-    def _transpose_batch_first(self, dout, w, im, im_data, dw):
+    def _transpose_1x1(self, dout, w, im, im_data, dw):
         n, g = dout.shape[0], self.group
         if dw is not None:
-            self._weight_grad_batch_first(dout, self._columns_batch_first(im_data), dw)
-        if im is None:
-            return
-        w_t = w.reshape(1, g, -1, self.kernel_dim).swapaxes(-1, -2)
-        dout_g = dout.reshape(n, g, -1, self.out_dim)
-        if self.is_1x1:
-            np.matmul(w_t, dout_g, out=im.reshape(n, g, self.kernel_dim, self.out_dim))
-            return
-        cols = _flat_view(self._cols, (n, g, self.kernel_dim, self.out_dim))
-        np.matmul(w_t, dout_g, out=cols)
-        col2im(cols.reshape((n, self.in_channels) + self.kernel + self.out_spatial), im.shape,
-               self.kernel, self.pad, self.stride, self.dilation, axis=2, out=im,
-               force_nd=self.force_nd)
-
-    # -- batch last: columns (C*K, P*n) -----------------------------------------
-    def _columns_batch_last(self, im):
-        n = im.shape[0]
-        im_t = _flat_view(self._im_t, (self.in_channels,) + self.im_spatial + (n,))
-        im_t[...] = np.moveaxis(im, 0, -1)
-        cols = _flat_view(self._cols, (self.in_channels,) + self.kernel + self.out_spatial + (n,))
-        workspace = None
-        if any(self.pad):
-            workspace = _flat_view(self._padded, (self.in_channels,) + tuple(
-                s + 2 * p for s, p in zip(self.im_spatial, self.pad)) + (n,))
-        im2col(im_t, self.kernel, self.pad, self.stride, self.dilation, axis=1, out=cols,
-               workspace=workspace, force_nd=self.force_nd)
-        return cols.reshape(self.group, self.kernel_dim, self.out_dim * n)
-
-    def _transposed_out(self, dout):
-        """(n, C_out, *O) -> (group, C_out/group, P*n), batch last."""
-        n = dout.shape[0]
-        dout_t = _flat_view(self._out_t, (self.out_channels, self.out_dim, n))
-        dout_t[...] = dout.reshape(n, self.out_channels, self.out_dim).transpose(1, 2, 0)
-        return dout_t.reshape(self.group, -1, self.out_dim * n)
-
-    def _weight_grad_batch_last(self, dout_t, cols, dw):
-        g = self.group
-        product = self._dw.reshape(g, -1, self.kernel_dim)
-        np.matmul(dout_t, cols.swapaxes(-1, -2), out=product)
-        flat_dw = dw.reshape(product.shape)
-        np.add(flat_dw, product, out=flat_dw)
-
-    def _conv_batch_last(self, im, w, out, dout, dw):
-        n, g = im.shape[0], self.group
-        cols = self._columns_batch_last(im)
-        if dw is not None:
-            self._weight_grad_batch_last(self._transposed_out(dout), cols, dw)
-        if out is not None:
-            result = _flat_view(self._out_t, (g, self.out_channels // g, self.out_dim * n))
-            np.matmul(w.reshape(g, -1, self.kernel_dim), cols, out=result)
-            out.reshape(n, self.out_channels, self.out_dim)[...] = \
-                result.reshape(self.out_channels, self.out_dim, n).transpose(2, 0, 1)
-
-    def _transpose_batch_last(self, dout, w, im, im_data, dw):
-        n, g = dout.shape[0], self.group
-        dout_t = self._transposed_out(dout)
-        if dw is not None:
-            self._weight_grad_batch_last(dout_t, self._columns_batch_last(im_data), dw)
-        if im is None:
-            return
-        cols = _flat_view(self._cols, (g, self.kernel_dim, self.out_dim * n))
-        np.matmul(w.reshape(g, -1, self.kernel_dim).swapaxes(-1, -2), dout_t, out=cols)
-        im_t = _flat_view(self._im_t, (self.in_channels,) + self.im_spatial + (n,))
-        col2im(cols.reshape((self.in_channels,) + self.kernel + self.out_spatial + (n,)), im_t.shape,
-               self.kernel, self.pad, self.stride, self.dilation, axis=1, out=im_t,
-               force_nd=self.force_nd)
-        im[...] = np.moveaxis(im_t, -1, 0)
+            self._weight_grad_1x1(dout, im_data, dw)
+        if im is not None:
+            np.matmul(w.reshape(1, g, -1, self.kernel_dim).swapaxes(-1, -2),
+                      dout.reshape(n, g, -1, self.out_dim), out=im.reshape(n, g, -1, self.out_dim))
 
 
 # -- layers ---------------------------------------------------------------------

@@ -13,7 +13,7 @@ from tests.gradient_check import check_gradient, make_blobs
 
 conv_module = importlib.import_module("minicaffe.layers.conv")
 
-LAYOUTS = ["auto", "batch_first", "batch_last"]
+LAYOUTS = ["auto", "batch_outer", "batch_inner"]
 
 
 def make_layer(layer_type, conv_text, fillers=True, blobs=None):
@@ -308,7 +308,7 @@ GRADIENT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("layout", ["batch_first", "batch_last"])
+@pytest.mark.parametrize("layout", ["batch_outer", "batch_inner"])
 @pytest.mark.parametrize("layer_type,shape,conv_text", GRADIENT_CASES)
 def test_gradients(layer_type, shape, conv_text, layout):
     layer = make_layer(layer_type, conv_text)
@@ -383,23 +383,31 @@ def test_float32_in_float32_out(layer_type):
         assert arr.dtype == np.float32
 
 
-@pytest.mark.parametrize("layout", ["batch_first", "batch_last"])
+@pytest.mark.parametrize("layout", ["batch_outer", "batch_inner"])
 def test_chunked_batches_match_whole_batch(monkeypatch, layout):
     x = gaussian(5, 3, 7, 6)
-    results = []
-    for budget in (1 << 30, 1):           # one chunk, then one image per chunk
+    per_image = 3 * 9 * 7 * 6 * 8          # float64 columns of one image
+    results, weights = [], {}
+    # (column budget, cached budget) -> one chunk; one image per chunk; im2col-GEMM in pairs
+    for budget, cached in ((1 << 30, 1 << 30), (1, 1), (1 << 30, 2 * per_image)):
         monkeypatch.setattr(conv_module, "COL_BUFFER_BYTES", budget)
-        layer = make_layer("Convolution", "num_output: 4 kernel_size: 3 pad: 1 "
-                           "weight_filler { type: 'constant' value: 0.5 } "
-                           "bias_filler { type: 'constant' value: 1 }")
-        bottom, top = setup(layer, [x], layout)
-        assert layer.gemm.chunk == (5 if budget > 1 else 1)
-        layer.forward(bottom, top)
-        top[0].diff[...] = gaussian(*top[0].shape, seed=4)
-        layer.backward(top, [True], bottom)
-        results.append((top[0].data.copy(), bottom[0].diff.copy(), layer.blobs[0].diff.copy()))
-    for a, b in zip(*results):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+        monkeypatch.setattr(conv_module, "CACHED_COL_BYTES", cached)
+        for layer_type in ("Convolution", "Deconvolution"):
+            layer = make_layer(layer_type, "num_output: 3 kernel_size: 3 pad: 1 "
+                               "weight_filler { type: 'gaussian' } bias_filler { type: 'constant' value: 1 }")
+            bottom, top = setup(layer, [x], layout)
+            layer.blobs[0].data[...] = weights.setdefault(layer_type, layer.blobs[0].data.copy())
+            layer.forward(bottom, top)
+            top[0].diff[...] = gaussian(*top[0].shape, seed=4)
+            layer.backward(top, [True], bottom)
+            results.append((layer.gemm.chunk, layer.gemm.conv_chunk, top[0].data.copy(),
+                            bottom[0].diff.copy(), layer.blobs[0].diff.copy()))
+    assert [r[:2] for r in results[::2]] == [(5, 5), (1, 1), (5, 2 if layout == "batch_outer" else 5)]
+    for i in (0, 1):                       # conv, deconv
+        whole = results[i]
+        for chunked in results[2 + i::2]:
+            for a, b in zip(whole[2:], chunked[2:]):
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_buffers_are_reused_across_calls():
