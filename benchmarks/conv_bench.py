@@ -4,8 +4,8 @@ The baseline does what Caffe's CPU code does: for each image, im2col that image,
 one GEMM per group, add the bias; backward recomputes the image's columns, adds
 its weight gradient, multiplies by the transposed weights and col2im's back.
 Both run in the same process on the same data, float32, forward and backward
-(weights, bias and bottom gradients). Each time is the best of several
-interleaved rounds, which keeps other load on the machine out of the ratio.
+(weights, bias and bottom gradients), in interleaved rounds; the table shows
+median times and the median of the per-round speedups (per-image / batched).
 
     python benchmarks/conv_bench.py                 # LeNet + CaffeNet conv layers
     python benchmarks/conv_bench.py --rounds 9 --only lenet
@@ -102,13 +102,10 @@ def make_layer(x_shape, num_output, kernel, stride, pad, group, layout):
     return layer, bottom, top
 
 
-def best_of(fn, rounds):
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
 
 
 def bench(name, spec, rounds, layout):
@@ -143,13 +140,19 @@ def bench(name, spec, rounds, layout):
         if not np.allclose(got, want, rtol=1e-3, atol=1e-3 * scale):
             raise SystemExit(f"{name}: batched and per-image {what} disagree")
 
+    # Rounds alternate which side goes first; each round's ratio compares two runs made
+    # back to back, so a burst of other load on the machine hits both of them.
     times = {"bf": [], "pf": [], "bb": [], "pb": []}
-    for _ in range(rounds):   # interleaved, so a burst of other load hits both sides
-        times["bf"].append(best_of(batched_forward, 1))
-        times["pf"].append(best_of(per_image_forward, 1))
-        times["bb"].append(best_of(batched_backward, 1))
-        times["pb"].append(best_of(per_image_backward, 1))
-    t = {k: min(v) for k, v in times.items()}
+    for r in range(rounds):
+        order = (("bf", batched_forward), ("pf", per_image_forward),
+                 ("bb", batched_backward), ("pb", per_image_backward))
+        if r % 2:
+            order = (order[1], order[0], order[3], order[2])
+        for key, fn in order:
+            times[key].append(timed(fn))
+    t = {k: float(np.median(v)) for k, v in times.items()}
+    t["fwd_speedup"] = float(np.median(np.divide(times["pf"], times["bf"])))
+    t["bwd_speedup"] = float(np.median(np.divide(times["pb"], times["bb"])))
     out_shape = (x_shape[0], num_output) + conv_output_shape(x_shape[2:], (kernel,) * 2, pad, stride)
     geometry = f"{x_shape}->{out_shape} k{kernel} s{stride} p{pad} g{group}"
     layout_used = "1x1" if layer.gemm.is_1x1 else "batch_inner" if layer.gemm.batch_inner else "batch_outer"
@@ -158,7 +161,7 @@ def bench(name, spec, rounds, layout):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=9, help="timed rounds per measurement (best is kept)")
+    parser.add_argument("--rounds", type=int, default=11, help="timed rounds (medians are reported)")
     parser.add_argument("--only", default="", help="run only shapes whose name contains this text")
     parser.add_argument("--layout", default="auto", choices=("auto", "batch_outer", "batch_inner"),
                         help="force the batched layer's column layout (default: its own choice)")
@@ -167,8 +170,8 @@ def main(argv=None):
     cmd = "python benchmarks/conv_bench.py" + "".join(f" {a}" for a in (argv if argv is not None
                                                                           else sys.argv[1:]))
     print(f"# {cmd}")
-    print(f"# numpy {np.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs, "
-          f"float32, best of {args.rounds} rounds, times in ms")
+    print(f"# numpy {np.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs, float32; "
+          f"median of {args.rounds} rounds in ms; speedup = median of per-round per-image/batched")
     header = (f"| {'layer':15s} | {'geometry':52s} | {'layout':11s} | {'fwd batched':>11s} | "
               f"{'fwd per-img':>11s} | {'speedup':>7s} | {'bwd batched':>11s} | {'bwd per-img':>11s} | "
               f"{'speedup':>7s} |")
@@ -179,7 +182,7 @@ def main(argv=None):
             continue
         name, geometry, layout, t = bench(name, spec, args.rounds, args.layout)
         print(f"| {name:15s} | {geometry:52s} | {layout:11s} | {t['bf']:11.2f} | {t['pf']:11.2f} | "
-              f"{t['pf'] / t['bf']:6.2f}x | {t['bb']:11.2f} | {t['pb']:11.2f} | {t['pb'] / t['bb']:6.2f}x |",
+              f"{t['fwd_speedup']:6.2f}x | {t['bb']:11.2f} | {t['pb']:11.2f} | {t['bwd_speedup']:6.2f}x |",
               flush=True)
 
 

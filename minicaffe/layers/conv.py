@@ -35,10 +35,10 @@ __all__ = ["ConvolutionLayer", "DeconvolutionLayer", "Im2colLayer", "ConvGemm",
 # processed a few images at a time (Caffe holds only one image's columns).
 COL_BUFFER_BYTES = 32 << 20
 
-# batch_outer im2col is one strided copy however many images it holds, so when a GEMM
-# reads the columns right after, bigger chunks only push them out of the CPU cache
-# first; col2im makes one numpy call per kernel offset and does gain from big chunks.
-CACHED_COL_BYTES = 8 << 20
+# batch_outer im2col walks every image of its chunk once per kernel offset. Keeping
+# those images (one channel at a time) within the L2 cache keeps a big strided
+# im2col (CaffeNet conv1) as fast as Caffe's one image at a time.
+IM2COL_WORKING_SET_BYTES = 256 << 10
 
 # Output rows up to this long use the "batch_inner" column layout (see ConvGemm);
 # chosen with benchmarks/conv_bench.py.
@@ -155,6 +155,7 @@ class ConvGemm:
         else:
             self.batch_inner = self.layout == "batch_inner" and not self.is_1x1
         c_in, c_out = self.in_channels, self.out_channels
+        padded_spatial = [s + 2 * p for s, p in zip(self.im_spatial, self.pad)]
         col_per_image = c_in * self.kernel_count * self.out_dim
         # The 1x1 path's only scratch is the per-image weight gradients it sums up.
         per_image = c_out * self.kernel_dim if self.is_1x1 else col_per_image
@@ -163,9 +164,10 @@ class ConvGemm:
         self.chunk = chunk                     # conv_transpose: GEMM then col2im
         self.conv_chunk = chunk                # conv: im2col then GEMM
         if not self.batch_inner and not self.is_1x1:
-            self.conv_chunk = max(1, min(chunk, CACHED_COL_BYTES // per_image_bytes))
+            channel_bytes = int(np.prod(padded_spatial)) * self.dtype.itemsize
+            self.conv_chunk = max(1, min(chunk, IM2COL_WORKING_SET_BYTES // channel_bytes))
         zeros = lambda n: np.zeros(int(n), dtype=self.dtype)  # noqa: E731
-        padded = np.prod([s + 2 * p for s, p in zip(self.im_spatial, self.pad)])
+        padded = np.prod(padded_spatial)
         self._cols = zeros(0 if self.is_1x1 else chunk * col_per_image)
         self._padded = zeros(chunk * c_in * padded if any(self.pad) and not self.is_1x1 else 0)
         self._image_t = zeros(chunk * c_in * np.prod(self.im_spatial) if self.batch_inner else 0)
@@ -178,17 +180,27 @@ class ConvGemm:
             yield start, min(self.num, start + size)
 
     # -- public products ---------------------------------------------------------
-    def conv(self, im, w, out=None, dout=None, dw=None):
-        """out = w * im (if out given); dw += dout (x) im (if dw given). Shares the im2col."""
+    def conv(self, im, w, out=None, dout=None, dw=None, bias=None):
+        """out = w * im + bias (if out given); dw += dout (x) im (if dw given). Shares the im2col."""
         step = self._conv_1x1 if self.is_1x1 else self._conv
         for a, b in self._chunks(self.conv_chunk):
-            step(im[a:b], w, None if out is None else out[a:b], None if dw is None else dout[a:b], dw)
+            step(im[a:b], w, None if out is None else out[a:b], None if dw is None else dout[a:b], dw,
+                 self._channel_bias(bias, self.out_channels))
 
-    def conv_transpose(self, dout, w, im=None, im_data=None, dw=None):
-        """im = w^T * dout (if im given, overwritten); dw += dout (x) im_data (if dw given)."""
+    def conv_transpose(self, dout, w, im=None, im_data=None, dw=None, bias=None):
+        """im = w^T * dout + bias (if im given, overwritten); dw += dout (x) im_data (if dw given)."""
         step = self._transpose_1x1 if self.is_1x1 else self._transpose
         for a, b in self._chunks(self.chunk):
-            step(dout[a:b], w, None if im is None else im[a:b], None if dw is None else im_data[a:b], dw)
+            step(dout[a:b], w, None if im is None else im[a:b], None if dw is None else im_data[a:b], dw,
+                 self._channel_bias(bias, self.in_channels))
+
+    def _channel_bias(self, bias, channels):
+        """Bias as a (channels, 1) column to broadcast over pixels; added while a chunk is in cache."""
+        if bias is None:
+            return None
+        if bias.shape != (channels,):
+            raise ValueError(f"bias has shape {bias.shape}, expected ({channels},)")
+        return bias.reshape(channels, 1)
 
     # -- columns, and the (C_out, n*P) matrix on the output side ---------------------
     def _columns(self, im):
@@ -209,19 +221,21 @@ class ConvGemm:
                workspace=workspace, force_nd=self.force_nd)
         return cols.reshape(self.group, self.kernel_dim, -1)
 
-    def _col2im(self, cols, im):
+    def _col2im(self, cols, im, bias):
         """Sum the (C*K, n*P) columns back into the images im (n, C, *S), overwriting them."""
         n, c, ndim = im.shape[0], self.in_channels, len(self.kernel)
         geometry = (self.kernel, self.pad, self.stride, self.dilation)
+        flat_im = im.reshape(n, c, -1)
         if self.batch_inner:
             image = _flat_view(self._image_t, (c,) + self.im_spatial + (n,))
             col2im(cols.reshape((c,) + self.kernel + self.out_spatial + (n,)), image.shape, *geometry,
                    axis=1, out=image, force_nd=self.force_nd)
-            im[...] = np.moveaxis(image, -1, 0)
+            _store(flat_im, image.reshape(c, -1, n).transpose(2, 0, 1), bias)
         else:
             cols = np.moveaxis(cols.reshape((c,) + self.kernel + (n,) + self.out_spatial), 1 + ndim, 1)
             image = im.swapaxes(0, 1)
             col2im(cols, image.shape, *geometry, axis=2, out=image, force_nd=self.force_nd)
+            _store(flat_im, flat_im, bias)
 
     def _output_matrix(self, n):
         """Scratch (C_out, n*P) matrix, ordered like the columns."""
@@ -247,20 +261,20 @@ class ConvGemm:
         self._as_blob_order(matrix, n)[...] = dout.reshape(n, self.out_channels, self.out_dim)
         return matrix
 
-    def _conv(self, im, w, out, dout, dw):
+    def _conv(self, im, w, out, dout, dw, bias):
         n, g = im.shape[0], self.group
         cols = self._columns(im)
         if dw is not None:
             self._weight_grad(self._load_dout(dout), cols, dw)
         if out is not None:
+            flat_out = out.reshape(n, self.out_channels, self.out_dim)
             # One batch_outer image is already in blob order: multiply straight into it.
             direct = n == 1 and not self.batch_inner
-            result = out.reshape(self.out_channels, -1) if direct else self._output_matrix(n)
+            result = flat_out[0] if direct else self._output_matrix(n)
             np.matmul(w.reshape(g, -1, self.kernel_dim), cols, out=result.reshape(g, -1, cols.shape[-1]))
-            if not direct:
-                out.reshape(n, self.out_channels, self.out_dim)[...] = self._as_blob_order(result, n)
+            _store(flat_out, flat_out if direct else self._as_blob_order(result, n), bias)
 
-    def _transpose(self, dout, w, im, im_data, dw):
+    def _transpose(self, dout, w, im, im_data, dw, bias):
         g = self.group
         dout_matrix = self._load_dout(dout).reshape(g, -1, dout.shape[0] * self.out_dim)
         if dw is not None:
@@ -268,7 +282,7 @@ class ConvGemm:
         if im is not None:
             cols = _flat_view(self._cols, (g, self.kernel_dim, dout_matrix.shape[-1]))
             np.matmul(w.reshape(g, -1, self.kernel_dim).swapaxes(-1, -2), dout_matrix, out=cols)
-            self._col2im(cols, im)
+            self._col2im(cols, im, bias)
 
     # -- 1x1: the images are the columns (n, C, P), one matmul per image ---------------
     def _weight_grad_1x1(self, dout, im, dw):
@@ -283,21 +297,33 @@ class ConvGemm:
         flat_dw = dw.reshape(total.shape)
         np.add(flat_dw, total, out=flat_dw)
 
-    def _conv_1x1(self, im, w, out, dout, dw):
+    def _conv_1x1(self, im, w, out, dout, dw, bias):
         n, g = im.shape[0], self.group
         if dw is not None:
             self._weight_grad_1x1(dout, im, dw)
         if out is not None:
             np.matmul(w.reshape(1, g, -1, self.kernel_dim), im.reshape(n, g, -1, self.out_dim),
                       out=out.reshape(n, g, -1, self.out_dim))
+            flat_out = out.reshape(n, self.out_channels, -1)
+            _store(flat_out, flat_out, bias)
 
-    def _transpose_1x1(self, dout, w, im, im_data, dw):
+    def _transpose_1x1(self, dout, w, im, im_data, dw, bias):
         n, g = dout.shape[0], self.group
         if dw is not None:
             self._weight_grad_1x1(dout, im_data, dw)
         if im is not None:
             np.matmul(w.reshape(1, g, -1, self.kernel_dim).swapaxes(-1, -2),
                       dout.reshape(n, g, -1, self.out_dim), out=im.reshape(n, g, -1, self.out_dim))
+            flat_im = im.reshape(n, self.in_channels, -1)
+            _store(flat_im, flat_im, bias)
+
+
+def _store(dest, values, bias):
+    """dest = values (+ bias per channel), in one pass; dest and values may be the same array."""
+    if bias is not None:
+        np.add(values, bias, out=dest)
+    elif values is not dest:
+        dest[...] = values
 
 
 # -- layers ---------------------------------------------------------------------
@@ -393,10 +419,8 @@ class _BaseConvolution(Layer):
     def _top(self, array):
         return array.reshape((self.num, self.num_output) + self.top_spatial)
 
-    def _add_bias(self, top_array):
-        if self.bias_term:
-            flat = top_array.reshape(self.num, self.num_output, -1)
-            np.add(flat, self.blobs[1].data[:, None], out=flat)
+    def _bias(self):
+        return self.blobs[1].data if self.bias_term else None
 
     def _bias_grad(self, top_diff):
         if self.bias_term and self.param_propagate_down[1]:
@@ -414,9 +438,7 @@ class ConvolutionLayer(_BaseConvolution):
     def forward(self, bottom, top):
         weight = self.blobs[0].data
         for b, t in zip(bottom, top):
-            out = self._top(t.data)
-            self.gemm.conv(self._bottom(b.data), weight, out=out)
-            self._add_bias(out)
+            self.gemm.conv(self._bottom(b.data), weight, out=self._top(t.data), bias=self._bias())
 
     def backward(self, top, propagate_down, bottom):
         weight = self.blobs[0]
@@ -444,9 +466,7 @@ class DeconvolutionLayer(_BaseConvolution):
     def forward(self, bottom, top):
         weight = self.blobs[0].data
         for b, t in zip(bottom, top):
-            out = self._top(t.data)
-            self.gemm.conv_transpose(self._bottom(b.data), weight, im=out)
-            self._add_bias(out)
+            self.gemm.conv_transpose(self._bottom(b.data), weight, im=self._top(t.data), bias=self._bias())
 
     def backward(self, top, propagate_down, bottom):
         weight = self.blobs[0]

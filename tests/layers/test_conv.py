@@ -386,12 +386,12 @@ def test_float32_in_float32_out(layer_type):
 @pytest.mark.parametrize("layout", ["batch_outer", "batch_inner"])
 def test_chunked_batches_match_whole_batch(monkeypatch, layout):
     x = gaussian(5, 3, 7, 6)
-    per_image = 3 * 9 * 7 * 6 * 8          # float64 columns of one image
+    padded_channel = (7 + 2) * (6 + 2) * 8          # bytes of one padded float64 channel
     results, weights = [], {}
-    # (column budget, cached budget) -> one chunk; one image per chunk; im2col-GEMM in pairs
-    for budget, cached in ((1 << 30, 1 << 30), (1, 1), (1 << 30, 2 * per_image)):
+    # (column budget, im2col working set) -> one chunk; one image per chunk; im2col in pairs
+    for budget, working_set in ((1 << 30, 1 << 30), (1, 1), (1 << 30, 2 * padded_channel)):
         monkeypatch.setattr(conv_module, "COL_BUFFER_BYTES", budget)
-        monkeypatch.setattr(conv_module, "CACHED_COL_BYTES", cached)
+        monkeypatch.setattr(conv_module, "IM2COL_WORKING_SET_BYTES", working_set)
         for layer_type in ("Convolution", "Deconvolution"):
             layer = make_layer(layer_type, "num_output: 3 kernel_size: 3 pad: 1 "
                                "weight_filler { type: 'gaussian' } bias_filler { type: 'constant' value: 1 }")
