@@ -108,8 +108,8 @@ class ConvGemm:
     *out_spatial) where out_spatial is the convolution's output size. Weights are
     (out_channels, in_channels/group, *kernel), Caffe's layout. Three products:
 
-      conv(im, w, out)                out = w * im          (conv forward)
-      conv_transpose(dout, w, im)     im  = w^T * dout      (conv backward to data)
+      conv(im, w, out)                out = w * im (+ bias)       (conv forward)
+      conv_transpose(dout, w, im)     im  = w^T * dout (+ bias)   (conv backward to data)
       dw += dout (x) im               weight gradient, fused into either call
 
     A deconvolution is the same object with the roles of its blobs swapped.
@@ -204,7 +204,7 @@ class ConvGemm:
 
     # -- columns, and the (C_out, n*P) matrix on the output side ---------------------
     def _columns(self, im):
-        """im2col of (n, C, *S) images into the (group, K/group... , n*P) column matrix."""
+        """im2col of (n, C, *S) images into the column matrix, viewed (group, C/group*K, n*P)."""
         n, c, ndim = im.shape[0], self.in_channels, len(self.kernel)
         padded = tuple(s + 2 * p for s, p in zip(self.im_spatial, self.pad))
         if self.batch_inner:
