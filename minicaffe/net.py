@@ -224,8 +224,7 @@ class Net:
                     tname = f"(automatic) {name} top {k}"
                     blob = Blob((), self.dtype, name=tname)
                     self.blobs[tname] = blob
-                    tops.append(blob)
-                    available[tname] = True
+                    tops.append(blob)   # anonymous: never a net output, as in Caffe
             try:
                 layer.setup(bottoms, tops)
             except LayerError:
@@ -247,7 +246,9 @@ class Net:
             self.layer_need_backward.append(need_backward)
 
         self._prune_backward(blob_need_backward)
-        self.output_names = list(available)
+        # Caffe collects the leftover blobs in a std::set, so net outputs come sorted by name
+        # (this is the order `caffe test` and the solver's test lines print them in).
+        self.output_names = sorted(available)
         self.input_names = [t for layer, tops in zip(self.layers, self.top_ids)
                             if layer.type == "Input" for t in tops]
         self.layer_dict = collections.OrderedDict(zip(self.layer_names, self.layers))
