@@ -33,6 +33,9 @@ class InnerProductLayer(Layer):
         self.transpose = p.transpose
         self.axis = bottom[0].canonical_axis(p.axis)
         self.K = bottom[0].count(self.axis)
+        self._w_grad = None
+        # ~256 KB of gradient rows per block of the weight-gradient GEMM
+        self._grad_rows = max(1, (1 << 16) // (self.num_output if self.transpose else self.K))
         if self.blobs_loaded:
             return
         w_shape = (self.K, self.num_output) if self.transpose else (self.num_output, self.K)
@@ -63,11 +66,18 @@ class InnerProductLayer(Layer):
         dy = top[0].diff.reshape(-1, self.num_output)
         x = bottom[0].data.reshape(-1, self.K)
         if self.param_propagate_down[0]:
+            # dW += dy^T x (or x^T dy), a block of weight rows at a time: each block's GEMM
+            # result is still in cache when it is added, and nothing weight-sized is allocated.
             w_diff = self.blobs[0].diff
-            if self.transpose:
-                w_diff += x.T @ dy
-            else:
-                w_diff += dy.T @ x
+            a, b = (x.T, dy) if self.transpose else (dy.T, x)
+            rows = self._grad_rows
+            if self._w_grad is None or self._w_grad.dtype != w_diff.dtype:
+                self._w_grad = np.empty((rows, w_diff.shape[1]), dtype=w_diff.dtype)
+            for start in range(0, w_diff.shape[0], rows):
+                stop = min(start + rows, w_diff.shape[0])
+                block = self._w_grad[: stop - start]
+                np.matmul(a[start:stop], b, out=block)
+                w_diff[start:stop] += block
         if self.bias_term and self.param_propagate_down[1]:
             self.blobs[1].diff[...] += dy.sum(axis=0)
         if propagate_down[0]:
