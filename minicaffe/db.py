@@ -330,6 +330,7 @@ class LevelDBWriter(_BatchedWriter):
     def __init__(self, path, commit_every=1000):
         plyvel = _import_plyvel()
         super().__init__(path, commit_every)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as LMDBWriter does
         self.db = plyvel.DB(path, create_if_missing=True, error_if_exists=True)
 
     def _write(self, items):

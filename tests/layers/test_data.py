@@ -465,3 +465,12 @@ def test_image_data_mixed_sizes_need_resizing(image_dir):
     with pytest.raises(LayerError, match="set image_data_param new_height/new_width"):
         layer.forward([], top)
     layer.close()
+
+
+def test_leveldb_writer_creates_missing_parent_folders(tmp_path):
+    pytest.importorskip("plyvel")
+    from minicaffe import db
+    path = tmp_path / "new" / "nested" / "db_leveldb"
+    with db.open_writer(str(path), backend="leveldb") as writer:
+        writer.put("00000000", b"x")
+    assert path.is_dir()
