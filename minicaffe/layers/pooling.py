@@ -221,24 +221,41 @@ class PoolingLayer(Layer):
 
     def _allocate_scratch(self, w, num, channels, dtype, out_shape):
         """Padded copies of the input and of its gradient, and the chosen element per window."""
+        is_max = self.pool == _PP.MAX
         if w.needs_padding:
             # MAX pads with -inf so padding never wins (nor equals a max); sums pad with zeros.
-            fill = -np.inf if self.pool == _PP.MAX else 0
-            self._padded = np.full(w.padded_shape(num, channels), fill, dtype=dtype)
-            need_diff = self.pool == _PP.AVE or (self.pool == _PP.STOCHASTIC and self.phase != caffe_pb2.TRAIN)
+            self._padded = np.full(w.padded_shape(num, channels), -np.inf if is_max else 0, dtype=dtype)
+            need_diff = is_max or self.pool == _PP.AVE or (
+                self.pool == _PP.STOCHASTIC and self.phase != caffe_pb2.TRAIN)
             self._padded_diff = np.zeros(w.padded_shape(num, channels), dtype=dtype) if need_diff else None
         else:
             self._padded = self._padded_diff = None
         self._chosen = np.empty(out_shape, dtype=np.int64) if self.pool != _PP.AVE else None
         self._better = np.empty(out_shape, dtype=bool)
-        self._best_offset = np.empty(out_shape, dtype=np.int64) if self.pool == _PP.MAX else None
-        self._peak = np.empty(out_shape, dtype=dtype) if self.pool == _PP.MAX else None
+        if is_max:
+            # Contiguous copies of every window offset: numpy's elementwise loops run several
+            # times faster on them than on the strided window views.
+            count = w.kernel_h * w.kernel_w
+            self._stack = np.empty((count,) + out_shape, dtype=dtype)
+            self._peak = np.empty(out_shape, dtype=dtype)
+            offset_type = np.int16 if count < 2 ** 15 else np.int64
+            self._best_offset = np.empty(out_shape, dtype=offset_type)
+            self._offset_step = np.empty(out_shape, dtype=offset_type)
+            self._masked = np.empty(out_shape, dtype=dtype)
+            # i * W + j per offset, and a last entry (taken for best = -1) far below zero
+            self._offset_delta = np.array([i * w.width + j for i, j in w.offsets()] + [-(1 << 40)],
+                                          dtype=np.int64)
+            self._corner_index = w.h_start[:, None] * w.width + w.w_start[None, :]
+        # Windows that cover the input exactly once (no padding, kernel == stride, no remainder).
+        self._exact_tiles = (w.pad_h == w.pad_w == 0 and w.kernel_h == w.stride_h
+                             and w.kernel_w == w.stride_w and w.pooled_h * w.kernel_h == w.height
+                             and w.pooled_w * w.kernel_w == w.width)
 
     # -- forward -----------------------------------------------------------------
     def forward(self, bottom, top):
         x, y = bottom[0].data, top[0].data
         if self.pool == _PP.MAX:
-            self._forward_max(x, y, top[1].data if len(top) > 1 else self._chosen)
+            self._forward_max(x, y, top[1].data if len(top) > 1 else None)
         elif self.pool == _PP.AVE:
             average_pool(self.windows, x, y, self._padded)
         elif self.phase == caffe_pb2.TRAIN:
@@ -249,27 +266,50 @@ class PoolingLayer(Layer):
     def _forward_max(self, x, y, argmax):
         w = self.windows
         xp = _padded_input(w, x, self._padded)
+        stack, peak = self._stack, self._peak
+        for k, (i, j) in enumerate(w.offsets()):
+            np.copyto(stack[k], w.window(xp, i, j))
         # fmax skips NaNs, as Caffe's `value > max` test does. The max is built in the input's
         # dtype so that the equality test below is exact even if the top has another dtype.
-        peak = self._peak
         peak[...] = _MAX_START
-        for i, j in w.offsets():
-            np.fmax(peak, w.window(xp, i, j), out=peak)
+        for k in range(len(stack)):
+            np.fmax(peak, stack[k], out=peak)
         y[...] = peak
-        # The argmax is the first offset, in row-major order, holding the maximum (Caffe keeps the
-        # first of equal values): walk the offsets backwards so earlier matches overwrite later ones.
-        best = self._best_offset
+        # The chosen element is the first offset, in row-major order, holding the maximum (Caffe
+        # keeps the first of equal values): walk the offsets backwards so earlier matches win.
+        # best += (k - best) * equal is a masked assignment in arithmetic, which numpy does
+        # much faster than copyto(where=).
+        best, step, equal = self._best_offset, self._offset_step, self._better
         best[...] = -1
-        equal = self._better
-        for k, (i, j) in reversed(list(enumerate(w.offsets()))):
-            np.equal(w.window(xp, i, j), peak, out=equal)
-            np.copyto(best, k, where=equal)
-        row, col = np.divmod(best, w.kernel_w)
-        row += w.h_start[:, None]
-        col += w.w_start[None, :]
-        row *= w.width
-        row += col
-        np.copyto(argmax, np.where(best < 0, -1, row))
+        for k in reversed(range(len(stack))):
+            np.equal(stack[k], peak, out=equal)
+            np.subtract(best.dtype.type(k), best, out=step)
+            step *= equal
+            best += step
+        if argmax is None and not self._exact_tiles:
+            argmax = self._chosen   # overlapping windows: backward scatters by plane index
+        if argmax is not None:
+            # plane index h * W + w = window corner + offset's (i * W + j); -1 where no element won
+            chosen = self._chosen
+            np.take(self._offset_delta, best, out=chosen)
+            chosen += self._corner_index
+            np.maximum(chosen, -1, out=chosen)
+            if argmax is not chosen:
+                argmax[...] = chosen
+
+    def _backward_max(self, dy, dx):
+        """dx = dy at the chosen element of each window, 0 elsewhere."""
+        if not self._exact_tiles:
+            _scatter_to_plane(self._chosen, dy, dx)
+            return
+        # Windows tile the input exactly, so each input element belongs to one window at one
+        # offset: assign offset by offset, no zero fill or accumulation needed.
+        w = self.windows
+        best, equal, masked = self._best_offset, self._better, self._masked
+        for k, (i, j) in enumerate(w.offsets()):
+            np.equal(best, k, out=equal)
+            np.multiply(dy, equal, out=masked)
+            w.window(dx, i, j)[...] = masked
 
     def _forward_stochastic_train(self, x, y):
         """Pick one element per window with probability value / window sum (values >= 0)."""
@@ -323,8 +363,10 @@ class PoolingLayer(Layer):
             return
         dy, dx = top[0].diff, bottom[0].diff
         if self.pool == _PP.MAX:
-            argmax = top[1].data if len(top) > 1 else self._chosen
-            _scatter_to_plane(argmax, dy, dx)
+            if len(top) > 1:   # Caffe reads the chosen elements back from the mask top
+                _scatter_to_plane(top[1].data, dy, dx)
+            else:
+                self._backward_max(dy, dx)
         elif self.pool == _PP.AVE:
             average_pool_backward(self.windows, dy, dx, self._padded_diff)
         elif self.phase == caffe_pb2.TRAIN:

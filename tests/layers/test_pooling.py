@@ -358,3 +358,39 @@ def test_spp_bad_params():
         forward(spp("pyramid_height: 3"), np.zeros((1, 1, 1, 8)))
     with pytest.raises(LayerError, match="4 axes"):
         forward(spp("pyramid_height: 2"), np.zeros((1, 4, 4)))
+
+
+@pytest.mark.parametrize("params,shape", [
+    ("kernel_size: 2 stride: 2", (2, 3, 6, 8)),                       # exact tiles
+    ("kernel_size: 2 stride: 2 round_mode: FLOOR", (2, 3, 7, 9)),     # a row and column left over
+    ("kernel_size: 3 stride: 2", (2, 3, 7, 7)),                       # overlapping windows
+    ("kernel_size: 3 stride: 2 pad: 1", (1, 2, 6, 5)),                # padding
+])
+def test_max_backward_with_and_without_mask_top_agree(params, shape):
+    """Both backward routes (offsets kept by forward, or the mask top as Caffe reads it) give the
+    same gradient, and inputs no window covers get a zero gradient even if dx held garbage."""
+    from google.protobuf import text_format
+    from minicaffe import Blob
+    from minicaffe.layer import create_layer
+    from minicaffe.proto import caffe_pb2
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape).astype(np.float32)
+    x[0, 0, :2, :2] = 1.0  # a tie: the first element in row-major order must win
+    grads = []
+    for ntop in (1, 2):
+        layer = create_layer(text_format.Parse(
+            f'name: "p" type: "Pooling" pooling_param {{ pool: MAX {params} }}', caffe_pb2.LayerParameter()))
+        bottom, top = [Blob(shape)], [Blob() for _ in range(ntop)]
+        bottom[0].data[...] = x
+        layer.setup(bottom, top)
+        layer.forward(bottom, top)
+        top[0].diff[...] = np.arange(top[0].count()).reshape(top[0].shape) + 1.0
+        bottom[0].diff[...] = 123.0
+        layer.backward(top, [True], bottom)
+        grads.append((bottom[0].diff.copy(), top[0].diff.copy()))
+    np.testing.assert_array_equal(grads[0][0], grads[1][0])
+    assert not np.any(grads[0][0] == 123.0)
+    if "pad" not in params:
+        assert grads[0][0][0, 0, 0, 0] != 0 and grads[0][0][0, 0, 0, 1] == 0  # first of the tie
+    if "FLOOR" in params:
+        assert not grads[0][0][:, :, -1, :].any() and not grads[0][0][:, :, :, -1].any()
