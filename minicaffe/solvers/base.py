@@ -191,7 +191,8 @@ class Solver:
     def _read_net(self, path, field):
         resolved = _resolve(path, self.base_dir)
         if not os.path.exists(resolved):
-            where = f" or {os.path.join(self.base_dir, path)}" if self.base_dir else ""
+            beside = os.path.abspath(os.path.join(self.base_dir, path)) if self.base_dir else None
+            where = f" or {beside}" if beside and beside != os.path.abspath(path) else ""
             raise SolverError(self._where(f"{field}: net file {path!r} not found (looked in "
                                           f"{os.path.abspath(path)}{where})"))
         return read_net_param(resolved), f"{field} file {resolved}", resolved
