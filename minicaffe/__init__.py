@@ -14,6 +14,7 @@ from . import layers as _builtin_layers  # noqa: F401  (registers the built-in l
 # package attribute, and the layer modules stay importable as minicaffe.layers.<family>.
 from .net_spec import NetSpec, layers, params, to_proto
 from . import io  # noqa: F401  (pycaffe's caffe.io)
+from .classifier import Classifier  # noqa: F401
 from .solvers import (get_solver, Solver, SGDSolver, NesterovSolver, AdaGradSolver,  # noqa: F401
                       RMSPropSolver, AdaDeltaSolver, AdamSolver)
 from .logging_util import init_log  # noqa: F401  (pycaffe's caffe.init_log)

@@ -437,6 +437,30 @@ class Net:
         names += [b for b in (diffs or []) if b not in names]
         return {name: self.blobs[name].diff for name in names}
 
+    def forward_all(self, blobs=None, **kwargs):
+        """pycaffe's forward_all: feed arrays of any length through the net in batches of its input
+        batch size (the last batch zero-padded); {output name: array over all inputs}."""
+        if not kwargs:
+            return {name: value.copy() for name, value in self.forward(blobs=blobs).items()}
+        lengths = {name: len(value) for name, value in kwargs.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"forward_all(): inputs have different lengths {lengths}")
+        total = next(iter(lengths.values()))
+        batch = self.blobs[next(iter(kwargs))].shape[0]
+        parts = {}
+        for start in range(0, total, batch):
+            chunk = {}
+            for name, value in kwargs.items():
+                piece = np.asarray(value[start:start + batch])
+                if len(piece) < batch:
+                    padding = np.zeros((batch - len(piece),) + piece.shape[1:], dtype=piece.dtype)
+                    piece = np.concatenate([piece, padding])
+                chunk[name] = piece
+            for name, value in self.forward(blobs=blobs, **chunk).items():
+                parts.setdefault(name, []).append(value.copy())
+        return {name: np.concatenate(values)[:total] if values[0].ndim else np.stack(values)
+                for name, values in parts.items()}
+
     def forward_backward(self):
         loss = self.forward_loss()
         self.backward_from_to()
