@@ -1,6 +1,8 @@
 """Regenerate minicaffe/proto/caffe_pb2.py from caffe.proto.
 
-Needs the `grpcio-tools` package (it bundles protoc):  pip install grpcio-tools
+Needs the `grpcio-tools` package (it bundles protoc). The committed module was made with
+`pip install grpcio-tools==1.71.0` (protobuf 5.29 gencode), which protobuf runtimes 5.29 to 7.x
+all load; a newer protoc would raise the minimum protobuf version in pyproject.toml.
 Run from the repository root:  python tools/gen_proto.py
 tests/proto/test_schema.py fails when the committed module is stale.
 """
