@@ -153,6 +153,13 @@ _DATA_PARAMS_WITH_TRANSFORM = ("data_param", "image_data_param", "window_data_pa
 _TRANSFORM_FIELDS = ("scale", "mean_file", "crop_size", "mirror")
 
 
+def _is_repeated(field):
+    # protobuf 6+ has FieldDescriptor.is_repeated (and 7 drops .label); 5.x has only .label
+    if hasattr(field, "is_repeated"):
+        return field.is_repeated
+    return field.label == field.LABEL_REPEATED
+
+
 def _upgrade_v1_layer(v1, index):
     if v1.HasField("layer"):
         raise ValueError(f"layer {index} ({v1.name or 'unnamed'}) is in Caffe's V0 format, which "
@@ -163,7 +170,7 @@ def _upgrade_v1_layer(v1, index):
             layer.blobs.extend(v1.blobs)
             continue
         field = _V1.DESCRIPTOR.fields_by_name[name]
-        if field.is_repeated:
+        if _is_repeated(field):
             getattr(layer, name).extend(getattr(v1, name))
         elif v1.HasField(name):
             target = getattr(layer, name)
