@@ -52,7 +52,7 @@ class Blob:
 
     def __init__(self, shape=(), dtype=np.float32, name=None):
         self.name = name
-        self._shape = ()
+        self._shape = None   # set by reshape below
         self._count = 1
         self._data = _Memory(0, dtype)
         self._diff = _Memory(0, dtype)
@@ -99,6 +99,8 @@ class Blob:
         """Reshape to `shape` (dims or one tuple); storage grows only when needed."""
         if len(shape) == 1 and not isinstance(shape[0], (int, np.integer)):
             shape = shape[0]
+        if shape == self._shape:   # the common case in a running net: nothing to do
+            return self
         shape = tuple(int(d) for d in shape)
         if any(d < 0 for d in shape):
             raise ValueError(f"blob {self._label()}: negative dimension in shape {shape}")
