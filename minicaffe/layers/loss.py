@@ -127,27 +127,20 @@ def _ignore_label(param):
     return param.ignore_label if param.HasField("ignore_label") else None
 
 
-@register_layer("SoftmaxWithLoss")
-class SoftmaxWithLossLayer(LossLayer):
-    """p = softmax(x) over `axis`; L = -sum over non-ignored positions of log p[label] / normalizer.
-
-    bottom[0]: scores (N, C, ...), bottom[1]: labels (count N * ...); top[0]: loss,
-    optional top[1]: the probabilities p (shape of bottom[0]).
-    """
+class _SoftmaxLoss(LossLayer):
+    """Shared by SoftmaxWithLoss and InfogainLoss: softmax over `axis` into self.prob, labels
+    (count outer * inner) read once per forward, optional second top sharing the probabilities."""
 
     exact_num_top = None
     min_num_top = 1
     max_num_top = 2
 
-    def layer_setup(self, bottom, top):
-        lp = self.layer_param.loss_param
-        self.ignore_label = _ignore_label(lp)
-        self.normalization = _normalization(lp, lp.normalization)
-        self.prob = Blob(bottom[0].shape, dtype=self.dtype)
+    def softmax_axis(self):
+        raise NotImplementedError
 
     def reshape(self, bottom, top):
         super().reshape(bottom, top)
-        self.axis = _canonical_axis(self, bottom[0], self.layer_param.softmax_param.axis)
+        self.axis = _canonical_axis(self, bottom[0], self.softmax_axis())
         self.outer_num = bottom[0].count(0, self.axis)
         self.inner_num = bottom[0].count(self.axis + 1)
         self.channels = bottom[0].shape[self.axis]
@@ -158,23 +151,53 @@ class SoftmaxWithLossLayer(LossLayer):
             top[1].reshape_like(bottom[0])
             top[1].share_data(self.prob)
 
-    def _views(self, blob_array):
-        return blob_array.reshape(self.outer_num, self.channels, self.inner_num)
+    def _views(self, array):
+        """(outer, channels, inner) view of an array shaped like bottom[0]."""
+        return array.reshape(self.outer_num, self.channels, self.inner_num)
 
-    def forward(self, bottom, top):
+    def _softmax_and_labels(self, bottom):
+        """prob = softmax(bottom[0]); sets self.labels, self.valid, self.valid_count."""
         prob = self._views(self.prob.data)
         softmax(self._views(bottom[0].data), 1, prob)
         self.labels, self.valid = read_labels(
             self, bottom[1].data, (self.outer_num, self.inner_num), self.channels,
             self.ignore_label)
-        picked = np.take_along_axis(prob, self.labels[:, None, :], axis=1)[:, 0, :]
-        log_p = np.log(np.maximum(picked, picked.dtype.type(FLT_MIN)))
-        loss = -np.sum(log_p, where=self.valid)
         self.valid_count = int(self.valid.sum())
-        top[0].data[...] = loss / self._normalizer()
+        return prob
 
     def _normalizer(self):
         return _normalizer(self.normalization, self.outer_num, self.inner_num, self.valid_count)
+
+    def _finish_backward(self, diff, top):
+        """Zero ignored positions, then scale by loss_weight / normalizer."""
+        if self.ignore_label is not None:
+            diff *= self.valid[:, None, :]
+        diff *= top[0].diff.flat[0] / self._normalizer()
+
+
+@register_layer("SoftmaxWithLoss")
+class SoftmaxWithLossLayer(_SoftmaxLoss):
+    """p = softmax(x) over `axis`; L = -sum over non-ignored positions of log p[label] / normalizer.
+
+    bottom[0]: scores (N, C, ...), bottom[1]: labels (count N * ...); top[0]: loss,
+    optional top[1]: the probabilities p (shape of bottom[0]).
+    """
+
+    def layer_setup(self, bottom, top):
+        lp = self.layer_param.loss_param
+        self.ignore_label = _ignore_label(lp)
+        self.normalization = _normalization(lp, lp.normalization)
+        self.prob = Blob(bottom[0].shape, dtype=self.dtype)
+
+    def softmax_axis(self):
+        return self.layer_param.softmax_param.axis
+
+    def forward(self, bottom, top):
+        prob = self._softmax_and_labels(bottom)
+        picked = np.take_along_axis(prob, self.labels[:, None, :], axis=1)[:, 0, :]
+        log_p = np.log(np.maximum(picked, picked.dtype.type(FLT_MIN)))
+        loss = -np.sum(log_p, where=self.valid)
+        top[0].data[...] = loss / self._normalizer()
 
     def backward(self, top, propagate_down, bottom):
         self.check_no_label_backward(propagate_down)
@@ -185,9 +208,7 @@ class SoftmaxWithLossLayer(LossLayer):
         # d(-log p_label)/dx_c = p_c - [c == label]
         o, i = np.nonzero(self.valid)
         diff[o, self.labels[o, i], i] -= 1
-        if self.ignore_label is not None:
-            diff *= self.valid[:, None, :]
-        diff *= top[0].diff.flat[0] / self._normalizer()
+        self._finish_backward(diff, top)
 
 
 @register_layer("Accuracy")
@@ -444,7 +465,7 @@ class ContrastiveLossLayer(LossLayer):
 
 
 @register_layer("InfogainLoss")
-class InfogainLossLayer(LossLayer):
+class InfogainLossLayer(_SoftmaxLoss):
     """p = softmax(x) over `axis`; L = -sum_positions sum_l H[label, l] log p_l / normalizer.
 
     bottom[0]: scores (N, C, ...), bottom[1]: labels, optional bottom[2]: H (C x C);
@@ -455,9 +476,6 @@ class InfogainLossLayer(LossLayer):
     exact_num_bottom = None
     min_num_bottom = 2
     max_num_bottom = 3
-    exact_num_top = None
-    min_num_top = 1
-    max_num_top = 2
     label_bottoms = (1, 2)
 
     def layer_setup(self, bottom, top):
@@ -483,22 +501,15 @@ class InfogainLossLayer(LossLayer):
                                  f"BlobProto): {e}") from None
             self.infogain = Blob(Blob.proto_shape(proto), dtype=self.dtype).from_proto(proto)
 
+    def softmax_axis(self):
+        return self.layer_param.infogain_loss_param.axis
+
     def reshape(self, bottom, top):
         super().reshape(bottom, top)
-        self.axis = _canonical_axis(self, bottom[0], self.layer_param.infogain_loss_param.axis)
-        self.outer_num = bottom[0].count(0, self.axis)
-        self.inner_num = bottom[0].count(self.axis + 1)
-        self.channels = bottom[0].shape[self.axis]
-        if self.outer_num * self.inner_num != bottom[1].count():
-            raise self.error(_label_count_message(bottom, self.outer_num * self.inner_num))
         h = self._h_blob(bottom)
         if h.count() != self.channels * self.channels:
             raise self.error(f"the infogain matrix H must be {self.channels}x{self.channels}, "
                              f"got {h.count()} values (shape {h.shape})")
-        self.prob.reshape_like(bottom[0])
-        if len(top) >= 2:
-            top[1].reshape_like(bottom[0])
-            top[1].share_data(self.prob)
 
     def _h_blob(self, bottom):
         return bottom[2] if len(bottom) >= 3 else self.infogain
@@ -507,25 +518,14 @@ class InfogainLossLayer(LossLayer):
         return self._h_blob(bottom).data.reshape(self.channels, self.channels).astype(
             self.dtype, copy=False)
 
-    def _views(self, array):
-        return array.reshape(self.outer_num, self.channels, self.inner_num)
-
     def forward(self, bottom, top):
-        prob = self._views(self.prob.data)
-        softmax(self._views(bottom[0].data), 1, prob)
-        self.labels, self.valid = read_labels(
-            self, bottom[1].data, (self.outer_num, self.inner_num), self.channels,
-            self.ignore_label)
+        prob = self._softmax_and_labels(bottom)
         log_p = np.log(np.maximum(prob, prob.dtype.type(LOG_THRESHOLD)))
         # rows[o, l, i] = H[label(o, i), l]
         rows = self._h(bottom)[self.labels].transpose(0, 2, 1)
         per_position = np.einsum("oli,oli->oi", rows, log_p)
         loss = -np.sum(per_position, where=self.valid)
-        self.valid_count = int(self.valid.sum())
         top[0].data[...] = loss / self._normalizer()
-
-    def _normalizer(self):
-        return _normalizer(self.normalization, self.outer_num, self.inner_num, self.valid_count)
 
     def backward(self, top, propagate_down, bottom):
         self.check_no_label_backward(propagate_down)
@@ -537,9 +537,7 @@ class InfogainLossLayer(LossLayer):
         # dL/dx_l = p_l * sum_k H[label, k] - H[label, l]
         np.multiply(self._views(self.prob.data), row_sums[self.labels][:, None, :], out=diff)
         diff -= h[self.labels].transpose(0, 2, 1)
-        if self.ignore_label is not None:
-            diff *= self.valid[:, None, :]
-        diff *= top[0].diff.flat[0] / self._normalizer()
+        self._finish_backward(diff, top)
 
 
 @register_layer("MultinomialLogisticLoss")
