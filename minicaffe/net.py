@@ -286,20 +286,18 @@ class Net:
                     raise LayerError(f"layer {layer.name!r}: shared param {spec.name!r} has shape "
                                      f"{blob.shape} here but {owner_blob.shape} in its owner "
                                      f"(set share_mode: PERMISSIVE to share by count)")
-                if spec.HasField("lr_mult") and spec.lr_mult != self.params_lr[owner]:
-                    if self._spec_had_lr[owner]:
-                        raise LayerError(f"layer {layer.name!r}: shared param {spec.name!r} sets "
-                                         f"lr_mult {spec.lr_mult} but its owner uses "
-                                         f"{self.params_lr[owner]}")
-                    self.params_lr[owner] = spec.lr_mult
-                    self._spec_had_lr[owner] = True
-                if spec.HasField("decay_mult") and spec.decay_mult != self.params_weight_decay[owner]:
-                    if self._spec_had_decay[owner]:
-                        raise LayerError(f"layer {layer.name!r}: shared param {spec.name!r} sets "
-                                         f"decay_mult {spec.decay_mult} but its owner uses "
-                                         f"{self.params_weight_decay[owner]}")
-                    self.params_weight_decay[owner] = spec.decay_mult
-                    self._spec_had_decay[owner] = True
+                for field, values, given in (("lr_mult", self.params_lr, self._spec_had_lr),
+                                             ("decay_mult", self.params_weight_decay,
+                                              self._spec_had_decay)):
+                    value = getattr(spec, field)
+                    if spec.HasField(field) and value != values[owner]:
+                        # An explicit setting on a sharer applies to the owner, once.
+                        if given[owner]:
+                            raise LayerError(f"layer {layer.name!r}: shared param {spec.name!r} "
+                                             f"sets {field} {value} but its owner uses "
+                                             f"{values[owner]}")
+                        values[owner] = value
+                        given[owner] = True
                 blob.share_data(owner_blob)
                 blob.share_diff(owner_blob)
                 owners.append(owner)

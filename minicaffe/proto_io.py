@@ -102,29 +102,27 @@ def _parse_binary(raw, message, path):
     return message
 
 
-def read_net_param(path_or_param):
-    """A NetParameter from a file path (text, YAML or binary) or a message, upgraded."""
-    if isinstance(path_or_param, caffe_pb2.NetParameter):
-        param = caffe_pb2.NetParameter()
+def _read_upgraded(path_or_param, message_type, upgrade):
+    """A `message_type` from a file path (text, YAML or binary) or a message, upgraded."""
+    if isinstance(path_or_param, message_type):
+        param = message_type()
         param.CopyFrom(path_or_param)
-        return upgrade_net_param(param)
-    param = read_proto(path_or_param, caffe_pb2.NetParameter())
+        return upgrade(param)
+    param = read_proto(path_or_param, message_type())
     try:
-        return upgrade_net_param(param)
+        return upgrade(param)
     except ValueError as exc:
         raise ProtoFileError(f"{os.fspath(path_or_param)}: {exc}") from None
+
+
+def read_net_param(path_or_param):
+    """A NetParameter from a file path (text, YAML or binary) or a message, upgraded."""
+    return _read_upgraded(path_or_param, caffe_pb2.NetParameter, upgrade_net_param)
 
 
 def read_solver_param(path_or_param):
-    if isinstance(path_or_param, caffe_pb2.SolverParameter):
-        param = caffe_pb2.SolverParameter()
-        param.CopyFrom(path_or_param)
-        return upgrade_solver_param(param)
-    param = read_proto(path_or_param, caffe_pb2.SolverParameter())
-    try:
-        return upgrade_solver_param(param)
-    except ValueError as exc:
-        raise ProtoFileError(f"{os.fspath(path_or_param)}: {exc}") from None
+    """A SolverParameter from a file path (text, YAML or binary) or a message, upgraded."""
+    return _read_upgraded(path_or_param, caffe_pb2.SolverParameter, upgrade_solver_param)
 
 
 # -- upgrades ------------------------------------------------------------------
