@@ -570,7 +570,8 @@ def python_loss(module, cls):
 def test_pyloss_style_layer_trains_like_the_builtin_euclidean_loss():
     builtin, _ = train_losses(regression_net(BUILTIN_LOSS))
     python, solver = train_losses(regression_net(python_loss(HERE, "PyEuclideanLoss")))
-    np.testing.assert_allclose(python, builtin, rtol=0, atol=1e-6)
+    # float32 sums taken in a different order (numpy vs the built-in kernel) differ in the last ulp
+    np.testing.assert_allclose(python, builtin, rtol=1e-6, atol=1e-6)
     assert builtin[-1] < builtin[0]
     assert solver.net.layer_dict["loss"].type == "Python"
 
