@@ -6,7 +6,7 @@
     import_model("model.onnx", "out.prototxt", "out.caffemodel")
 
 Custom layers export themselves with a `to_onnx(self, ctx)` method; `ctx` is an
-`ExportContext` (see minicaffe/onnx/export.py for its small API).
+`ExportContext` (see minicaffe/onnx/exporter.py for its small API).
 """
 from .deps import MissingExtraError, require
 from .errors import OnnxError
@@ -18,12 +18,12 @@ DEFAULT_OPSET = 17
 
 
 def export(net, path, opset=DEFAULT_OPSET, batch=None):
-    from .export import export as _export
+    from .exporter import export as _export
     return _export(net, path, opset=opset, batch=batch)
 
 
 def check(net, path, inputs=None, tolerance=1e-4, seed=0):
-    from .check import check as _check
+    from .verify import check as _check
     return _check(net, path, inputs=inputs, tolerance=tolerance, seed=seed)
 
 
@@ -34,6 +34,6 @@ def import_model(onnx_path, prototxt_path, caffemodel_path):
 
 def __getattr__(name):
     if name == "ExportContext":
-        from .export import ExportContext
+        from .exporter import ExportContext
         return ExportContext
     raise AttributeError(name)

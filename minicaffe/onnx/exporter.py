@@ -236,7 +236,7 @@ def to_model(net, opset=17, batch=None):
         elif layer.type == "Python" or impl is not None:
             cls = type(impl).__name__ if impl is not None else "?"
             ctx.fail(f"its class {cls} has no to_onnx(self, ctx) method (see "
-                     f"minicaffe.onnx.export for the ctx helper API)")
+                     f"minicaffe.onnx.exporter for the ctx helper API)")
         else:
             ctx.fail("no ONNX converter for this layer type")
     outputs = []
@@ -606,8 +606,8 @@ def _eltwise(ctx):
         op = "Max"
     else:
         op = "Sum"
-        if layer.coeffs is not None and any(float(c) != 1.0 for c in layer.coeffs):
-            xs = [ctx.affine(x, float(c)) for x, c in zip(xs, layer.coeffs)]
+        coeffs = [1.0 if c is None else float(c) for c in layer.coeffs]
+        xs = [ctx.affine(x, c) for x, c in zip(xs, coeffs)]
     if len(xs) == 1:
         ctx.one("Identity", xs, ctx.output())
     elif op in ("Sum", "Max"):
