@@ -27,7 +27,8 @@ def randomize(net, seed=0):
             fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
             if layer.type == "InnerProduct" and layer.layer_param.inner_product_param.transpose:
                 fan_in = shape[0]
-            blob.data[...] = rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))
+            blob.data[...] = rng.standard_normal(shape, dtype=np.float32)
+            blob.data *= np.float32(1 / np.sqrt(max(fan_in, 1)))
     return net
 
 
