@@ -20,6 +20,7 @@ A layer that has no converter is never dropped: export fails naming it.
 import numpy as np
 
 from ..proto import caffe_pb2
+from ..proto_io import atomic_write
 from .deps import require
 from .errors import OnnxError
 
@@ -254,25 +255,13 @@ def to_model(net, opset=17, batch=None):
 
 def export(net, path, opset=17, batch=None):
     """Write `net` as an ONNX model to `path` (checked by onnx.checker); return the model."""
-    import os
-    import tempfile
     onnx = require("onnx")
     model = to_model(net, opset=opset, batch=batch)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise OnnxError(f"the exported model fails onnx.checker: {str(exc).splitlines()[0]}")
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".onnx-", suffix=".tmp")
-    try:   # written aside, then moved: a failed write never leaves half a model at `path`
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, model.SerializeToString())   # never half a model at `path`
     return model
 
 
