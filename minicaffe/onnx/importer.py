@@ -97,6 +97,7 @@ class _Graph:
             self.shapes[name] = list(value.shape)
         self.net = caffe_pb2.NetParameter(name=graph.name or "imported")
         self.count = 0
+        self.pads = {}   # Pad outputs awaiting the pooling that takes them in: name -> (x, pads)
         for vi in graph.input:
             if vi.name in self.consts:
                 continue
@@ -112,6 +113,10 @@ class _Graph:
                     n.fail("only tensor-valued Constant nodes are supported")
                 self.consts[n.outputs[0]] = onnx.numpy_helper.to_array(value)
                 continue
+            padded = [i for i in n.inputs if i in self.pads]
+            if padded and n.op not in ("AveragePool", "MaxPool"):
+                n.fail(f"its input {padded[0]!r} comes from a Pad; Caffe pads only inside "
+                       f"convolution and pooling, so Pad is supported only before a pooling")
             fn = IMPORTERS.get(n.op)
             if fn is None:
                 n.fail("this op is not supported (supported: " + ", ".join(sorted(IMPORTERS)) + ")")
@@ -237,7 +242,18 @@ def _pool(n):
         n.fail("dilated pooling is not expressible")
     pads = list(n.attr("pads") or [0] * 4)
     begin, end = pads[:2], pads[2:]
-    if n.op == "AveragePool":
+    explicit = n.g.pads.get(n.inputs[0])
+    if explicit is not None:
+        # Pad then pool (minicaffe's own export of Caffe's padded pooling): the explicit
+        # zeros count in an average, the pool's own end padding does not, as in Caffe.
+        n.inputs[0], p_explicit = explicit
+        if any(begin) or (n.op == "AveragePool" and end and any(end) and
+                          n.attr("count_include_pad", 0)):
+            n.fail("a Pad followed by a pooling that pads its start is not expressible")
+        begin = list(p_explicit)
+        pads = begin + [b + e for b, e in zip(begin, end)]
+        end = pads[2:]
+    elif n.op == "AveragePool":
         begin = _symmetric_pads(n, pads, 2)
         if any(begin) and not n.attr("count_include_pad", 0):
             n.fail("averaging that excludes the padding (count_include_pad=0) is not Caffe's "
@@ -257,13 +273,27 @@ def _pool(n):
                     zip(n.shape()[2:], k, begin, s)] for mode in (True, False)}
     # A max pool's extra end padding only adds windows, so Caffe's ceil rounding can stand in
     # for it; an average's divisor would differ where a window runs past the padded edge.
-    if n.op == "MaxPool" and sizes[True] == want or sizes[True] == sizes[False] == want:
+    if (n.op == "MaxPool" or explicit is not None) and sizes[True] == want or \
+            sizes[True] == sizes[False] == want:
         return
     if sizes[False] == want and pads[:2] == pads[2:]:
         p.round_mode = p.FLOOR
         return
     n.fail(f"Caffe's pooling gives {sizes[True]} (ceil) or {sizes[False]} (floor), the ONNX "
            f"model {want}")
+
+
+@importer("Pad")
+def _pad(n):
+    pads = n.const(1, required=False)
+    pads = list(n.attr("pads", [])) if pads is None else [int(x) for x in pads]
+    value = n.const(2, required=False)
+    mode = n.attr("mode", "constant")
+    nd = len(pads) // 2
+    if (mode != "constant" or (value is not None and float(value) != 0.0) or nd != 4
+            or any(pads[:2]) or any(pads[nd:nd + 2]) or pads[2:4] != pads[nd + 2:]):
+        n.fail("only symmetric zero padding of H and W, feeding a pooling, is supported")
+    n.g.pads[n.outputs[0]] = (n.inputs[0], pads[2:4])
 
 
 @importer("GlobalAveragePool", "GlobalMaxPool")

@@ -39,7 +39,7 @@ layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_para
 layer { name: "bn" type: "BatchNorm" bottom: "c1" top: "c1" }
 layer { name: "sc" type: "Scale" bottom: "c1" top: "c1" scale_param { bias_term: true } }
 layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" relu_param { negative_slope: 0.1 } }
-layer { name: "p1" type: "Pooling" bottom: "c1" top: "p1" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "p1" type: "Pooling" bottom: "c1" top: "p1" pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 } }
 layer { name: "sl" type: "Slice" bottom: "p1" top: "a" top: "b" slice_param { axis: 1 slice_point: 2 } }
 layer { name: "ta" type: "TanH" bottom: "a" top: "a2" }
 layer { name: "sb" type: "Sigmoid" bottom: "b" top: "b2" }
@@ -48,7 +48,7 @@ layer { name: "d1" type: "Deconvolution" bottom: "cat" top: "d1" convolution_par
 layer { name: "c2" type: "Convolution" bottom: "d1" top: "c2" convolution_param { num_output: 4 kernel_size: 1 } }
 layer { name: "sum" type: "Eltwise" bottom: "d1" bottom: "c2" top: "sum" }
 layer { name: "clip" type: "Clip" bottom: "sum" top: "sum" clip_param { min: -1 max: 1.5 } }
-layer { name: "p2" type: "Pooling" bottom: "sum" top: "p2" pooling_param { pool: AVE kernel_size: 2 stride: 2 } }
+layer { name: "p2" type: "Pooling" bottom: "sum" top: "p2" pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }
 layer { name: "drop" type: "Dropout" bottom: "p2" top: "p2" }
 layer { name: "flat" type: "Flatten" bottom: "p2" top: "flat" }
 layer { name: "ip" type: "InnerProduct" bottom: "flat" top: "ip" inner_product_param { num_output: 5 } }
