@@ -664,3 +664,88 @@ def _embed(ctx):
                 else ctx.output(), axis=0)
     if layer.bias_term:
         ctx.one("Add", [y, ctx.add_initializer(ctx.weight(1).reshape(-1))], ctx.output())
+
+
+# ---------------------------------------------------------------------------------------------
+# Recurrent layers: an ONNX Scan over time, one step per timestep, with Caffe's cont_t applied
+# to the carried state exactly as Caffe does (so sequence restarts anywhere in the batch are
+# kept; ONNX's own RNN/LSTM ops cannot reset mid-sequence). Without expose_hidden the model
+# starts from zero state on every run (minicaffe carries state between forward calls).
+
+def _recurrent(ctx, lstm):
+    onnx = require("onnx")
+    helper, layer = onnx.helper, ctx.layer
+    D = int(layer.num_output)
+    gates = 4 * D if lstm else D
+    x, cont = ctx.input(0), ctx.input(1)
+    x3 = ctx.one("Reshape", [x, ctx.const([0, 0, -1])])
+    w_in = ctx.add_initializer(layer.param(layer.input_weight).data.T.astype(np.float32))
+    b_in = ctx.add_initializer(layer.param(layer.input_bias).data.astype(np.float32))
+    pre = ctx.one("Add", [ctx.one("MatMul", [x3, w_in]), b_in])
+    if layer.static_input:
+        xs = ctx.one("Flatten", [ctx.input(2)], axis=1)
+        w_s = ctx.add_initializer(layer.param(layer.static_weight).data.T.astype(np.float32))
+        pre = ctx.one("Add", [pre, ctx.one("MatMul", [xs, w_s])])
+    n_states = len(layer.state_names)
+    if layer.expose_hidden:
+        first = 2 + int(layer.static_input)
+        init = [ctx.one("Squeeze", [ctx.input(first + k), ctx.const([0])]) for k in range(n_states)]
+    else:
+        n = ctx.slice(ctx.one("Shape", [cont]), [1], [2], [0])
+        shape = ctx.one("Concat", [n, ctx.const([D])], axis=0)
+        zero = helper.make_tensor("zero", onnx.TensorProto.FLOAT, [1], [0.0])
+        init = [ctx.one("ConstantOfShape", [shape], value=zero) for _ in range(n_states)]
+    w_h = ctx.add_initializer(layer.param("W_hc" if lstm else "W_hh").data.T.astype(np.float32))
+    axis1 = ctx.const([1])
+
+    nodes = []
+    name = ctx.tmp("step")
+
+    def node(op, inputs, out, **attrs):
+        nodes.append(helper.make_node(op, inputs, [out], name=f"{name}/{out}", **attrs))
+        return out
+
+    s = name + "/"
+    node("Unsqueeze", [s + "cont", axis1], s + "cu")
+    node("Mul", [s + "h_prev", s + "cu"], s + "hc")
+    node("Add", [s + "pre", node("MatMul", [s + "hc", w_h], s + "rec")], s + "g")
+    body_in = [s + "h_prev"] + ([s + "c_prev"] if lstm else []) + [s + "pre", s + "cont"]
+    if lstm:
+        part = []
+        for k, act in enumerate(["Sigmoid", "Sigmoid", "Sigmoid", "Tanh"]):
+            sl = node("Slice", [s + "g", ctx.const([k * D]), ctx.const([(k + 1) * D]), axis1],
+                      s + f"gate{k}")
+            part.append(node(act, [sl], s + f"act{k}"))
+        i, f, o, g = part
+        f = node("Mul", [f, s + "cu"], s + "f_cont")
+        c = node("Add", [node("Mul", [f, s + "c_prev"], s + "fc"),
+                         node("Mul", [i, g], s + "ig")], s + "c")
+        h = node("Mul", [o, node("Tanh", [c], s + "tanh_c")], s + "h")
+        body_out = [h, c, node("Identity", [h], s + "h_t")]
+    else:
+        h = node("Tanh", [s + "g"], s + "h")
+        body_out = [h, node("Identity", [h], s + "h_t")]
+    f32 = onnx.TensorProto.FLOAT
+    body = helper.make_graph(nodes, name, [helper.make_tensor_value_info(v, f32, None)
+                                           for v in body_in],
+                             [helper.make_tensor_value_info(v, f32, None) for v in body_out])
+    finals = [ctx.tmp(f"final_{st}") for st in layer.state_names]
+    seq = ctx.output(0) if lstm else ctx.tmp("h_seq")
+    ctx.add_node("Scan", init + [pre, cont], finals + [seq], body=body, num_scan_inputs=2)
+    if not lstm:
+        w_o = ctx.add_initializer(layer.param("W_ho").data.T.astype(np.float32))
+        b_o = ctx.add_initializer(layer.param("b_o").data.astype(np.float32))
+        ctx.one("Tanh", [ctx.one("Add", [ctx.one("MatMul", [seq, w_o]), b_o])], ctx.output(0))
+    if layer.expose_hidden:
+        for k, fin in enumerate(finals):
+            ctx.one("Unsqueeze", [fin, ctx.const([0])], ctx.output(1 + k))
+
+
+@converter("LSTM")
+def _lstm(ctx):
+    _recurrent(ctx, True)
+
+
+@converter("RNN")
+def _rnn(ctx):
+    _recurrent(ctx, False)

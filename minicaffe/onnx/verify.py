@@ -72,6 +72,9 @@ def check(net, path, inputs=None, tolerance=1e-4, seed=0):
         if tuple(net.blobs[name].shape) != array.shape:
             net.blobs[name].reshape(array.shape)
     net.reshape()
+    for layer in net.layers:   # recurrent layers: start from zero state, as the ONNX model does
+        if callable(getattr(layer, "reset", None)) and layer.type in ("RNN", "LSTM"):
+            layer.reset()
     for name, array in feeds.items():
         net.blobs[name].data[...] = array
     net.forward()
