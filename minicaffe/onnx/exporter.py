@@ -188,11 +188,24 @@ class _Builder:
             op_type, inputs, outputs, name=self.fresh(f"{layer_name}/{op_type}"), **attrs))
 
 
-def _value_info(onnx, name, shape, dtype, dynamic):
+def _value_info(onnx, name, shape, dtype, dynamic, axis=0):
     dims = list(shape)
-    if dynamic and dims:
-        dims[0] = "N"
+    if dynamic and len(dims) > axis:
+        dims[axis] = "N"
+        if axis == 1:
+            dims[0] = "T"
     return onnx.helper.make_tensor_value_info(name, dtype, dims)
+
+
+def _batch_axes(net):
+    """Blob name -> its batch axis: 1 for the time-major inputs of RNN/LSTM, else 0."""
+    axes = {}
+    for layer, bottoms, tops in zip(net.layers, net.bottom_ids, net.top_ids):
+        if layer.type in ("RNN", "LSTM"):
+            for b in bottoms[:2]:
+                axes[b] = 1
+            axes[tops[0]] = 1
+    return axes
 
 
 def to_model(net, opset=17, batch=None):
@@ -208,13 +221,18 @@ def to_model(net, opset=17, batch=None):
     if isinstance(batch, int) and not isinstance(batch, bool):
         if batch < 1:
             raise OnnxError(f"--batch must be a positive number or 'dynamic', got {batch}")
+        axes = _batch_axes(net)
         for name in net.inputs:
             blob = net.blobs[name]
-            blob.reshape((batch,) + tuple(blob.shape[1:]))
+            shape = list(blob.shape)
+            if shape:
+                shape[axes.get(name, 0)] = batch
+            blob.reshape(tuple(shape))
         net.reshape()
     elif batch is not None and not dynamic:
         raise OnnxError(f"--batch must be a positive number or 'dynamic', got {batch!r}")
     b = _Builder(net, opset, dynamic)
+    batch_axis = _batch_axes(net)
     graph_inputs = []
     for i, layer in enumerate(net.layers):
         ctx = ExportContext(b, i)
@@ -224,7 +242,8 @@ def to_model(net, opset=17, batch=None):
                 b.current[name] = name
                 b.used.add(name)
                 graph_inputs.append(_value_info(onnx, name, ctx.top_shape(t),
-                                                onnx.TensorProto.FLOAT, dynamic))
+                                                onnx.TensorProto.FLOAT, dynamic,
+                                                batch_axis.get(name, 0)))
             continue
         own = getattr(layer, "to_onnx", None)
         impl = getattr(layer, "impl", None)
@@ -244,7 +263,7 @@ def to_model(net, opset=17, batch=None):
     for name in net.outputs:
         blob = net.blobs[name]
         outputs.append(_value_info(onnx, b.current[name], blob.shape, onnx.TensorProto.FLOAT,
-                                   dynamic))
+                                   dynamic, batch_axis.get(name, 0)))
     graph = onnx.helper.make_graph(b.nodes, net.name or "net", graph_inputs, outputs,
                                    initializer=b.inits)
     model = onnx.helper.make_model(graph, producer_name="minicaffe",

@@ -48,3 +48,11 @@ def test_lstm_dynamic_batch(tmp_path):
     feeds = {"x": np.random.default_rng(1).standard_normal((T, N, 3, 2)).astype(np.float32),
              "cont": RESTARTS}
     assert export_and_check(net, tmp_path, inputs=feeds, batch="dynamic").ok
+
+
+def test_lstm_batch_is_the_stream_axis(tmp_path):
+    import onnx
+    net = _net("LSTM", False, False)
+    assert export_and_check(net, tmp_path, batch=3).ok
+    dims = [d.dim_value for d in onnx.load(str(tmp_path / "model.onnx")).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [T, 3, 3, 2]
