@@ -3,7 +3,8 @@
 Every net gets random well-scaled weights (He-normal weights, small biases, unit BatchNorm
 statistics), saved once as a .caffemodel that every engine loads. Each engine runs in its own
 process, so peak RSS is that engine's alone; rounds alternate between engines and the table shows
-medians. ratio = minicaffe / OpenCV (below 1 means minicaffe is faster).
+medians. ratio = minicaffe / OpenCV (below 1 means minicaffe is faster). minicaffe runs as an
+inference user would, with `Net(..., inference=True)`; `--plain` adds the default Net's column.
 
     python benchmarks/deploy_bench.py                       # the six nets of ../shared/models/bench
     python benchmarks/deploy_bench.py --nets squeezenet --rounds 5 --threads 2
@@ -83,9 +84,11 @@ def worker(engine, spec, iterations, threads, out_npy):
     """Runs inside the child process: load, warm up, time `iterations` forwards, print JSON."""
     import numpy as np
     prototxt, weights, x = spec["prototxt"], spec["weights"], np.load(spec["inputs"])
-    if engine == "minicaffe":
+    if engine in ("minicaffe", "minicaffe-plain"):
         import minicaffe
-        net = minicaffe.Net(prototxt, minicaffe.TEST, weights=weights)
+        lean = engine == "minicaffe"
+        net = minicaffe.Net(prototxt, minicaffe.TEST, weights=weights, inference=lean,
+                            keep_blobs=[spec["blob"]] if lean else ())
         name = net.inputs[0]
 
         def forward():
@@ -143,6 +146,9 @@ def main():
                         help="BLAS / OpenCV threads for every engine")
     parser.add_argument("--caffe", help="a Caffe binary: adds a column timed with `caffe time`")
     parser.add_argument("--pycaffe", help="a folder holding pycaffe's `caffe` package: adds a column")
+    parser.add_argument("--plain", action="store_true",
+                        help="add a column for the default Net, which keeps every blob (minicaffe's "
+                             "column is Net(..., inference=True))")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # engine, spec JSON, output .npy
     parser.add_argument("--prepare", nargs=3, help=argparse.SUPPRESS)  # prototxt, batch, folder
     args = parser.parse_args()
@@ -161,7 +167,7 @@ def main():
         parser.error(f"unknown net(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     if args.rounds < 1 or args.iterations < 1 or args.threads < 1:
         parser.error("--rounds, --iterations and --threads must be at least 1")
-    engines = ["minicaffe"]
+    engines = ["minicaffe"] + (["minicaffe-plain"] if args.plain else [])
     try:
         import cv2  # noqa: F401
         engines.append("opencv")

@@ -12,6 +12,7 @@ import numpy as np
 
 from .blob import Blob
 from .layer import LayerError, building_model, create_layer
+from .memory_plan import share_dead_buffers
 from .proto import caffe_pb2
 from .proto_io import ProtoFileError, read_net_param, read_proto, write_binary
 
@@ -119,10 +120,14 @@ class Net:
 
     pycaffe-style: `Net(model, phase, weights=None, level=0, stages=())`; the
     older `Net(model, weights, phase)` form is accepted too.
+
+    `inference=True` is a forward-only net whose blobs share buffers once no later layer reads
+    them (see memory_plan.py): after `forward()` only the inputs, the outputs and the blobs named
+    in `keep_blobs` hold their values, and there is no backward pass.
     """
 
     def __init__(self, model, phase=None, *args, weights=None, level=0, stages=(),
-                 dtype=np.float32):
+                 dtype=np.float32, inference=False, keep_blobs=()):
         if isinstance(phase, (str, os.PathLike)):   # Net(model, weights, phase)
             if args:
                 weights, phase, args = phase, args[0], args[1:]
@@ -160,6 +165,19 @@ class Net:
         if weights:
             for w in ([weights] if isinstance(weights, (str, os.PathLike)) else weights):
                 self.copy_from(w)
+        self.inference = bool(inference)
+        if isinstance(keep_blobs, str):
+            keep_blobs = [keep_blobs]
+        unknown = [name for name in keep_blobs if name not in self.blobs]
+        if unknown:
+            raise KeyError(f"keep_blobs: net {self.name!r} has no blob named {unknown[0]!r}")
+        if not self.inference and keep_blobs:
+            raise ValueError("keep_blobs only applies to Net(..., inference=True); "
+                             "a default Net keeps every blob")
+        self.kept_blobs = set(self.input_names) | set(self.output_names) | set(keep_blobs)
+        if self.inference:
+            share_dead_buffers(self.layers, self._bottom_vecs, self._top_vecs,
+                               [self.blobs[name] for name in sorted(self.kept_blobs)])
 
     # -- construction ----------------------------------------------------------
     def _init(self, param):
@@ -386,6 +404,9 @@ class Net:
         return loss
 
     def backward_from_to(self, start=None, end=0):
+        if self.inference:
+            raise RuntimeError(f"net {self.name!r} was built with inference=True: its blobs share "
+                               f"buffers, so it has no backward pass; build it without inference=True")
         start = len(self.layers) - 1 if start is None else start
         for i in range(start, end - 1, -1):
             if not self.layer_need_backward[i]:
@@ -420,6 +441,11 @@ class Net:
         self.forward_from_to(start_i, end_i)
         names = list(self.top_ids[end_i]) if end is not None else list(self.output_names)
         names += [b for b in (blobs or []) if b not in names]
+        if self.inference:
+            lost = [name for name in names if name not in self.kept_blobs]
+            if lost:
+                raise KeyError(f"forward(): blob {lost[0]!r} of inference net {self.name!r} shares its "
+                               f"buffer with later blobs; name it in Net(..., keep_blobs=[...]) to read it")
         return {name: self.blobs[name].data for name in names}
 
     def backward(self, diffs=None, start=None, end=None, **kwargs):

@@ -22,6 +22,9 @@ def register(subparsers):
                    help="network phase (default TRAIN)")
     add_flag(p, "weights", metavar="W.caffemodel[,...]",
                    help="optional weights to load first")
+    p.add_argument("--inference", action="store_true",
+                   help="time the forward pass alone, on a net whose blobs share buffers once "
+                        "no later layer reads them (Net(..., inference=True))")
     add_common_flags(p)
     p.set_defaults(func=run)
 
@@ -45,7 +48,7 @@ def run(args):
             raise CommandError(f"--iterations must be at least 1, got {args.iterations}")
         note_gpu(args)
         net = Net(args.model, caffe_pb2.Phase.Value(phase), level=args.level,
-                  stages=stages_from(args))
+                  stages=stages_from(args), inference=args.inference)
         if args.weights:
             for path in args.weights.split(","):
                 if path.strip():
@@ -54,8 +57,9 @@ def run(args):
         # One untimed pass first, so buffers are allocated before timing starts.
         log.info("Performing Forward")
         log.info("Initial loss: %s", f"{net.forward_loss():g}")
-        log.info("Performing Backward")
-        net.backward_from_to()
+        if not args.inference:
+            log.info("Performing Backward")
+            net.backward_from_to()
 
         layers = net.layers
         bottoms = [[net.blobs[n] for n in names] for names in net.bottom_ids]
@@ -77,7 +81,7 @@ def run(args):
                 forward_time[i] += clock() - t
             total_forward += clock() - start_iter
             start_backward = clock()
-            for i in reversed(range(len(layers))):
+            for i in reversed(range(0 if args.inference else len(layers))):
                 t = clock()
                 # Like Caffe's benchmark: every layer's Backward, even ones the net would skip.
                 layers[i].run_backward(tops[i], net.bottom_need_backward[i], bottoms[i])
@@ -88,9 +92,11 @@ def run(args):
         log.info("Average time per layer: ")
         for i, name in enumerate(net.layer_names):
             log.info("%10s\tforward: %s ms.", name, _ms(forward_time[i] / n))
-            log.info("%10s\tbackward: %s ms.", name, _ms(backward_time[i] / n))
+            if not args.inference:
+                log.info("%10s\tbackward: %s ms.", name, _ms(backward_time[i] / n))
         log.info("Average Forward pass: %s ms.", _ms(total_forward / n))
-        log.info("Average Backward pass: %s ms.", _ms(total_backward / n))
+        if not args.inference:
+            log.info("Average Backward pass: %s ms.", _ms(total_backward / n))
         log.info("Average Forward-Backward: %s ms.", _ms(total / n))
         log.info("Total Time: %s ms.", _ms(total))
         log.info("*** Benchmark ends ***")
