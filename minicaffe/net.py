@@ -12,6 +12,7 @@ import numpy as np
 
 from .blob import Blob
 from .layer import LayerError, building_model, create_layer
+from .fold import fold_affine_chains
 from .memory_plan import share_dead_buffers
 from .proto import caffe_pb2
 from .proto_io import ProtoFileError, read_net_param, read_proto, write_binary
@@ -123,7 +124,10 @@ class Net:
 
     `inference=True` is a forward-only net whose blobs share buffers once no later layer reads
     them (see memory_plan.py): after `forward()` only the inputs, the outputs and the blobs named
-    in `keep_blobs` hold their values, and there is no backward pass.
+    in `keep_blobs` hold their values, and there is no backward pass. Its in-place BatchNorm /
+    Scale / Bias layers after a Convolution or InnerProduct are folded into that layer's weights
+    (fold.py) when the net is built and whenever `copy_from` loads weights; after changing
+    `net.params` by hand, call `net.fold_params()`.
     """
 
     def __init__(self, model, phase=None, *args, weights=None, level=0, stages=(),
@@ -162,10 +166,11 @@ class Net:
             if self.source is not None and not str(exc).startswith(os.fspath(self.source)):
                 raise type(exc)(f"{os.fspath(self.source)}: {exc}") from None
             raise
+        self.inference = bool(inference)
+        self._forward_plan, self._fold_stale = None, False
         if weights:
             for w in ([weights] if isinstance(weights, (str, os.PathLike)) else weights):
                 self.copy_from(w)
-        self.inference = bool(inference)
         if isinstance(keep_blobs, str):
             keep_blobs = [keep_blobs]
         unknown = [name for name in keep_blobs if name not in self.blobs]
@@ -178,6 +183,18 @@ class Net:
         if self.inference:
             share_dead_buffers(self.layers, self._bottom_vecs, self._top_vecs,
                                [self.blobs[name] for name in sorted(self.kept_blobs)])
+            self.fold_params()
+
+    def fold_params(self):
+        """Inference nets: recompute the folded Convolution/InnerProduct weights from net.params."""
+        if not self.inference:
+            raise RuntimeError("fold_params() is for nets built with inference=True")
+        # The chains are in place, so every blob still ends up holding the value it has unfolded.
+        folds = fold_affine_chains(self.layers, self.bottom_ids, self.top_ids)
+        skipped = {j for _, chain in folds.values() for j in chain}
+        self._forward_plan = [(i, folds[i][0] if i in folds else layer, self._bottom_vecs[i], self._top_vecs[i])
+                              for i, layer in enumerate(self.layers) if i not in skipped]
+        self._fold_stale = False
 
     # -- construction ----------------------------------------------------------
     def _init(self, param):
@@ -386,12 +403,20 @@ class Net:
             raise KeyError(f"no layer named {which!r} in net {self.name!r}") from None
 
     # -- running ------------------------------------------------------------------
+    def forward_plan(self, start=0, end=None):
+        """The (index, layer, bottom, top) steps that forward runs for layers start..end: every
+        layer, except on inference nets run whole, where folded layers are left out."""
+        end = len(self.layers) - 1 if end is None else end
+        if self._fold_stale:
+            self.fold_params()
+        if self._forward_plan is not None and start == 0 and end == len(self.layers) - 1:
+            return self._forward_plan
+        return [(i, self.layers[i], self._bottom_vecs[i], self._top_vecs[i]) for i in range(start, end + 1)]
+
     def forward_from_to(self, start=0, end=None):
         """Run layers start..end (inclusive) and return their summed weighted loss."""
-        end = len(self.layers) - 1 if end is None else end
         loss = 0.0
-        for i in range(start, end + 1):
-            layer, bottom, top = self.layers[i], self._bottom_vecs[i], self._top_vecs[i]
+        for _, layer, bottom, top in self.forward_plan(start, end):
             try:
                 layer.reshape(bottom, top)
                 loss += layer.run_forward(bottom, top)
@@ -521,6 +546,7 @@ class Net:
 
     def copy_from(self, source):
         """Load weights by layer name from a .caffemodel (binary NetParameter), .h5, or a NetParameter."""
+        self._fold_stale = self.inference   # folded weights are recomputed at the next forward
         if isinstance(source, caffe_pb2.NetParameter):
             param, label = source, "NetParameter"
         else:
