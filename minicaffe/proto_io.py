@@ -10,7 +10,7 @@ import tempfile
 from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 
-from .proto import caffe_pb2
+from .proto import caffe_pb2, extension, known_forks
 
 __all__ = ["ProtoFileError", "read_net_param", "read_solver_param", "read_proto",
            "write_binary", "atomic_write", "upgrade_net_param", "upgrade_solver_param"]
@@ -44,9 +44,17 @@ def write_binary(message, path):
     atomic_write(path, message.SerializeToString())
 
 
+def _extended(message):
+    """The fork's message class for `message` when a fork proto is active (proto.extend)."""
+    ext = extension.active()
+    return ext.message_class(message.DESCRIPTOR.full_name) if ext else None
+
+
 def _parse_text(text, message, path):
+    cls = _extended(message)
+    target = cls() if cls else message
     try:
-        text_format.Parse(text, message)
+        text_format.Parse(text, target)
     except text_format.ParseError as exc:
         line, col = exc.GetLine(), exc.GetColumn()
         where = f"{path}:{line}:{col}" if line else str(path)
@@ -54,7 +62,10 @@ def _parse_text(text, message, path):
         # protobuf prefixes "line:col : "; the location is already in `where`.
         if line and msg.startswith(f"{line}:"):
             msg = msg.split(" : ", 1)[-1]
-        raise ProtoFileError(f"{where}: {msg}") from None
+        raise ProtoFileError(f"{where}: {msg}{known_forks.hint(msg)}") from None
+    if cls:
+        # Through the wire format: fields minicaffe lacks stay on as unknown fields.
+        message.ParseFromString(target.SerializeToString())
     return message
 
 
@@ -66,10 +77,14 @@ def _parse_yaml(text, message, path):
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise ProtoFileError(f"{where}: {getattr(exc, 'problem', exc)}") from None
+    cls = _extended(message)
+    target = cls() if cls else message
     try:
-        json_format.ParseDict(tree, message)
+        json_format.ParseDict(tree, target)
     except json_format.ParseError as exc:
         raise ProtoFileError(f"{path}: {exc}") from None
+    if cls:
+        message.ParseFromString(target.SerializeToString())
     return message
 
 
@@ -99,8 +114,6 @@ def _parse_binary(raw, message, path):
         message.ParseFromString(raw)
     except DecodeError as exc:
         raise ProtoFileError(f"{path}: not a valid binary {message.DESCRIPTOR.name} ({exc})") from None
-    if isinstance(message, caffe_pb2.NetParameter):
-        remap_fork_numbers(message)
     return message
 
 
@@ -275,6 +288,7 @@ def upgrade_net_param(param):
     for layer in param.layer:
         _upgrade_data_transform(layer)
     _upgrade_inputs(param)
+    remap_fork_numbers(param)
     return param
 
 
