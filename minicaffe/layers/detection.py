@@ -99,7 +99,9 @@ class NormalizeLayer(Layer):
         top[0].reshape(bottom[0].shape)
         n = bottom[0].shape[0]
         # Normalized input, kept for backward; norms shaped to broadcast over their group.
-        self._z = np.empty(bottom[0].shape, dtype=bottom[0].dtype)
+        z = getattr(self, "_z", None)
+        if z is None or z.shape != bottom[0].shape or z.dtype != bottom[0].dtype:
+            self._z = np.empty(bottom[0].shape, dtype=bottom[0].dtype)
         rest = bottom[0].shape[2:]
         self._norm_shape = (n, 1) + (1,) * len(rest) if self.across_spatial else (n, 1) + rest
         self._sum_axes = tuple(range(1, bottom[0].num_axes)) if self.across_spatial else (1,)
