@@ -189,3 +189,75 @@ def test_ssd_net_equals_opencv(tmp_path, which):
     assert len(mine) == len(theirs)
     np.testing.assert_array_equal(mine[key, :2], theirs[key_ref, :2])
     np.testing.assert_allclose(mine[key, 2:], theirs[key_ref, 2:], rtol=1e-4, atol=1e-5)
+
+
+def _opencv_single_layer(tmp_path, layer_text, inputs):
+    """Run one layer fed by Input blobs in minicaffe and in OpenCV dnn; (mine, theirs)."""
+    cv2 = pytest.importorskip("cv2", reason="OpenCV dnn (extra `reference`) is the fork-layer reference")
+    names = list(inputs)
+    head = "".join(f'input: "{n}" input_shape {{ {" ".join(f"dim: {d}" for d in a.shape)} }}\n'
+                   for n, a in inputs.items())
+    path = tmp_path / "layer.prototxt"
+    path.write_text(f'name: "one"\n{head}layer {{ name: "out" top: "out" '
+                    + " ".join(f'bottom: "{n}"' for n in names) + f" {layer_text} }}\n")
+    net = minicaffe.Net(str(path), minicaffe.TEST)
+    randomize(net)
+    for n, a in inputs.items():
+        net.blobs[n].data[...] = a
+    mine = net.forward()["out"].copy()
+    weights = tmp_path / "layer.caffemodel"
+    net.save(str(weights))
+    ref = cv2.dnn.readNetFromCaffe(str(path), str(weights))
+    for n, a in inputs.items():
+        ref.setInput(a, n)
+    return mine, ref.forward("out")
+
+
+@pytest.mark.parametrize("params", [
+    "min_size: 30 max_size: 60 aspect_ratio: 2 aspect_ratio: 3 flip: true clip: false "
+    "variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2",
+    "min_size: 16 min_size: 32 aspect_ratio: 2 flip: false clip: true variance: 0.2",
+    # OpenCV 4.10 clips unless told not to and takes the image size from bottom[1] (SSD's
+    # img_size/img_h/img_w are covered by the loop reference in tests/layers/test_detection.py).
+    "min_size: 40 max_size: 80 aspect_ratio: 2 step: 20 offset: 0.3 clip: false "
+    "variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2",
+])
+def test_priorbox_equals_opencv(tmp_path, params):
+    feat = np.zeros((1, 4, 4, 6), np.float32)
+    image = np.zeros((1, 3, 96, 128), np.float32)
+    mine, theirs = _opencv_single_layer(tmp_path, f'type: "PriorBox" prior_box_param {{ {params} }}',
+                                        {"feat": feat, "image": image})
+    np.testing.assert_allclose(mine, theirs.reshape(mine.shape), rtol=1e-5, atol=1e-6)
+
+
+# OpenCV 4.10 refuses across_spatial with a per-channel scale; the loop reference covers it.
+@pytest.mark.parametrize("across,shared", [(True, True), (False, True), (False, False)])
+def test_normalize_equals_opencv(tmp_path, across, shared):
+    x = np.random.default_rng(3).uniform(-1, 1, (2, 5, 3, 4)).astype(np.float32)
+    mine, theirs = _opencv_single_layer(
+        tmp_path, f'type: "Normalize" norm_param {{ across_spatial: {str(across).lower()} '
+                  f'channel_shared: {str(shared).lower()} eps: 1e-6 }}', {"x": x})
+    np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
+# (background_label_id -1 trips OpenCV 4.10 up; the loop reference covers it.)
+@pytest.mark.parametrize("code,share,background", [("CENTER_SIZE", True, 0), ("CORNER", True, 0),
+                                                   ("CENTER_SIZE", False, 0), ("CORNER", True, 2)])
+def test_detection_output_equals_opencv(tmp_path, code, share, background):
+    from tests.layers.test_detection import _detection_inputs
+    num_classes = 4
+    loc, conf, prior = _detection_inputs(2, 50, num_classes, share, seed=11)
+    # cv2 reads a numpy array of 3 axes or fewer as an image with channels: pass 4 axes.
+    loc, conf, prior = loc[..., None, None], conf[..., None, None], prior[..., None]
+    mine, theirs = _opencv_single_layer(
+        tmp_path, f'type: "DetectionOutput" detection_output_param {{ num_classes: {num_classes} '
+                  f'share_location: {str(share).lower()} background_label_id: {background} '
+                  f'code_type: {code} nms_param {{ nms_threshold: 0.4 top_k: 20 }} keep_top_k: 25 '
+                  'confidence_threshold: 0.15 }', {"loc": loc, "conf": conf, "prior": prior})
+    mine, theirs = mine[0, 0], theirs[0, 0]
+    theirs = theirs[np.any(theirs != 0, axis=1)]   # OpenCV's zero padding rows
+    key = np.lexsort((mine[:, 3], -mine[:, 2], mine[:, 1], mine[:, 0]))
+    key_ref = np.lexsort((theirs[:, 3], -theirs[:, 2], theirs[:, 1], theirs[:, 0]))
+    assert len(mine) == len(theirs) > 0
+    np.testing.assert_array_equal(mine[key, :2], theirs[key_ref, :2])
+    np.testing.assert_allclose(mine[key, 2:], theirs[key_ref, 2:], rtol=1e-4, atol=1e-5)

@@ -380,7 +380,8 @@ class DetectionOutputLayer(Layer):
         loc, conf, prior = bottom
         if loc.shape[0] != conf.shape[0]:
             raise self.error(f"loc has {loc.shape[0]} images but conf has {conf.shape[0]}")
-        if prior.num_axes != 3 or prior.shape[1] != 2 or prior.shape[2] % 4:
+        if (prior.num_axes < 3 or prior.shape[1] != 2 or prior.shape[2] % 4
+                or prior.count() != 2 * prior.shape[2] * prior.shape[0]):
             raise self.error(f"priors (bottom[2]) must be (1, 2, num_priors*4), got {prior.shape}")
         self.num_priors = prior.shape[2] // 4
         if loc.count() // loc.shape[0] != self.num_priors * self.num_loc_classes * 4:
@@ -397,7 +398,7 @@ class DetectionOutputLayer(Layer):
         num = bottom[0].shape[0]
         loc = bottom[0].data.reshape(num, self.num_priors, self.num_loc_classes, 4)
         conf = bottom[1].data.reshape(num, self.num_priors, self.num_classes)
-        prior = bottom[2].data.reshape(2, self.num_priors, 4)
+        prior = bottom[2].data.reshape(-1, 2, self.num_priors, 4)[0]
         # decoded: (num, num_loc_classes, P, 4)
         decoded = decode_boxes(loc.transpose(0, 2, 1, 3), prior[0], prior[1],
                                self.code_type, self.variance_encoded_in_target)
