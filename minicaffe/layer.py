@@ -19,7 +19,7 @@ import warnings
 
 import numpy as np
 
-from .proto import caffe_pb2
+from .proto import caffe_pb2, extension
 
 __all__ = ["Layer", "register_layer", "create_layer", "layer_registry", "layer_source",
            "layer_type_list", "LayerError", "BlobVec"]
@@ -422,4 +422,9 @@ def create_layer(layer_param, phase=None):
     if uses_pycaffe_setup(cls):
         from .layers.python_layer import PythonLayer
         return PythonLayer(layer_param, phase, layer_class=cls)
-    return cls(layer_param, phase)
+    layer = cls(layer_param, phase)
+    ext = extension.active()
+    if ext is not None and not cls.__module__.startswith("minicaffe."):
+        # A custom layer of the fork whose caffe.proto is in use reads its own params.
+        layer.layer_param = ext.view(layer.layer_param)
+    return layer

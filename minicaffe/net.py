@@ -601,7 +601,10 @@ class Net:
         out = caffe_pb2.NetParameter(name=self.name)
         for layer in self.layers:
             lp = out.layer.add()
-            lp.CopyFrom(layer.layer_param)
+            if isinstance(layer.layer_param, caffe_pb2.LayerParameter):
+                lp.CopyFrom(layer.layer_param)
+            else:  # a fork's LayerParameter (proto.extend): same wire format
+                lp.ParseFromString(layer.layer_param.SerializeToString())
             lp.ClearField("blobs")
             for blob in layer.blobs:
                 blob.to_proto(write_diff, lp.blobs.add())

@@ -10,7 +10,7 @@ import tempfile
 from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 
-from .proto import caffe_pb2
+from .proto import caffe_pb2, extension, known_forks
 
 __all__ = ["ProtoFileError", "read_net_param", "read_solver_param", "read_proto",
            "write_binary", "atomic_write", "upgrade_net_param", "upgrade_solver_param"]
@@ -44,9 +44,17 @@ def write_binary(message, path):
     atomic_write(path, message.SerializeToString())
 
 
+def _extended(message):
+    """The fork's message class for `message` when a fork proto is active (proto.extend)."""
+    ext = extension.active()
+    return ext.message_class(message.DESCRIPTOR.full_name) if ext else None
+
+
 def _parse_text(text, message, path):
+    cls = _extended(message)
+    target = cls() if cls else message
     try:
-        text_format.Parse(text, message)
+        text_format.Parse(text, target)
     except text_format.ParseError as exc:
         line, col = exc.GetLine(), exc.GetColumn()
         where = f"{path}:{line}:{col}" if line else str(path)
@@ -54,7 +62,10 @@ def _parse_text(text, message, path):
         # protobuf prefixes "line:col : "; the location is already in `where`.
         if line and msg.startswith(f"{line}:"):
             msg = msg.split(" : ", 1)[-1]
-        raise ProtoFileError(f"{where}: {msg}") from None
+        raise ProtoFileError(f"{where}: {msg}{known_forks.hint(msg)}") from None
+    if cls:
+        # Through the wire format: fields minicaffe lacks stay on as unknown fields.
+        message.ParseFromString(target.SerializeToString())
     return message
 
 
@@ -66,10 +77,14 @@ def _parse_yaml(text, message, path):
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise ProtoFileError(f"{where}: {getattr(exc, 'problem', exc)}") from None
+    cls = _extended(message)
+    target = cls() if cls else message
     try:
-        json_format.ParseDict(tree, message)
+        json_format.ParseDict(tree, target)
     except json_format.ParseError as exc:
         raise ProtoFileError(f"{path}: {exc}") from None
+    if cls:
+        message.ParseFromString(target.SerializeToString())
     return message
 
 
@@ -100,6 +115,37 @@ def _parse_binary(raw, message, path):
     except DecodeError as exc:
         raise ProtoFileError(f"{path}: not a valid binary {message.DESCRIPTOR.name} ({exc})") from None
     return message
+
+
+# Forks whose LayerParameter field numbers collide with BVLC's (see the CONFLICT notes
+# in caffe.proto): in their binary files the layer type tells which meaning is meant.
+_MOVED_FIELDS = (("Interp", "input_param", "interp_param"),     # PSPNet / DeepLab: 143
+                 ("Upsample", "embed_param", "upsample_param"))  # SegNet: 137
+
+
+def remap_fork_numbers(net):
+    """Move fork params that a binary file stored at BVLC's numbers to minicaffe's fields.
+
+    Protobuf decodes such bytes as the BVLC message, with every mismatching field kept
+    as an unknown field, so serializing and reparsing as the fork's message is lossless.
+    """
+    for layer in net.layer:
+        for layer_type, bvlc_field, fork_field in _MOVED_FIELDS:
+            if layer.type == layer_type and layer.HasField(bvlc_field) \
+                    and not layer.HasField(fork_field):
+                getattr(layer, fork_field).ParseFromString(
+                    getattr(layer, bvlc_field).SerializeToString())
+                layer.ClearField(bvlc_field)
+        if layer.HasField("segnet_bn_param"):
+            segnet, bn = layer.segnet_bn_param, layer.bn_param
+            if segnet.HasField("scale_filler"):
+                bn.scale_filler.CopyFrom(segnet.scale_filler)
+            if segnet.HasField("shift_filler"):
+                bn.shift_filler.CopyFrom(segnet.shift_filler)
+            if segnet.HasField("bn_mode"):
+                bn.bn_mode = segnet.bn_mode
+            layer.ClearField("segnet_bn_param")
+    return net
 
 
 def _read_upgraded(path_or_param, message_type, upgrade):
@@ -242,6 +288,7 @@ def upgrade_net_param(param):
     for layer in param.layer:
         _upgrade_data_transform(layer)
     _upgrade_inputs(param)
+    remap_fork_numbers(param)
     return param
 
 
