@@ -17,6 +17,7 @@ import pkgutil
 import sys
 
 from . import commands, plugins
+from .argv_options import take_option
 from .proto import extension
 
 __all__ = ["main", "build_parser"]
@@ -46,9 +47,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     # --plugin is taken out before parsing so that it works after any subcommand.
     try:
-        argv, proto_path = _take_proto_arg(argv)
-        if proto_path is not None:
-            extension.extend(proto_path)
+        argv, proto_paths = take_option(argv, "--proto", "the path of a fork's caffe.proto")
+        if proto_paths:
+            extension.extend(proto_paths[-1])
         argv, plugin_specs = plugins.extract_plugin_args(argv)
         plugins.load_default_plugins()
         plugins.load_plugins(plugin_specs, origin="--plugin")
@@ -73,29 +74,6 @@ def main(argv=None):
             raise
         print(f"minicaffe: error: {exc}", file=sys.stderr)
         return 1
-
-
-def _take_proto_arg(argv):
-    """Split `--proto X` / `--proto=X` out of a command line (before a bare `--`)."""
-    rest, path = [], None
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            rest.extend(argv[i:])
-            break
-        if arg == "--proto":
-            if i + 1 >= len(argv):
-                raise ValueError("--proto needs the path of a fork's caffe.proto")
-            path = argv[i + 1]
-            i += 2
-            continue
-        if arg.startswith("--proto="):
-            path = arg[len("--proto="):]
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, path
 
 
 if __name__ == "__main__":
