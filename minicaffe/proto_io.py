@@ -66,7 +66,23 @@ def _parse_text(text, message, path):
     if cls:
         # Through the wire format: fields minicaffe lacks stay on as unknown fields.
         message.ParseFromString(target.SerializeToString())
+        if isinstance(message, caffe_pb2.NetParameter):
+            _fix_fork_ceil_mode(target, message)
     return message
+
+
+def _fix_fork_ceil_mode(fork_net, net):
+    """A fork's `bool ceil_mode = 13` arrives as BVLC's round_mode 13, read the other way
+    round (see caffe.proto); carry the fork's value over by name instead."""
+    layer_type = fork_net.DESCRIPTOR.fields_by_name["layer"].message_type
+    pooling = layer_type.fields_by_name.get("pooling_param")
+    ceil = pooling.message_type.fields_by_name.get("ceil_mode") if pooling else None
+    if ceil is None or ceil.number != 13:
+        return
+    for theirs, mine in zip(fork_net.layer, net.layer):
+        if theirs.HasField("pooling_param") and theirs.pooling_param.HasField("ceil_mode"):
+            mine.pooling_param.ClearField("round_mode")
+            mine.pooling_param.ceil_mode = theirs.pooling_param.ceil_mode
 
 
 def _parse_yaml(text, message, path):
