@@ -168,9 +168,6 @@ def test_ssd_net_equals_opencv(tmp_path, which):
     weights = tmp_path / "net.caffemodel"
     net.save(str(weights))
     ref = cv2.dnn.readNetFromCaffe(str(path), str(weights))
-    # OpenCV's conv+BN+Scale+ReLU fusion gives wrong results when an in-place chain ends in
-    # a blob several layers read (MobileNet-SSD's conv11, conv13); compare layer by layer.
-    ref.enableFusion(False)
     ref.setInput(x)
     names = ["mbox_loc", "mbox_conf_flatten", "mbox_priorbox", "detection_out"]
     outs = dict(zip(names, ref.forward(names)))
