@@ -11,13 +11,10 @@ from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 
 from .proto import caffe_pb2, extension, known_forks
+from .proto.errors import ProtoFileError
 
 __all__ = ["ProtoFileError", "read_net_param", "read_solver_param", "read_proto",
            "write_binary", "atomic_write", "upgrade_net_param", "upgrade_solver_param"]
-
-
-class ProtoFileError(ValueError):
-    """A file that cannot be read as the message it should hold; the text names the file."""
 
 
 def atomic_write(path, data):
