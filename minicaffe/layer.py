@@ -19,7 +19,7 @@ import warnings
 
 import numpy as np
 
-from .proto import caffe_pb2, extension
+from .proto import caffe_pb2, extension, known_forks
 
 __all__ = ["Layer", "register_layer", "create_layer", "layer_registry", "layer_source",
            "layer_type_list", "LayerError", "BlobVec"]
@@ -403,6 +403,8 @@ def unknown_type_message(type_name):
     hint = f" Did you mean {close[0]!r}?" if close else ""
     from . import plugins
     failed = "".join(f" (Note: {what} failed to load: {why}.)" for what, why in plugins.failed_plugins())
+    # A known fork layer is not a typo of a built-in one.
+    hint = known_forks.layer_type_hint(type_name) or hint
     return (f"unknown layer type {type_name!r}.{hint} Known types: {', '.join(known)}. "
             f"To add one, subclass minicaffe.Layer, decorate the class with "
             f"@minicaffe.register_layer({type_name!r}) and load its module with "

@@ -11,13 +11,10 @@ from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 
 from .proto import caffe_pb2, extension, known_forks
+from .proto.errors import ProtoFileError
 
 __all__ = ["ProtoFileError", "read_net_param", "read_solver_param", "read_proto",
            "write_binary", "atomic_write", "upgrade_net_param", "upgrade_solver_param"]
-
-
-class ProtoFileError(ValueError):
-    """A file that cannot be read as the message it should hold; the text names the file."""
 
 
 def atomic_write(path, data):
@@ -66,7 +63,23 @@ def _parse_text(text, message, path):
     if cls:
         # Through the wire format: fields minicaffe lacks stay on as unknown fields.
         message.ParseFromString(target.SerializeToString())
+        if isinstance(message, caffe_pb2.NetParameter):
+            _fix_fork_ceil_mode(target, message)
     return message
+
+
+def _fix_fork_ceil_mode(fork_net, net):
+    """A fork's `bool ceil_mode = 13` arrives as BVLC's round_mode 13, read the other way
+    round (see caffe.proto); carry the fork's value over by name instead."""
+    layer_type = fork_net.DESCRIPTOR.fields_by_name["layer"].message_type
+    pooling = layer_type.fields_by_name.get("pooling_param")
+    ceil = pooling.message_type.fields_by_name.get("ceil_mode") if pooling else None
+    if ceil is None or ceil.number != 13:
+        return
+    for theirs, mine in zip(fork_net.layer, net.layer):
+        if theirs.HasField("pooling_param") and theirs.pooling_param.HasField("ceil_mode"):
+            mine.pooling_param.ClearField("round_mode")
+            mine.pooling_param.ceil_mode = theirs.pooling_param.ceil_mode
 
 
 def _parse_yaml(text, message, path):

@@ -168,9 +168,6 @@ def test_ssd_net_equals_opencv(tmp_path, which):
     weights = tmp_path / "net.caffemodel"
     net.save(str(weights))
     ref = cv2.dnn.readNetFromCaffe(str(path), str(weights))
-    # OpenCV's conv+BN+Scale+ReLU fusion gives wrong results when an in-place chain ends in
-    # a blob several layers read (MobileNet-SSD's conv11, conv13); compare layer by layer.
-    ref.enableFusion(False)
     ref.setInput(x)
     names = ["mbox_loc", "mbox_conf_flatten", "mbox_priorbox", "detection_out"]
     outs = dict(zip(names, ref.forward(names)))
@@ -261,3 +258,16 @@ def test_detection_output_equals_opencv(tmp_path, code, share, background):
     assert len(mine) == len(theirs) > 0
     np.testing.assert_array_equal(mine[key, :2], theirs[key_ref, :2])
     np.testing.assert_allclose(mine[key, 2:], theirs[key_ref, 2:], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", sorted(NETS))
+def test_ssd_net_inference_mode_equals_plain(tmp_path, which):
+    path, net, x = _net(tmp_path, NETS[which])
+    plain = net.forward()["detection_out"].copy()
+    net.save(str(tmp_path / "w.caffemodel"))
+    inference = minicaffe.Net(str(path), minicaffe.TEST, weights=str(tmp_path / "w.caffemodel"),
+                              inference=True)
+    inference.blobs["data"].data[...] = x
+    folded = inference.forward()["detection_out"]
+    assert folded.shape == plain.shape
+    np.testing.assert_allclose(folded, plain, rtol=1e-4, atol=1e-5)

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 
+from .errors import ProtoFileError
+
 __all__ = ["extend", "active", "reset", "ProtoExtension"]
 
 _ACTIVE = None
@@ -57,7 +59,6 @@ def extend(path):
     caffe.NetParameter, caffe.LayerParameter, ...), as every Caffe fork's caffe.proto does.
     """
     global _ACTIVE
-    from ..proto_io import ProtoFileError
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ProtoFileError(f"{path}: no such proto file")

@@ -5,7 +5,7 @@ The fields minicaffe does carry (SSD, Faster R-CNN, PSPNet, SegNet, ...) are in 
 """
 import re
 
-__all__ = ["FORK_FIELDS", "hint"]
+__all__ = ["FORK_FIELDS", "FORK_LAYER_TYPES", "hint", "layer_type_hint"]
 
 FORK_FIELDS = {
     # R-FCN (daijifeng001/caffe-rfcn)
@@ -46,6 +46,28 @@ FORK_FIELDS = {
     "st_param": "Spatial Transformer (daerduoCarey/SpatialTransformerLayer)",
 }
 
+# Layer types of forks that minicaffe does not implement.
+FORK_LAYER_TYPES = {
+    "PSROIPooling": "R-FCN (daijifeng001/caffe-rfcn)",
+    "BoxAnnotatorOHEM": "R-FCN (daijifeng001/caffe-rfcn)",
+    "MultiBoxLoss": "SSD (weiliu89/caffe), training only",
+    "AnnotatedData": "SSD (weiliu89/caffe), training only",
+    "DetectionEvaluate": "SSD (weiliu89/caffe), training only",
+    "VideoData": "SSD (weiliu89/caffe)",
+    "Region": "YOLO v2 ports (e.g. gklz1982/caffe-yolov2)",
+    "RegionLoss": "YOLO v2 ports (e.g. gklz1982/caffe-yolov2)",
+    "Yolov3": "Caffe-YOLOv3 (eric612/Caffe-YOLOv3-Windows)",
+    "Yolov3DetectionOutput": "MobileNet-YOLO (eric612/MobileNet-YOLO)",
+    "Correlation": "FlowNet (lmb-freiburg/flownet2)",
+    "FlowWarp": "FlowNet (lmb-freiburg/flownet2)",
+    "Resample": "FlowNet (lmb-freiburg/flownet2)",
+    "DenseCRF": "DeepLab (deeplab-public-ver2)",
+    "SegAccuracy": "DeepLab (deeplab-public-ver2)",
+    "CenterLoss": "caffe-face (ydwen/caffe-face)",
+    "MarginInnerProduct": "SphereFace (wy1iu/sphereface)",
+    "SpatialTransformer": "Spatial Transformer (daerduoCarey/SpatialTransformerLayer)",
+}
+
 _NO_FIELD = re.compile(r'has no field named "([A-Za-z0-9_]+)"')
 
 
@@ -60,3 +82,13 @@ def hint(message):
     return (f" (a field of the Caffe fork {fork}, which minicaffe's schema lacks; bring that "
             f"fork's caffe.proto: minicaffe --proto its_caffe.proto ..., or "
             f"minicaffe.proto.extend(path))")
+
+
+def layer_type_hint(type_name):
+    """' It is a layer of the Caffe fork X ...' for a known fork layer type, else ''."""
+    fork = FORK_LAYER_TYPES.get(type_name)
+    if fork is None:
+        return ""
+    return (f" It is a layer of the Caffe fork {fork}, which minicaffe does not implement; "
+            f"register it as a custom layer (with that fork's caffe.proto via --proto if it "
+            f"has its own params).")

@@ -113,3 +113,23 @@ def test_missing_grpc_tools_names_the_extra(fork_proto, monkeypatch):
     monkeypatch.setitem(sys.modules, "grpc_tools", None)
     with pytest.raises(ImportError, match=r"minicaffe\[proto\]"):
         minicaffe.proto.extend(fork_proto)
+
+
+def test_fork_with_ceil_mode_at_13_keeps_its_meaning(tmp_path):
+    text = PROTO.read_text()
+    start = text.index("  optional RoundMode round_mode = 13 [default = CEIL];")
+    end = text.index("  optional bool ceil_mode = 1013 [default = true];\n") + len(
+        "  optional bool ceil_mode = 1013 [default = true];\n")
+    text = text[:start] + "  optional bool ceil_mode = 13 [default = true];\n" + text[end:]
+    proto = tmp_path / "ceil_caffe.proto"
+    proto.write_text(text)
+    net = tmp_path / "pool.prototxt"
+    net.write_text('layer { name: "p" type: "Pooling" pooling_param { kernel_size: 3 ceil_mode: false } }\n'
+                   'layer { name: "q" type: "Pooling" pooling_param { kernel_size: 3 } }\n')
+    try:
+        minicaffe.proto.extend(proto)
+        p, q = read_net_param(net).layer
+    finally:
+        extension.reset()
+    assert p.pooling_param.ceil_mode is False and not p.pooling_param.HasField("round_mode")
+    assert not q.pooling_param.HasField("round_mode") and not q.pooling_param.HasField("ceil_mode")

@@ -149,3 +149,10 @@ def test_unknown_plain_field_gets_no_fork_guess(tmp_path):
     path.write_text('layer {\n  name: "c"\n  type: "Convolution"\n  convolution_parm { }\n}\n')
     with pytest.raises(ProtoFileError, match=r'typo\.prototxt:4:3: .*"convolution_parm"\.$'):
         read_net_param(path)
+
+
+def test_unknown_fork_layer_type_names_the_fork():
+    from minicaffe import LayerError, create_layer
+    with pytest.raises(LayerError, match=r"unknown layer type 'PSROIPooling'\. It is a layer of the "
+                                         r"Caffe fork R-FCN"):
+        create_layer(caffe_pb2.LayerParameter(name="ps", type="PSROIPooling"))
