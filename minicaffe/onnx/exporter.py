@@ -35,6 +35,7 @@ _ELT = caffe_pb2.EltwiseParameter
 _RED = caffe_pb2.ReductionParameter
 
 CONVERTERS = {}
+_DATA_TYPES = {"Data", "ImageData", "HDF5Data", "MemoryData", "DummyData", "WindowData"}
 
 
 def converter(*types):
@@ -257,6 +258,11 @@ def to_model(net, opset=17, batch=None):
             cls = type(impl).__name__ if impl is not None else "?"
             ctx.fail(f"its class {cls} has no to_onnx(self, ctx) method (see "
                      f"minicaffe.onnx.exporter for the ctx helper API)")
+        elif layer.type in _DATA_TYPES:
+            ctx.fail("a data layer reads its own input; export a deploy net whose inputs are "
+                     "Input layers")
+        elif layer.is_loss or layer.type == "Accuracy":
+            ctx.fail("loss and accuracy layers are training/scoring only; export a deploy net")
         else:
             ctx.fail("no ONNX converter for this layer type")
     outputs = []

@@ -235,7 +235,11 @@ def test_fixed_batch(tmp_path):
 
 @pytest.mark.parametrize("text,match", [
     (_input([2, 3]) + _input([2], "label") + _layer("Accuracy", "", ["data", "label"]),
-     r"^layer 'L' \(Accuracy\): cannot export to ONNX: no ONNX converter"),
+     r"^layer 'L' \(Accuracy\): cannot export to ONNX: loss and accuracy layers"),
+    (_input([2, 3, 4, 4]) + _layer("Im2col", "convolution_param { kernel_size: 1 }"),
+     r"^layer 'L' \(Im2col\): cannot export to ONNX: no ONNX converter"),
+    ('layer { name: "d" type: "DummyData" top: "data" dummy_data_param { shape { dim: 2 dim: 3 } } }\n'
+     + _layer("ReLU", ""), r"^layer 'd' \(DummyData\): cannot export to ONNX: a data layer"),
     (_input([2, 3, 4, 4]) + _layer("Pooling", "pooling_param { pool: STOCHASTIC kernel_size: 2 }"),
      "STOCHASTIC"),
 ])
