@@ -701,7 +701,6 @@ def _recurrent(ctx, lstm):
     onnx = require("onnx")
     helper, layer = onnx.helper, ctx.layer
     D = int(layer.num_output)
-    gates = 4 * D if lstm else D
     x, cont = ctx.input(0), ctx.input(1)
     x3 = ctx.one("Reshape", [x, ctx.const([0, 0, -1])])
     w_in = ctx.add_initializer(layer.param(layer.input_weight).data.T.astype(np.float32))
