@@ -209,11 +209,12 @@ def _batch_axes(net):
     return axes
 
 
-def to_model(net, opset=17, batch=None):
+def to_model(net, opset=17, batch=None, extra_outputs=()):
     """The onnx.ModelProto for `net` (a minicaffe Net at TEST phase).
 
     batch: None keeps the net's batch size, an int sets it (the net is reshaped),
-    "dynamic" gives the inputs a symbolic batch dimension N.
+    "dynamic" gives the inputs a symbolic batch dimension N. extra_outputs: names of
+    intermediate blobs to expose as graph outputs too (after the net's outputs).
     """
     onnx = require("onnx")
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -266,7 +267,9 @@ def to_model(net, opset=17, batch=None):
         else:
             ctx.fail("no ONNX converter for this layer type")
     outputs = []
-    for name in net.outputs:
+    for name in list(net.outputs) + [n for n in extra_outputs if n not in net.outputs]:
+        if name not in b.current:
+            raise OnnxError(f"extra output {name!r} is not a blob the exported graph computes")
         blob = net.blobs[name]
         outputs.append(_value_info(onnx, b.current[name], blob.shape, onnx.TensorProto.FLOAT,
                                    dynamic, batch_axis.get(name, 0)))
@@ -278,10 +281,10 @@ def to_model(net, opset=17, batch=None):
     return model
 
 
-def export(net, path, opset=17, batch=None):
+def export(net, path, opset=17, batch=None, extra_outputs=()):
     """Write `net` as an ONNX model to `path` (checked by onnx.checker); return the model."""
     onnx = require("onnx")
-    model = to_model(net, opset=opset, batch=batch)
+    model = to_model(net, opset=opset, batch=batch, extra_outputs=extra_outputs)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
