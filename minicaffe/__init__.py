@@ -15,6 +15,7 @@ from . import layers as _builtin_layers  # noqa: F401  (registers the built-in l
 from .net_spec import NetSpec, layers, params, to_proto
 from . import io  # noqa: F401  (pycaffe's caffe.io)
 from .classifier import Classifier  # noqa: F401
+from .detector import Detector  # noqa: F401
 from .solvers import (get_solver, Solver, SGDSolver, NesterovSolver, AdaGradSolver,  # noqa: F401
                       RMSPropSolver, AdaDeltaSolver, AdamSolver)
 from .logging_util import init_log, log, Timer  # noqa: F401  (pycaffe's caffe.init_log, log, Timer)
