@@ -588,7 +588,7 @@ class Net:
         if first is None or first.type != "MemoryData":
             raise RuntimeError("set_input_arrays may only be called if the first layer is a "
                                "MemoryDataLayer")
-        first.reset(data, labels)
+        first.set_input_arrays(data, labels)
 
     def forward_backward(self):
         loss = self.forward_loss()

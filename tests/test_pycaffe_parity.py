@@ -75,10 +75,19 @@ def test_forward_backward_all_batches_and_trims_padding():
     np.testing.assert_array_equal(diffs["data"][:4], net.blobs["data"].diff)
 
 
-def test_set_input_arrays_needs_a_memory_data_layer():
-    net = make_net()
+def test_set_input_arrays_feeds_the_first_memory_data_layer():
     with pytest.raises(RuntimeError, match="first layer is a MemoryDataLayer"):
-        net.set_input_arrays(np.zeros((4, 2, 3, 3), np.float32), np.zeros(4, np.float32))
+        make_net().set_input_arrays(np.zeros((4, 2, 3, 3), np.float32), np.zeros(4, np.float32))
+    memory = NET.replace('type: "Input" top: "data" top: "label"\n  input_param { shape { dim: 4 dim: 2 dim: 3 dim: 3 } shape { dim: 4 } } }',
+                         'type: "MemoryData" top: "data" top: "label"\n  memory_data_param { batch_size: 4 channels: 2 height: 3 width: 3 } }')
+    net = make_net(memory)
+    data = np.arange(8 * 18, dtype=np.float32).reshape(8, 2, 3, 3)
+    labels = np.arange(8, dtype=np.float32) % 5
+    net.set_input_arrays(data, labels)      # 1-d labels become (N, 1, 1, 1), as pycaffe
+    net.forward()
+    np.testing.assert_array_equal(net.blobs["data"].data, data[:4])
+    net.forward()
+    np.testing.assert_array_equal(net.blobs["label"].data.ravel(), labels[4:])
 
 
 def test_save_is_binary_whatever_the_extension_and_hdf5_loads_by_content(tmp_path):
