@@ -99,7 +99,40 @@ def _parse_binary(raw, message, path):
         message.ParseFromString(raw)
     except DecodeError as exc:
         raise ProtoFileError(f"{path}: not a valid binary {message.DESCRIPTOR.name} ({exc})") from None
+    if isinstance(message, caffe_pb2.NetParameter):
+        remap_fork_numbers(message)
     return message
+
+
+# Forks whose LayerParameter field numbers collide with BVLC's (see the CONFLICT notes
+# in caffe.proto): in their binary files the layer type tells which meaning is meant.
+_MOVED_FIELDS = (("Interp", "input_param", "interp_param"),     # PSPNet / DeepLab: 143
+                 ("Upsample", "embed_param", "upsample_param"))  # SegNet: 137
+
+
+def remap_fork_numbers(net):
+    """Move fork params that a binary file stored at BVLC's numbers to minicaffe's fields.
+
+    Protobuf decodes such bytes as the BVLC message, with every mismatching field kept
+    as an unknown field, so serializing and reparsing as the fork's message is lossless.
+    """
+    for layer in net.layer:
+        for layer_type, bvlc_field, fork_field in _MOVED_FIELDS:
+            if layer.type == layer_type and layer.HasField(bvlc_field) \
+                    and not layer.HasField(fork_field):
+                getattr(layer, fork_field).ParseFromString(
+                    getattr(layer, bvlc_field).SerializeToString())
+                layer.ClearField(bvlc_field)
+        if layer.HasField("segnet_bn_param"):
+            segnet, bn = layer.segnet_bn_param, layer.bn_param
+            if segnet.HasField("scale_filler"):
+                bn.scale_filler.CopyFrom(segnet.scale_filler)
+            if segnet.HasField("shift_filler"):
+                bn.shift_filler.CopyFrom(segnet.shift_filler)
+            if segnet.HasField("bn_mode"):
+                bn.bn_mode = segnet.bn_mode
+            layer.ClearField("segnet_bn_param")
+    return net
 
 
 def _read_upgraded(path_or_param, message_type, upgrade):
