@@ -4,7 +4,7 @@ import pathlib
 import pytest
 
 from minicaffe.proto import caffe_pb2
-from minicaffe.proto_io import read_net_param
+from minicaffe.proto_io import ProtoFileError, read_net_param, write_binary
 
 FORKS = pathlib.Path(__file__).resolve().parents[2] / ".." / "shared" / "models" / "forks"
 LP = caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name
@@ -80,3 +80,79 @@ def test_binary_fork_numbers_are_remapped(tmp_path):
     assert b.bn_param.bn_mode == caffe_pb2.BNParameter.INFERENCE
     assert b.bn_param.shift_filler.value == pytest.approx(0.25)
     assert not b.HasField("segnet_bn_param")
+
+
+FORK_PARAMS = ["annotated_data_param", "multibox_loss_param", "permute_param", "prior_box_param",
+               "detection_output_param", "detection_evaluate_param", "norm_param",
+               "video_data_param", "roi_pooling_param", "smooth_l1_loss_param", "bn_param",
+               "interp_param", "upsample_param", "shuffle_channel_param", "reorg_param"]
+
+
+def _fill_every_field(message, depth=0):
+    """Set every field of `message` (recursively) to a non-default value."""
+    fd = message.DESCRIPTOR.fields[0].__class__
+    for field in message.DESCRIPTOR.fields:
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == fd.LABEL_REPEATED
+        if field.type == fd.TYPE_MESSAGE:
+            if depth < 3:
+                sub = getattr(message, field.name).add() if repeated else getattr(message, field.name)
+                _fill_every_field(sub, depth + 1)
+            continue
+        if field.type == fd.TYPE_ENUM:
+            value = field.enum_type.values[-1].number
+        elif field.type == fd.TYPE_BOOL:
+            value = not field.default_value
+        elif field.type == fd.TYPE_STRING:
+            value = f"{field.name}-value"
+        elif field.type in (fd.TYPE_FLOAT, fd.TYPE_DOUBLE):
+            value = 0.375 + field.number
+        else:
+            value = 3 + field.number
+        if repeated:
+            getattr(message, field.name).extend([value, value])
+        else:
+            setattr(message, field.name, value)
+
+
+def test_caffemodel_with_fork_params_keeps_every_field(tmp_path):
+    net = caffe_pb2.NetParameter(name="forks")
+    layer_types = {"interp_param": "Interp", "upsample_param": "Upsample", "bn_param": "BN"}
+    for name in FORK_PARAMS:
+        layer = net.layer.add(name=name, type=layer_types.get(name, name))
+        _fill_every_field(getattr(layer, name))
+        layer.blobs.add().data.extend([1.5, -2.0])
+    _fill_every_field(net.layer.add(name="pool", type="Pooling").pooling_param)
+    _fill_every_field(net.layer.add(name="data", type="Data").transform_param)
+    first = tmp_path / "a.caffemodel"
+    first.write_bytes(net.SerializeToString())
+    loaded = read_net_param(first)
+    assert loaded == net
+    again = tmp_path / "b.caffemodel"
+    write_binary(loaded, again)
+    assert again.read_bytes() == first.read_bytes()
+
+
+def test_unknown_fork_field_names_field_place_and_fork(tmp_path):
+    path = tmp_path / "rfcn.prototxt"
+    path.write_text('name: "rfcn"\nlayer {\n  name: "psroi"\n  type: "PSROIPooling"\n'
+                    '  psroi_pooling_param { output_dim: 21 group_size: 7 }\n}\n')
+    with pytest.raises(ProtoFileError) as err:
+        read_net_param(path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}:5:3: ")
+    assert '"psroi_pooling_param"' in message and "R-FCN" in message and "--proto" in message
+
+
+def test_unknown_plain_field_gets_no_fork_guess(tmp_path):
+    path = tmp_path / "typo.prototxt"
+    path.write_text('layer {\n  name: "c"\n  type: "Convolution"\n  convolution_parm { }\n}\n')
+    with pytest.raises(ProtoFileError, match=r'typo\.prototxt:4:3: .*"convolution_parm"\.$'):
+        read_net_param(path)
+
+
+def test_unknown_fork_layer_type_names_the_fork():
+    from minicaffe import LayerError, create_layer
+    with pytest.raises(LayerError, match=r"unknown layer type 'PSROIPooling'\. It is a layer of the "
+                                         r"Caffe fork R-FCN"):
+        create_layer(caffe_pb2.LayerParameter(name="ps", type="PSROIPooling"))
