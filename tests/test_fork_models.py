@@ -2,8 +2,8 @@
 (the reference for fork layers) runs the same prototxt and .caffemodel, the outputs agree.
 
 The nets in ../shared/models/forks/ are used as published (MobileNet-SSD is tested with the
-SSD layers). Small PSPNet-, DeepLab-v2-, SegNet- and SE-ResNeXt-like nets with the same
-layer sets are written below.
+SSD layers). Small PSPNet-, DeepLab-v2-, SegNet-, SE-ResNeXt- and YOLO-v2-like nets with the
+same layer sets are written below.
 """
 import functools
 import pathlib
@@ -235,7 +235,17 @@ SE_RESNEXT_LIKE = (input_layer(3, 16, 16) + conv("conv1", "data", 16, bias="fals
                    + layer("fc", "InnerProduct", ["pool"], "inner_product_param { num_output: 10 }")
                    + layer("prob", "Softmax", ["fc"]))
 
+YOLO_V2_LIKE = (input_layer(3, 32, 32) + conv("conv1", "data", 8) + relu("conv1")
+                + layer("pool1", "Pooling", ["conv1"], "pooling_param { pool: MAX kernel_size: 2 stride: 2 }")
+                + conv("conv2", "pool1", 16) + relu("conv2")
+                + layer("pool2", "Pooling", ["conv2"], "pooling_param { pool: MAX kernel_size: 2 stride: 2 }")
+                + conv("conv3", "pool2", 16)
+                + layer("reorg", "Reorg", ["conv2"], "reorg_param { stride: 2 }")
+                + layer("concat", "Concat", ["reorg", "conv3"])
+                + conv("det", "concat", 25, k=1, pad=0))
+
 SMALL_NETS = {
+    "yolo_v2_like": (YOLO_V2_LIKE, {"det": (1, 25, 8, 8)}),
     "pspnet_like": (PSPNET_LIKE, {"cls_interp": (1, 5, 65, 65)}),
     "deeplab_v2_like": (DEEPLAB_V2_LIKE, {"shrunk": (1, 3, 21, 21), "zoom": (1, 4, 41, 41),
                                           "both": (1, 4, 31, 31)}),
@@ -264,6 +274,7 @@ OPENCV_SMALL_NETS = {
     "deeplab_v2_like": "".join(line + "\n" for line in DEEPLAB_V2_LIKE.splitlines()
                                if '"shrunk"' not in line and '"both"' not in line),
     "se_resnext_like": SE_RESNEXT_LIKE,
+    "yolo_v2_like": YOLO_V2_LIKE,
 }
 
 

@@ -1,4 +1,4 @@
-"""Channel-mixing layers from the forks: ShuffleChannel (ShuffleNet) and Axpy (SENet).
+"""Channel-mixing layers from the forks: ShuffleChannel (ShuffleNet), Axpy (SENet), Reorg (YOLO v2).
 
 ShuffleChannel is a fixed permutation of the channels, so forward and backward are
 one transposed copy each. Axpy fuses SENet's channel-wise rescaling with the residual
@@ -8,7 +8,7 @@ import numpy as np
 
 from ..layer import Layer, register_layer
 
-__all__ = ["ShuffleChannelLayer", "AxpyLayer"]
+__all__ = ["ShuffleChannelLayer", "AxpyLayer", "ReorgLayer"]
 
 
 def _refuse_in_place(layer, bottom, top):
@@ -104,3 +104,69 @@ class AxpyLayer(Layer):
             np.multiply(dy, self._scale(a, x), out=bottom[1].diff)
         if propagate_down[2]:
             bottom[2].diff[...] = dy
+
+
+@register_layer("Reorg")
+class ReorgLayer(Layer):
+    """YOLO v2's space-to-depth (the Caffe ports' Reorg, reorg_param { stride reverse }).
+
+    (N, C, H, W) -> (N, C*s^2, H/s, W/s), darknet's reorg: the input, read flat as
+    (N, C/s^2, H*s, W*s), i.e. as (N, C/s^2, H, s, W, s) with axes (n, c2, h, dy, w, dx),
+    is written flat, in (N, C, H, W) order, as element (n, (dy*s + dx) * C/s^2 + c2, h, w).
+    With reverse: true the inverse permutation, (N, C, H, W) -> (N, C/s^2, H*s, W*s).
+    Backward applies the inverse permutation (the ports' own backward reads an unset blob).
+    """
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.reorg_param
+        if not p.HasField("stride") or p.stride < 1:
+            raise self.error("reorg_param needs a positive stride")
+        self.stride, self.reverse = p.stride, p.reverse
+
+    def reshape(self, bottom, top):
+        _refuse_in_place(self, bottom, top)
+        if bottom[0].num_axes != 4:
+            raise self.error(f"input must be (N, C, H, W), got {bottom[0].shape}")
+        n, c, h, w = bottom[0].shape
+        s = self.stride
+        if self.reverse:
+            if c % (s * s):
+                raise self.error(f"reverse needs channels divisible by stride^2 = {s * s}, got {c}")
+            top[0].reshape(n, c // (s * s), h * s, w * s)
+        else:
+            if c % (s * s) or h % s or w % s:
+                raise self.error(f"input {bottom[0].shape}: channels must be divisible by "
+                                 f"stride^2 = {s * s} and height and width by stride {s}")
+            top[0].reshape(n, c * s * s, h // s, w // s)
+
+    def _space_to_depth(self, src, dst, shape):
+        """dst (flat) = darknet's reorg of src (flat); shape: the (N, C, H, W) used for indexing."""
+        n, c, h, w = shape
+        s = self.stride
+        grid = src.reshape(n, c // (s * s), h, s, w, s)
+        dst.reshape(n, s, s, c // (s * s), h, w)[...] = grid.transpose(0, 3, 5, 1, 2, 4)
+
+    def _depth_to_space(self, src, dst, shape):
+        n, c, h, w = shape
+        s = self.stride
+        stacked = src.reshape(n, s, s, c // (s * s), h, w)
+        dst.reshape(n, c // (s * s), h, s, w, s)[...] = stacked.transpose(0, 3, 4, 1, 5, 2)
+
+    def forward(self, bottom, top):
+        x, y = bottom[0].data, top[0].data
+        if self.reverse:
+            self._depth_to_space(x, y, x.shape)
+        else:
+            self._space_to_depth(x, y, x.shape)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        dy, dx = top[0].diff, bottom[0].diff
+        if self.reverse:
+            self._space_to_depth(dy, dx, dx.shape)
+        else:
+            self._depth_to_space(dy, dx, dx.shape)

@@ -396,3 +396,42 @@ def test_pooling_ceil_mode_disagreeing_with_round_mode():
     layer = layer_from('type: "Pooling" pooling_param { kernel_size: 3 ceil_mode: false round_mode: CEIL }')
     with pytest.raises(LayerError, match=r"\(Pooling\).*ceil_mode: false and round_mode: CEIL"):
         forward(layer, np.zeros((1, 1, 8, 8)))
+
+
+# -- Reorg ------------------------------------------------------------------------------------------
+def reference_reorg(x, stride, forward_flag, out_shape):
+    """The YOLO v2 Caffe ports' reorg_cpu(bottom, W, H, C, N, stride, forward, top), as written."""
+    b_n, b_c, b_h, b_w = x.shape
+    t_c, t_w, t_h = b_c // stride ** 2, b_w * stride, b_h * stride
+    src, dst = x.ravel(), np.zeros(x.size)
+    for n in range(b_n):
+        for c in range(b_c):
+            for h in range(b_h):
+                for w in range(b_w):
+                    bottom_index = w + b_w * (h + b_h * (c + b_c * n))
+                    c2, offset = c % t_c, c // t_c
+                    w2, h2 = w * stride + offset % stride, h * stride + offset // stride
+                    top_index = w2 + t_w * (h2 + t_h * (c2 + t_c * n))
+                    if forward_flag:
+                        dst[top_index] = src[bottom_index]
+                    else:
+                        dst[bottom_index] = src[top_index]
+    return dst.reshape(out_shape)
+
+
+@pytest.mark.parametrize("reverse,shape,out", [(False, (2, 8, 4, 6), (2, 32, 2, 3)),
+                                               (True, (1, 8, 3, 2), (1, 2, 6, 4))])
+def test_reorg_matches_the_ports_loop(reverse, shape, out):
+    x = rng().standard_normal(shape)
+    text = f'type: "Reorg" reorg_param {{ stride: 2 reverse: {str(reverse).lower()} }}'
+    _, top = forward(layer_from(text), x)
+    assert top[0].shape == out
+    np.testing.assert_array_equal(top[0].data, reference_reorg(x, 2, reverse, out))
+    check_gradient(layer_from(text), make_blobs(x), [Blob(dtype=np.float64)])
+
+
+def test_reorg_bad_params():
+    with pytest.raises(LayerError, match=r"\(Reorg\).*positive stride"):
+        forward(layer_from('type: "Reorg"'), np.zeros((1, 4, 2, 2)))
+    with pytest.raises(LayerError, match=r"\(Reorg\).*divisible"):
+        forward(layer_from('type: "Reorg" reorg_param { stride: 2 }'), np.zeros((1, 4, 3, 2)))
