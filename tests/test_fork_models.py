@@ -2,8 +2,8 @@
 (the reference for fork layers) runs the same prototxt and .caffemodel, the outputs agree.
 
 The nets in ../shared/models/forks/ are used as published (MobileNet-SSD is tested with the
-SSD layers). Small PSPNet-, DeepLab-v2-, SegNet-, SE-ResNeXt- and YOLO-v2-like nets with the
-same layer sets are written below.
+SSD layers). Small PSPNet-, DeepLab-v2-, SegNet-, SE-ResNeXt-, YOLO-v2- and Fast-R-CNN-test-like
+nets with the same layer sets are written below.
 """
 import functools
 import pathlib
@@ -73,8 +73,8 @@ def run(model, seed=0):
     net = caffe.Net(str(model), caffe.TEST)
     randomize(net, seed)
     rng = np.random.default_rng(seed + 1)
-    inputs = {name: rng.standard_normal(net.blobs[name].shape).astype(np.float32)
-              for name in net.inputs}
+    inputs = {name: FIXED_INPUTS[name] if name in FIXED_INPUTS else
+              rng.standard_normal(net.blobs[name].shape).astype(np.float32) for name in net.inputs}
     for name, value in inputs.items():
         net.blobs[name].data[...] = value
     calibrate(net)    # runs every layer once: the outputs are ready
@@ -100,9 +100,11 @@ def test_fork_net_runs(name):
 def compared_blobs(net):
     """The net's outputs; for a final Softmax its input instead (with random weights the
     probabilities saturate to 0/1, so two near-equal top logits could swap the one-hot)."""
+    names = list(net.outputs)
     if net.layers[-1].type == "Softmax":
-        return list(net.bottom_names[net.layer_names[-1]])
-    return list(net.outputs)
+        last = net.layer_names[-1]
+        names = [n for n in names if n not in net.top_names[last]] + list(net.bottom_names[last])
+    return names
 
 
 def opencv_forward(prototxt_text, weights, inputs, names, tmp_path):
@@ -235,6 +237,23 @@ SE_RESNEXT_LIKE = (input_layer(3, 16, 16) + conv("conv1", "data", 16, bias="fals
                    + layer("fc", "InnerProduct", ["pool"], "inner_product_param { num_output: 10 }")
                    + layer("prob", "Softmax", ["fc"]))
 
+# Fast R-CNN test nets take ROIs as an input: (batch index, x1, y1, x2, y2) in image pixels.
+FIXED_INPUTS = {"rois": np.array([[0, 0, 0, 47, 39], [0, 2.5, 3.5, 19, 17], [0, 5, 5, 5, 5],
+                                  [0, -8, -8, 60, 3], [0, 14, 14, 40, 30]], dtype=np.float32)}
+
+FAST_RCNN_LIKE = (input_layer(3, 40, 48) + 'input: "rois" input_shape { dim: 5 dim: 5 }\n'
+                  + conv("conv1", "data", 8, stride=2) + relu("conv1")
+                  + layer("pool1", "Pooling", ["conv1"],
+                          "pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 }")
+                  + conv("conv2", "pool1", 8) + relu("conv2")
+                  + layer("roi_pool", "ROIPooling", ["conv2", "rois"],
+                          "roi_pooling_param { pooled_w: 3 pooled_h: 3 spatial_scale: 0.25 }")
+                  + layer("fc6", "InnerProduct", ["roi_pool"], "inner_product_param { num_output: 16 }")
+                  + relu("fc6")
+                  + layer("bbox_pred", "InnerProduct", ["fc6"], "inner_product_param { num_output: 8 }")
+                  + layer("cls_score", "InnerProduct", ["fc6"], "inner_product_param { num_output: 2 }")
+                  + layer("cls_prob", "Softmax", ["cls_score"]))
+
 YOLO_V2_LIKE = (input_layer(3, 32, 32) + conv("conv1", "data", 8) + relu("conv1")
                 + layer("pool1", "Pooling", ["conv1"], "pooling_param { pool: MAX kernel_size: 2 stride: 2 }")
                 + conv("conv2", "pool1", 16) + relu("conv2")
@@ -245,6 +264,7 @@ YOLO_V2_LIKE = (input_layer(3, 32, 32) + conv("conv1", "data", 8) + relu("conv1"
                 + conv("det", "concat", 25, k=1, pad=0))
 
 SMALL_NETS = {
+    "fast_rcnn_like": (FAST_RCNN_LIKE, {"bbox_pred": (5, 8), "cls_prob": (5, 2)}),
     "yolo_v2_like": (YOLO_V2_LIKE, {"det": (1, 25, 8, 8)}),
     "pspnet_like": (PSPNET_LIKE, {"cls_interp": (1, 5, 65, 65)}),
     "deeplab_v2_like": (DEEPLAB_V2_LIKE, {"shrunk": (1, 3, 21, 21), "zoom": (1, 4, 41, 41),
@@ -275,6 +295,7 @@ OPENCV_SMALL_NETS = {
                                if '"shrunk"' not in line and '"both"' not in line),
     "se_resnext_like": SE_RESNEXT_LIKE,
     "yolo_v2_like": YOLO_V2_LIKE,
+    "fast_rcnn_like": FAST_RCNN_LIKE,
 }
 
 
