@@ -57,6 +57,14 @@ def workdir(tmp_path, monkeypatch):
     shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m minicaffe \"$@\"\n")
     shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
     monkeypatch.chdir(tmp_path)
+    # Layers a chapter registers (GuideSquare, the plugin's LearnableSwish) leave with it, and
+    # the example plugins other tests loaded from models/ make way for the chapter's copies.
+    from minicaffe import layer as layer_module
+    examples = str(ROOT / "models")
+    registry = {name: cls for name, cls in layer_module._REGISTRY.items()
+                if not (layer_module._module_file(cls) or "").startswith(examples)}
+    monkeypatch.setattr(layer_module, "_REGISTRY", registry)
+    monkeypatch.setattr(layer_module, "_SOURCES", dict(layer_module._SOURCES))
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
                PYTHONPATH=str(ROOT))
     return tmp_path, env
