@@ -54,7 +54,7 @@ def workdir(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     shim = bin_dir / "minicaffe"
-    shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m minicaffe \"$@\"\n")
+    shim.write_text(f"#!/bin/sh\nexec '{sys.executable}' -m minicaffe \"$@\"\n")
     shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
     monkeypatch.chdir(tmp_path)
     # Layers a chapter registers (GuideSquare, the plugin's LearnableSwish) leave with it, and
@@ -74,6 +74,11 @@ def test_guide_has_its_chapters():
     names = {p.name for p in CHAPTERS}
     assert "README.md" in names
     assert len([n for n in names if re.match(r"\d\d-", n)]) == 6, names
+    for p in CHAPTERS:
+        text = p.read_text()
+        # every fence is part of a block the runner sees (none hidden in an indented list)
+        assert text.count("```") == 2 * len(code_blocks(text)) + sum(
+            1 for _, _, expected in code_blocks(text) if expected is not None) * 2, p.name
     index = (DOCS / "README.md").read_text()
     for p in CHAPTERS:
         if p.name != "README.md":
