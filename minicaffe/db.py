@@ -176,7 +176,10 @@ class _LMDBCursor:
 
     def seek(self, key):
         """Continue from the record with this key (from `key()`, maybe of an earlier run)."""
+        here = self.cur.key()
         if not self.cur.set_key(key):
+            if not self.cur.set_key(here):   # a failed lookup leaves the cursor nowhere
+                self.cur.first()
             raise DBError(f"LMDB {self.reader.path!r} has no record with key {key!r} to resume "
                           f"from; was the database changed since the snapshot?")
 
