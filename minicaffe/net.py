@@ -14,6 +14,8 @@ import numpy as np
 
 from .blob import Blob
 from .layer import LayerError, building_model, create_layer
+from .fold import fold_affine_chains
+from .memory_plan import share_dead_buffers
 from .proto import caffe_pb2
 from .proto_io import ProtoFileError, read_net_param, read_proto, write_binary
 
@@ -123,10 +125,17 @@ class Net:
 
     pycaffe-style: `Net(model, phase, weights=None, level=0, stages=())`; the
     older `Net(model, weights, phase)` form is accepted too.
+
+    `inference=True` is a forward-only net whose blobs share buffers once no later layer reads
+    them (see memory_plan.py): after `forward()` only the inputs, the outputs and the blobs named
+    in `keep_blobs` hold their values, and there is no backward pass. Its in-place BatchNorm /
+    Scale / Bias layers after a Convolution or InnerProduct are folded into that layer's weights
+    (fold.py) when the net is built and whenever `copy_from` loads weights; after changing
+    `net.params` by hand, call `net.fold_params()`.
     """
 
     def __init__(self, model, phase=None, *args, weights=None, level=0, stages=(),
-                 dtype=np.float32):
+                 dtype=np.float32, inference=False, keep_blobs=()):
         if isinstance(phase, (str, os.PathLike)):   # Net(model, weights, phase)
             if args:
                 weights, phase, args = phase, args[0], args[1:]
@@ -161,9 +170,35 @@ class Net:
             if self.source is not None and not str(exc).startswith(os.fspath(self.source)):
                 raise type(exc)(f"{os.fspath(self.source)}: {exc}") from None
             raise
+        self.inference = bool(inference)
+        self._forward_plan, self._fold_stale = None, False
         if weights:
             for w in ([weights] if isinstance(weights, (str, os.PathLike)) else weights):
                 self.copy_from(w)
+        if isinstance(keep_blobs, str):
+            keep_blobs = [keep_blobs]
+        unknown = [name for name in keep_blobs if name not in self.blobs]
+        if unknown:
+            raise KeyError(f"keep_blobs: net {self.name!r} has no blob named {unknown[0]!r}")
+        if not self.inference and keep_blobs:
+            raise ValueError("keep_blobs only applies to Net(..., inference=True); "
+                             "a default Net keeps every blob")
+        self.kept_blobs = set(self.input_names) | set(self.output_names) | set(keep_blobs)
+        if self.inference:
+            share_dead_buffers(self.layers, self._bottom_vecs, self._top_vecs,
+                               [self.blobs[name] for name in sorted(self.kept_blobs)])
+            self.fold_params()
+
+    def fold_params(self):
+        """Inference nets: recompute the folded Convolution/InnerProduct weights from net.params."""
+        if not self.inference:
+            raise RuntimeError("fold_params() is for nets built with inference=True")
+        # The chains are in place, so every blob still ends up holding the value it has unfolded.
+        folds = fold_affine_chains(self.layers, self.bottom_ids, self.top_ids)
+        skipped = {j for _, chain in folds.values() for j in chain}
+        self._forward_plan = [(i, folds[i][0] if i in folds else layer, self._bottom_vecs[i], self._top_vecs[i])
+                              for i, layer in enumerate(self.layers) if i not in skipped]
+        self._fold_stale = False
 
     # -- construction ----------------------------------------------------------
     def _init(self, param):
@@ -372,12 +407,20 @@ class Net:
             raise KeyError(f"no layer named {which!r} in net {self.name!r}") from None
 
     # -- running ------------------------------------------------------------------
+    def forward_plan(self, start=0, end=None):
+        """The (index, layer, bottom, top) steps that forward runs for layers start..end: every
+        layer, except on inference nets run whole, where folded layers are left out."""
+        end = len(self.layers) - 1 if end is None else end
+        if self._fold_stale:
+            self.fold_params()
+        if self._forward_plan is not None and start == 0 and end == len(self.layers) - 1:
+            return self._forward_plan
+        return [(i, self.layers[i], self._bottom_vecs[i], self._top_vecs[i]) for i in range(start, end + 1)]
+
     def forward_from_to(self, start=0, end=None):
         """Run layers start..end (inclusive) and return their summed weighted loss."""
-        end = len(self.layers) - 1 if end is None else end
         loss = 0.0
-        for i in range(start, end + 1):
-            layer, bottom, top = self.layers[i], self._bottom_vecs[i], self._top_vecs[i]
+        for i, layer, bottom, top in self.forward_plan(start, end):
             try:
                 layer.reshape(bottom, top)
                 loss += layer.run_forward(bottom, top)
@@ -392,6 +435,9 @@ class Net:
         return loss
 
     def backward_from_to(self, start=None, end=0):
+        if self.inference:
+            raise RuntimeError(f"net {self.name!r} was built with inference=True: its blobs share "
+                               f"buffers, so it has no backward pass; build it without inference=True")
         start = len(self.layers) - 1 if start is None else start
         for i in range(start, end - 1, -1):
             if not self.layer_need_backward[i]:
@@ -428,6 +474,11 @@ class Net:
         self.forward_from_to(start_i, end_i)
         names = list(self.top_ids[end_i]) if end is not None else list(self.output_names)
         names += [b for b in (blobs or []) if b not in names]
+        if self.inference:
+            lost = [name for name in names if name not in self.kept_blobs]
+            if lost:
+                raise KeyError(f"forward(): blob {lost[0]!r} of inference net {self.name!r} shares its "
+                               f"buffer with later blobs; name it in Net(..., keep_blobs=[...]) to read it")
         return {name: self.blobs[name].data for name in names}
 
     def backward(self, diffs=None, start=None, end=None, **kwargs):
@@ -627,6 +678,7 @@ class Net:
 
     def copy_from(self, source):
         """Load weights by layer name from a .caffemodel (binary NetParameter), .h5, or a NetParameter."""
+        self._fold_stale = self.inference   # folded weights are recomputed at the next forward
         if isinstance(source, caffe_pb2.NetParameter):
             param, label = source, "NetParameter"
         else:
@@ -681,7 +733,10 @@ class Net:
         out = caffe_pb2.NetParameter(name=self.name)
         for layer in self.layers:
             lp = out.layer.add()
-            lp.CopyFrom(layer.layer_param)
+            if isinstance(layer.layer_param, caffe_pb2.LayerParameter):
+                lp.CopyFrom(layer.layer_param)
+            else:  # a fork's LayerParameter (proto.extend): same wire format
+                lp.ParseFromString(layer.layer_param.SerializeToString())
             lp.ClearField("blobs")
             for blob in layer.blobs:
                 blob.to_proto(write_diff, lp.blobs.add())

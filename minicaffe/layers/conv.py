@@ -21,6 +21,8 @@ single GEMM per group. Two orders of the n*P columns are used:
 A 1x1 convolution with stride 1 and no pad skips im2col, as in Caffe. Batches are
 processed in chunks so the column buffer stays near COL_BUFFER_BYTES.
 """
+import threading
+
 import numpy as np
 
 from ..blob import Blob
@@ -101,6 +103,25 @@ def _flat_view(buf, shape):
 
 
 # -- the machinery ----------------------------------------------------------------
+class _Workspace(threading.local):
+    """Scratch buffers shared by every ConvGemm of a thread, one per role, grown to the largest
+    request. A layer's columns are dead once its own forward or backward call returns (backward
+    recomputes them), so a net needs one column buffer, not one per convolution."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, role, size, dtype):
+        size = int(size)
+        buf = self.buffers.get((role, dtype))
+        if buf is None or buf.size < size:
+            buf = self.buffers[(role, dtype)] = np.zeros(size, dtype=dtype)
+        return buf[:size]
+
+
+_WORKSPACE = _Workspace()
+
+
 class ConvGemm:
     """Convolution as im2col + GEMM over whole chunks of a batch, for one geometry.
 
@@ -166,14 +187,22 @@ class ConvGemm:
         if not self.batch_inner and not self.is_1x1:
             channel_bytes = int(np.prod(padded_spatial)) * self.dtype.itemsize
             self.conv_chunk = max(1, min(chunk, IM2COL_WORKING_SET_BYTES // channel_bytes))
-        zeros = lambda n: np.zeros(int(n), dtype=self.dtype)  # noqa: E731
         padded = np.prod(padded_spatial)
-        self._cols = zeros(0 if self.is_1x1 else chunk * col_per_image)
-        self._padded = zeros(chunk * c_in * padded if any(self.pad) and not self.is_1x1 else 0)
-        self._image_t = zeros(chunk * c_in * np.prod(self.im_spatial) if self.batch_inner else 0)
-        self._out_t = zeros(0 if self.is_1x1 else chunk * c_out * self.out_dim)
-        self._dw = zeros(c_out * self.kernel_dim * (chunk if self.is_1x1 else 1))
-        self._dw_sum = zeros(c_out * self.kernel_dim if self.is_1x1 else 0)
+        self._scratch_sizes = dict(
+            cols=0 if self.is_1x1 else chunk * col_per_image,
+            padded=chunk * c_in * padded if any(self.pad) and not self.is_1x1 else 0,
+            image_t=chunk * c_in * np.prod(self.im_spatial) if self.batch_inner else 0,
+            out_t=0 if self.is_1x1 else chunk * c_out * self.out_dim,
+            dw=c_out * self.kernel_dim * (chunk if self.is_1x1 else 1),
+            dw_sum=c_out * self.kernel_dim if self.is_1x1 else 0)
+
+    # Scratch arrays, fetched at each use from the thread's shared workspace.
+    _cols = property(lambda self: _WORKSPACE.get("cols", self._scratch_sizes["cols"], self.dtype))
+    _padded = property(lambda self: _WORKSPACE.get("padded", self._scratch_sizes["padded"], self.dtype))
+    _image_t = property(lambda self: _WORKSPACE.get("image_t", self._scratch_sizes["image_t"], self.dtype))
+    _out_t = property(lambda self: _WORKSPACE.get("out_t", self._scratch_sizes["out_t"], self.dtype))
+    _dw = property(lambda self: _WORKSPACE.get("dw", self._scratch_sizes["dw"], self.dtype))
+    _dw_sum = property(lambda self: _WORKSPACE.get("dw_sum", self._scratch_sizes["dw_sum"], self.dtype))
 
     def _chunks(self, size):
         for start in range(0, self.num, size):
