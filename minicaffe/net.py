@@ -6,6 +6,8 @@ layers reuse their bottom blob), set layers up, wire shared parameters, and
 work out which layers need backward.
 """
 import collections
+import logging
+import math
 import os
 
 import numpy as np
@@ -18,6 +20,8 @@ from .proto import caffe_pb2
 from .proto_io import ProtoFileError, read_net_param, read_proto, write_binary
 
 __all__ = ["Net", "filter_net", "insert_splits", "state_meets_rule"]
+
+log = logging.getLogger("minicaffe.net")
 
 
 # -- NetParameter passes ---------------------------------------------------------
@@ -416,10 +420,12 @@ class Net:
     def forward_from_to(self, start=0, end=None):
         """Run layers start..end (inclusive) and return their summed weighted loss."""
         loss = 0.0
-        for _, layer, bottom, top in self.forward_plan(start, end):
+        for i, layer, bottom, top in self.forward_plan(start, end):
             try:
                 layer.reshape(bottom, top)
                 loss += layer.run_forward(bottom, top)
+                if self.debug_info:
+                    self._forward_debug_info(i)
             except LayerError:
                 raise
             except Exception as exc:
@@ -440,6 +446,8 @@ class Net:
             try:
                 layer.run_backward(self._top_vecs[i], self.bottom_need_backward[i],
                                    self._bottom_vecs[i])
+                if self.debug_info:
+                    self._backward_debug_info(i)
             except LayerError:
                 raise
             except Exception as exc:
@@ -513,6 +521,8 @@ class Net:
     def forward_backward(self):
         loss = self.forward_loss()
         self.backward_from_to()
+        if self.debug_info:
+            self._params_debug_info()
         return loss
 
     def reshape(self):
@@ -524,8 +534,130 @@ class Net:
             blob.diff[...] = 0
 
     def update(self):
+        if self.debug_info:
+            self._update_debug_info()
         for blob in self.learnable_params:
             blob.update()
+
+    # -- debug_info: Caffe's per-layer magnitude lines (Net::*DebugInfo), same text ----------
+    def _param_display_name(self, layer_index, j):
+        """Caffe's param_display_names_: the ParamSpec name, else the index within the layer."""
+        specs = self.layers[layer_index].layer_param.param
+        return (specs[j].name if j < len(specs) else "") or str(j)
+
+    def _forward_debug_info(self, i):
+        layer, name = self.layers[i], self.layer_names[i]
+        for blob in self._top_vecs[i]:
+            log.info("    [Forward] Layer %s, top blob %s data: %s", name, blob.name,
+                     _mean_abs(blob.data))
+        for j, blob in enumerate(layer.blobs):
+            log.info("    [Forward] Layer %s, param blob %s data: %s", name,
+                     self._param_display_name(i, j), _mean_abs(blob.data))
+
+    def _backward_debug_info(self, i):
+        layer, name = self.layers[i], self.layer_names[i]
+        for blob, down in zip(self._bottom_vecs[i], self.bottom_need_backward[i]):
+            if down:
+                log.info("    [Backward] Layer %s, bottom blob %s diff: %s", name, blob.name,
+                         _mean_abs(blob.diff))
+        for j, blob in enumerate(layer.blobs):
+            if layer.param_propagate_down[j]:
+                log.info("    [Backward] Layer %s, param blob %d diff: %s", name, j,
+                         _mean_abs(blob.diff))
+
+    def _params_debug_info(self):
+        # Caffe sums in Dtype and logs this line at ERROR severity (Net::Backward).
+        f = self.dtype.type
+        asum_data = asum_diff = sumsq_data = sumsq_diff = f(0)
+        for blob in self.learnable_params:
+            asum_data += f(blob.asum_data())
+            asum_diff += f(blob.asum_diff())
+            sumsq_data += f(blob.sumsq_data())
+            sumsq_diff += f(blob.sumsq_diff())
+        log.error("    [Backward] All net params (data, diff): L1 norm = (%s, %s); "
+                  "L2 norm = (%s, %s)", _g(asum_data), _g(asum_diff),
+                  _g(np.sqrt(sumsq_data)), _g(np.sqrt(sumsq_diff)))
+
+    def _update_debug_info(self):
+        """[Update] lines as Caffe's Net::Update printed them (shared params first, then owners);
+        Caffe 1.0 still defines UpdateDebugInfo but no longer calls it."""
+        entries = []   # (is_owner, layer index, j, learnable index)
+        for i, owners in enumerate(self._param_owner_of):
+            for j, index in enumerate(owners):
+                entries.append((self.layers[i].blobs[j] is self.learnable_params[index], i, j, index))
+        owner_of = {index: (i, j) for is_owner, i, j, index in entries if is_owner}
+        for want_owner in (False, True):
+            for is_owner, i, j, index in entries:
+                if is_owner != want_owner:
+                    continue
+                blob = self.layers[i].blobs[j]
+                name, display = self.layer_names[i], self._param_display_name(i, j)
+                if is_owner:
+                    log.info("    [Update] Layer %s, param %s data: %s; diff: %s", name, display,
+                             _mean_abs(blob.data), _mean_abs(blob.diff))
+                else:
+                    oi, oj = owner_of[index]
+                    log.info("    [Update] Layer %s, param blob %s (owned by layer %s, param %s) "
+                             "diff: %s", name, display, self.layer_names[oi],
+                             self._param_display_name(oi, oj), _mean_abs(blob.diff))
+
+    # -- divergence --------------------------------------------------------------------------
+    def params_finite(self):
+        """Whether every learnable parameter is finite (one float64-accumulated sum per blob:
+        a sum is finite exactly when no element is inf or nan, and cannot overflow)."""
+        return all(math.isfinite(blob.data.sum(dtype=np.float64)) for blob in self.learnable_params)
+
+    def non_finite_report(self):
+        """Where non-finite numbers first appear after a forward/backward pass, as a phrase
+        ("layer 'ip1' (InnerProduct) forward: top 'ip1' data has 3 non-finite values"), or None.
+
+        Forward is searched in net order (the first top that went bad), then backward in the
+        order it runs (the first bottom diff that went bad), then the parameters. An in-place
+        layer shares its top with the layer before it, which is then the one named.
+        """
+        for i, (layer, tops) in enumerate(zip(self.layers, self._top_vecs)):
+            for blob in tops:
+                bad = _count_non_finite(blob.data)
+                if bad:
+                    return (f"layer {layer.name!r} ({layer.type}) forward: top {blob.name!r} data "
+                            f"has {_values(bad, blob.count())}")
+        for i in reversed(range(len(self.layers))):
+            if not self.layer_need_backward[i]:
+                continue
+            layer = self.layers[i]
+            for blob, down in zip(self._bottom_vecs[i], self.bottom_need_backward[i]):
+                bad = _count_non_finite(blob.diff) if down else 0
+                if bad:
+                    return (f"layer {layer.name!r} ({layer.type}) backward: bottom {blob.name!r} "
+                            f"diff has {_values(bad, blob.count())}")
+        for i, layer in enumerate(self.layers):
+            for j, blob in enumerate(layer.blobs):
+                bad = _count_non_finite(blob.data)
+                if bad:
+                    return (f"layer {layer.name!r} ({layer.type}) param "
+                            f"{self._param_display_name(i, j)} has {_values(bad, blob.count())}")
+        return None
+
+    # -- exact resume --------------------------------------------------------------------------
+    def snapshot_state(self):
+        """{layer name: layer.snapshot_state()} for the layers that keep a position or generator."""
+        states = {}
+        for name, layer in zip(self.layer_names, self.layers):
+            state = layer.snapshot_state()
+            if state is not None:
+                states[name] = state
+        return states
+
+    def restore_state(self, states):
+        """Give each layer its saved state back; names that are not in this net are listed."""
+        unknown = []
+        for name, state in states.items():
+            layer = self.layer_dict.get(name)
+            if layer is None:
+                unknown.append(name)
+            else:
+                layer.restore_state(state)
+        return unknown
 
     # -- weights ---------------------------------------------------------------
     def share_with(self, other):
@@ -618,11 +750,15 @@ class Net:
         write_binary(self.to_proto(write_diff), path)
 
     def save_hdf5(self, path, write_diff=False):
+        from .proto_io import atomic_write
+        atomic_write(path, self.hdf5_bytes(write_diff))
+
+    def hdf5_bytes(self, write_diff=False):
+        """The weights as the bytes of a Caffe HDF5 weights file (what save_hdf5 writes)."""
         try:
             import h5py
         except ImportError:
             raise ImportError("saving HDF5 weights needs h5py: pip install 'minicaffe[hdf5]'") from None
-        from .proto_io import atomic_write
         import io
         buf = io.BytesIO()
         with h5py.File(buf, "w") as f:
@@ -636,7 +772,7 @@ class Net:
                     g.create_dataset(str(j), data=blob.data)
                     if diff is not None:
                         diff.require_group(layer.name).create_dataset(str(j), data=blob.diff)
-        atomic_write(path, buf.getvalue())
+        return buf.getvalue()
 
     def to_onnx(self, path, opset=None, batch=None):
         """Export this net to an ONNX model at `path` (needs the minicaffe[onnx] extra)."""
@@ -646,6 +782,26 @@ class Net:
     def __repr__(self):
         return f"<Net {self.name!r} phase={'TRAIN' if self.phase == caffe_pb2.TRAIN else 'TEST'} " \
                f"layers={len(self.layers)}>"
+
+
+def _g(x):
+    """A number as C++ streams print it (6 significant digits), as in Caffe's log lines."""
+    return f"{float(x):g}"
+
+
+def _mean_abs(values):
+    """Caffe's asum / count in the blob's precision, printed like a C++ stream."""
+    with np.errstate(all="ignore"):
+        total = np.abs(values).sum(dtype=values.dtype) if values.size else values.dtype.type(0)
+        return _g(values.dtype.type(total) / values.dtype.type(values.size))
+
+
+def _count_non_finite(values):
+    return values.size - int(np.count_nonzero(np.isfinite(values)))
+
+
+def _values(bad, count):
+    return f"{bad} non-finite value{'s' if bad != 1 else ''} (of {count})"
 
 
 def _with_phase(layer_param, phase):
