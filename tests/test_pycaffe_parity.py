@@ -212,3 +212,25 @@ def test_array_to_datum_leaves_a_none_label_unset():
 def test_net_spec_type_error_text_is_pycaffes():
     with pytest.raises(TypeError, match=r"^Silence input 0 is not a Top \(type is <class 'tuple'>\)$"):
         caffe.layers.Silence(("a", "b"), ntop=0)
+
+
+def test_hdf5_weights_log_ignored_layers_too(tmp_path, caplog):
+    h5py = pytest.importorskip("h5py", reason="HDF5 weights need h5py")
+    net = make_net()
+    path = tmp_path / "w.weights"                      # no telling extension at all
+    net.save_hdf5(str(path))
+    with h5py.File(path, "a") as f:
+        f["data"].create_group("gone")
+    with caplog.at_level(logging.INFO, logger="minicaffe"):
+        make_net().copy_from(str(path))
+    assert "Ignoring source layer gone" in caplog.text
+
+
+def test_upgrade_drops_a_shapeless_input_and_keeps_shaped_ones():
+    from minicaffe.proto_io import read_net_param
+    legacy = read_net_param(text_format.Parse('input: "data"\nlayer { name: "r" type: "ReLU" '
+                                              'bottom: "x" top: "x" }', caffe_pb2.NetParameter()))
+    assert [l.name for l in legacy.layer] == ["r"] and not len(legacy.input)
+    shaped = read_net_param(text_format.Parse('input: "data" input_shape { dim: 1 dim: 2 }',
+                                              caffe_pb2.NetParameter()))
+    assert shaped.layer[0].type == "Input" and list(shaped.layer[0].input_param.shape[0].dim) == [1, 2]
