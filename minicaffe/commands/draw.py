@@ -22,7 +22,7 @@ def register(subparsers):
                    help="direction of the graph (default LR, as Caffe's draw_net.py)")
     p.add_argument("--phase", default="ALL", choices=["ALL", "TRAIN", "TEST"],
                    help="draw only the layers of one phase (default: all layers)")
-    p.add_argument("--display-lrm", action="store_true",
+    p.add_argument("--display-lrm", "--display_lrm", action="store_true",
                    help="show the learning-rate multipliers of Convolution/InnerProduct layers")
     p.set_defaults(func=run)
 

@@ -50,3 +50,11 @@ def test_draw_image_extension_without_graphviz_is_an_error(tmp_path, capsys, mon
     out = tmp_path / "net.jpg"
     assert main(["draw", str(LENET), str(out)]) == 1
     assert "needs Graphviz" in capsys.readouterr().err and not out.exists()
+
+
+def test_draw_display_lrm_and_edge_labels(tmp_path):
+    out = tmp_path / "lrm.dot"
+    assert main(["draw", str(LENET), str(out), "--display_lrm", "--phase", "TRAIN"]) == 0
+    text = out.read_text()
+    assert "lr mult: 1, 2" in text                       # LeNet's weights and biases
+    assert '[label="Batch 64"]' in text and '[label="500"]' in text   # draw_net.py's edge labels
