@@ -62,7 +62,7 @@ def to_dot(param, rankdir="LR", phase=None, label_edges=False, display_lrm=False
     if phase is not None:
         param = filter_net(param, caffe_pb2.NetState(phase=phase))
     lines = [f"digraph {_quote(param.name or 'Net')} {{", f"  rankdir={rankdir};",
-             '  node [fontname="Helvetica", fontsize=10];']
+             '  node [fontname="Helvetica", fontsize=10];', '  edge [fontname="Helvetica", fontsize=9];']
     version = {}   # blob name -> how many in-place layers rewrote it so far
 
     def blob_node(name):
