@@ -524,6 +524,7 @@ class HDF5DataLayer(Layer):
                     raise self.error(f"dataset {name!r} in {path!r} has rows of shape {a.shape[1:]} "
                                      f"but the first file's are {shape}")
         self.arrays = arrays
+        self._rows_rng = self.rng.bit_generator.state   # to redraw this file's order on resume
         self.rows = self.rng.permutation(n) if self.shuffle else np.arange(n)
         self.row_pos = 0
 
@@ -538,7 +539,33 @@ class HDF5DataLayer(Layer):
         else:
             self.row_pos = 0
             if self.shuffle:
+                self._rows_rng = self.rng.bit_generator.state
                 self.rows = self.rng.permutation(len(self.rows))
+
+    def snapshot_state(self):
+        """The current file and row, the file order, and the generator states from which the
+        current file's row order is redrawn (rather than saving a long permutation)."""
+        return {"files": len(self.files), "file_pos": self.file_pos,
+                "file_order": [int(i) for i in self.file_order], "row_pos": self.row_pos,
+                "rows_rng": self._rows_rng, "rng": self.rng.bit_generator.state}
+
+    def restore_state(self, state):
+        try:
+            if state["files"] != len(self.files):
+                raise ValueError(f"the saved position is for {state['files']} files, "
+                                 f"{self.layer_param.hdf5_data_param.source!r} lists {len(self.files)}")
+            file_order = np.asarray(state["file_order"], dtype=np.int64)
+            path = self.files[file_order[int(state["file_pos"])]]
+            self.rng.bit_generator.state = state["rows_rng"]
+            self._load(path)
+            if not 0 <= int(state["row_pos"]) < len(self.rows):
+                raise ValueError(f"row {state['row_pos']} is past the end of {path!r}")
+            self.file_order, self.file_pos = file_order, int(state["file_pos"])
+            self.row_pos = int(state["row_pos"])
+            self.rng.bit_generator.state = state["rng"]
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            message = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise self.error(f"cannot resume from the saved position: {message}") from None
 
     def reshape(self, bottom, top):
         for t, shape in zip(top, self.row_shapes):

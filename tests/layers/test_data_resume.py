@@ -7,7 +7,8 @@ import pytest
 from minicaffe.layer import LayerError
 from minicaffe.rng import set_random_seed
 
-from .test_data import data_text, image_dir, image_text, make_layer, run, small_db  # noqa: F401
+from .test_data import (data_text, h5_files, h5_text, image_dir, image_text, make_layer,  # noqa: F401
+                        run, small_db)
 
 
 @pytest.mark.parametrize("prefetch", [3, 0])
@@ -60,3 +61,23 @@ def test_restored_image_data_continues_shuffled_epochs(image_dir):
         other.restore_state(state)
     layer.close()
     other.close()
+
+
+def test_restored_hdf5_data_continues_shuffled_files_and_rows(h5_files):
+    pytest.importorskip("h5py", reason="HDF5Data needs h5py")
+    source, _, _ = h5_files
+    set_random_seed(4)
+    layer, top = make_layer(h5_text(source, 3, "shuffle: true"))
+    run(layer, top, 4)                                  # 12 rows: into the second pass
+    state = json.loads(json.dumps(layer.snapshot_state()))
+    expected = run(layer, top, 5)
+    set_random_seed(5)
+    other, other_top = make_layer(h5_text(source, 3, "shuffle: true"))
+    run(other, other_top, 1)
+    other.restore_state(state)
+    for (data, label), (want_data, want_label) in zip(run(other, other_top, 5), expected):
+        np.testing.assert_array_equal(data, want_data)
+        np.testing.assert_array_equal(label, want_label)
+    state["files"] = 3
+    with pytest.raises(LayerError, match="the saved position is for 3 files"):
+        other.restore_state(state)
