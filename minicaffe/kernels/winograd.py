@@ -13,7 +13,7 @@ alpha*alpha elementwise products into alpha*alpha matrix products, run as ONE ba
 instead of im2col's (K, 9C) @ (9C, m*m*T): 2.25x (m=2) or 4x (m=4) fewer multiplications. The
 transforms B^T . B and A^T . A hold only small integers; they are applied one row at a time as
 adds of strided views over all tiles at once (no per-tile Python loop). U is computed once per
-weight version (`weights` compares a kept copy, which costs ~1/T of the product).
+weight version (`weights` compares a kept copy of the weights, far cheaper than the product).
 
 Accuracy in float32: F(2x2) stays within ~1e-6 relative of im2col, F(4x4) within ~1e-5 (its
 transforms hold 4, 5 and 1/24; see tests/kernels/test_winograd.py for the measured errors).
@@ -52,22 +52,13 @@ TRANSFORMS = {
                   [0, 1, -1, 8, -8, 1]], dtype=np.float64)),
 }
 
-# Scratch of one chunk's transformed input (V, the largest buffer); batches are cut into
-# chunks of whole images to stay near it.
-WINOGRAD_BUFFER_BYTES = 32 << 20
+# Bound on one chunk's transformed input V (each of the three scratch buffers is about this
+# size); batches are cut into chunks of whole images to stay near it.
+WINOGRAD_BUFFER_BYTES = 16 << 20
 
 
-class _OwnScratch:
-    """Scratch kept by one WinogradConv when no shared workspace is given."""
-
-    def __init__(self):
-        self.buffers = {}
-
-    def __call__(self, role, size, dtype):
-        buf = self.buffers.get((role, dtype))
-        if buf is None or buf.size < size:
-            buf = self.buffers[(role, dtype)] = np.empty(int(size), dtype=dtype)
-        return buf[:int(size)]
+def _fresh(role, size, dtype):
+    return np.empty(int(size), dtype=dtype)
 
 
 class WinogradConv:
@@ -75,7 +66,8 @@ class WinogradConv:
 
     `reshape(num, (H, W), dtype)` sizes the scratch; `conv(im, w, out, bias)` writes
     out (N, K, H + 2*pad_h - 2, W + 2*pad_w - 2). `scratch(role, size, dtype)` returns flat
-    scratch arrays (the convolution layers pass their shared per-thread workspace).
+    scratch arrays for each role (the convolution layers pass their shared per-thread workspace;
+    by default every call allocates its own).
     """
 
     def __init__(self, in_channels, out_channels, pad, tile=2, scratch=None):
@@ -85,16 +77,19 @@ class WinogradConv:
         self.pad = tuple(pad)
         self.m = tile
         self.alpha = tile + 2
-        self.scratch = scratch or _OwnScratch()
-        self._weight_key = None
+        self.scratch = scratch or _fresh
+        self._weight_seen = None
         self._key = None
         self._bt = self._at = None
 
     # -- weights ---------------------------------------------------------------
     def weights(self, w):
         """U = G g G^T, (alpha^2, K, C), recomputed only when w differs from the last one seen."""
-        key = self._weight_key
-        if key is not None and key[0] is w and np.array_equal(key[1], w):
+        # Compared by value: a Blob hands out a new view at every access, and weights are
+        # edited in place (solvers, fold.py, net.params[...] = ...).
+        seen = self._weight_seen
+        if seen is not None and seen.shape == w.shape and seen.dtype == w.dtype \
+                and np.array_equal(seen, w):
             return self._u
         bt, g, at = TRANSFORMS[self.m]
         a = self.alpha
@@ -103,7 +98,7 @@ class WinogradConv:
         u = np.einsum("ix,kcxy,jy->ijkc", g, w.astype(np.float64), g, optimize=True)
         self._u = np.ascontiguousarray(u.reshape(a * a, self.out_channels, self.in_channels),
                                        dtype=w.dtype)
-        self._weight_key = (w, w.copy())
+        self._weight_seen = w.copy()
         return self._u
 
     # -- geometry -------------------------------------------------------------
@@ -130,9 +125,8 @@ class WinogradConv:
         c, k, n = self.in_channels, self.out_channels, self.chunk
         self._sizes = dict(
             padded=n * c * self.padded_spatial[0] * self.padded_spatial[1],
-            d=max(a * a * c, m * m * k) * n * th * tw,   # the patches, then the output tiles
+            d=max(a * a * c, m * m * k) * n * th * tw,   # the patches, V, the output tiles
             rows=max(a * c, m * k) * a * n * th * tw,    # B^T d, then A^T M
-            v=a * a * c * n * th * tw,
             m=a * a * k * n * th * tw)
 
     def _buf(self, role, shape):
@@ -175,7 +169,7 @@ class WinogradConv:
         d[...] = patches
         rows = self._buf("rows", (a, a * c * tiles))                 # B^T d over x
         np.matmul(bt, d.reshape(a, a * c * tiles), out=rows)
-        v = self._buf("v", (a, a, c * tiles))                        # (B^T d) B over y
+        v = self._buf("d", (a, a, c * tiles))                        # (B^T d) B over y; d is dead
         np.matmul(bt, rows.reshape(a, a, c * tiles), out=v)
 
         prod = self._buf("m", (a * a, k, tiles))
@@ -183,7 +177,7 @@ class WinogradConv:
 
         half = self._buf("rows", (m, a * k * tiles))                 # A^T M over i
         np.matmul(at, prod.reshape(a, a * k * tiles), out=half)
-        res = self._buf("d", (m, m, k, n, th, tw))                   # (A^T M) A over j
+        res = self._buf("d", (m, m, k, n, th, tw))                   # (A^T M) A over j; V is dead
         np.matmul(at, half.reshape(m, a, k * tiles), out=res.reshape(m, m, k * tiles))
         for r in range(m):
             for s in range(m):
