@@ -7,6 +7,12 @@ table shows median ms per forward, the speedup over plain, and what the "auto" r
 
     OMP_NUM_THREADS=1 python benchmarks/winograd_bench.py
     python benchmarks/winograd_bench.py --rounds 9 --only resnet
+    OMP_NUM_THREADS=1 python benchmarks/winograd_bench.py --nets resnet50,vgg16
+
+--nets times whole deploy nets of ../shared/models/bench at their benchmarks/deploy_bench.py
+batch and weights, as `Net(..., inference=True)`, with every Convolution's `winograd` set to
+"auto" or False in alternated rounds of one net, and prints the largest relative difference of
+the final scores.
 """
 import argparse
 import os
@@ -23,6 +29,8 @@ from minicaffe.proto import caffe_pb2  # noqa: E402
 
 # name: (N, C, H, W), num_output
 SHAPES = {
+    "vgg16 conv1_2": ((1, 64, 224, 224), 64),
+    "vgg16 conv2_x": ((1, 128, 112, 112), 128),
     "vgg16 conv3_x": ((1, 256, 56, 56), 256),
     "vgg16 conv4_x": ((1, 512, 28, 28), 512),
     "vgg16 conv5_x": ((1, 512, 14, 14), 512),
@@ -50,14 +58,62 @@ def make_layer(shape, num_output, setting, rng):
     return layer, bottom, top
 
 
+def time_net(name, rounds):
+    import tempfile
+    import pathlib
+
+    import minicaffe
+    from minicaffe.layers.conv import ConvolutionLayer
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import deploy_bench
+
+    prototxt, batch = {n: (p, b) for n, p, b in deploy_bench.NETS}[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = deploy_bench.make_weights(deploy_bench.BENCH / prototxt, batch, pathlib.Path(tmp))
+        net = minicaffe.Net(spec["prototxt"], minicaffe.TEST, weights=spec["weights"], inference=True,
+                            keep_blobs=[spec["blob"]])
+        x = np.load(spec["inputs"])
+    # The layers forward runs: inference nets run copies of the layers they fold BatchNorm into.
+    convs = [l for _, l, _, _ in net.forward_plan() if isinstance(l, ConvolutionLayer)]
+
+    def run(setting):
+        for layer in convs:
+            layer.winograd = setting
+        net.reshape()
+        net.blobs[net.inputs[0]].data[...] = x
+        t0 = time.perf_counter()
+        net.forward()
+        return time.perf_counter() - t0, net.blobs[spec["blob"]].data.copy()
+
+    times = {"auto": [], False: []}
+    outs = {}
+    run("auto")   # warm up
+    used = sum(l._winograd is not None for l in convs)
+    run(False)
+    for _ in range(rounds):
+        for setting in times:
+            t, outs[setting] = run(setting)
+            times[setting].append(t)
+    ms = {k: 1000 * float(np.median(v)) for k, v in times.items()}
+    diff = float(np.abs(outs["auto"] - outs[False]).max() / np.abs(outs[False]).max())
+    print(f"{name:12s} batch {batch:2d}: plain {ms[False]:8.1f} ms, winograd auto {ms['auto']:8.1f} ms "
+          f"({ms[False] / ms['auto']:.2f}x), {used} of {len(convs)} convolutions on Winograd, "
+          f"max rel diff {diff:.1e}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", help="run the shapes whose name contains this")
+    ap.add_argument("--nets", help="comma-separated deploy nets (deploy_bench.py names) instead of layers")
     args = ap.parse_args()
-    print("command: OMP_NUM_THREADS=%s python benchmarks/winograd_bench.py --rounds %d%s"
+    print("command: OMP_NUM_THREADS=%s python benchmarks/winograd_bench.py --rounds %d%s%s"
           % (os.environ.get("OMP_NUM_THREADS", "<unset>"), args.rounds,
-             f" --only {args.only!r}" if args.only else ""))
+             f" --only {args.only!r}" if args.only else "", f" --nets {args.nets}" if args.nets else ""))
+    if args.nets:
+        for name in args.nets.split(","):
+            time_net(name, args.rounds)
+        return
     print(f"{'layer':28s} {'shape':>18s} {'plain':>8s} {'F(2x2)':>8s} {'F(4x4)':>8s}"
           f" {'x F2':>6s} {'x F4':>6s}  auto")
     for name, (shape, num_output) in SHAPES.items():

@@ -95,7 +95,7 @@ class WinogradConv:
         a = self.alpha
         # float64 for the transform itself: U is computed once, and rounding it once keeps the
         # float32 error of F(4x4) (1/6, 1/24) at its unavoidable part.
-        u = np.einsum("ix,kcxy,jy->ijkc", g, w.astype(np.float64), g, optimize=True)
+        u = (g @ w.astype(np.float64) @ g.T).transpose(2, 3, 0, 1)       # (alpha, alpha, K, C)
         self._u = np.ascontiguousarray(u.reshape(a * a, self.out_channels, self.in_channels),
                                        dtype=w.dtype)
         self._weight_seen = w.copy()

@@ -483,12 +483,14 @@ class ConvolutionLayer(_BaseConvolution):
                                                 self.num)
             else:
                 tile = self.winograd
-        if tile is None:
-            self._winograd = None
-        else:
-            if self._winograd is None or self._winograd.m != tile:
-                self._winograd = winograd.WinogradConv(self.channels, self.num_output, self.pad,
-                                                       tile, scratch=_WORKSPACE.get)
+        self._winograd = None
+        if tile is not None:
+            # Kept per tile size: each holds its transformed weights.
+            kernels = self.__dict__.setdefault("_winograd_kernels", {})
+            if tile not in kernels:
+                kernels[tile] = winograd.WinogradConv(self.channels, self.num_output, self.pad,
+                                                      tile, scratch=_WORKSPACE.get)
+            self._winograd = kernels[tile]
             self._winograd.reshape(self.num, self.bottom_spatial, self.dtype)
 
     def forward(self, bottom, top):
