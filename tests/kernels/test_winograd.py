@@ -176,6 +176,8 @@ layer { name: "pool1" type: "Pooling" bottom: "conv1_2" top: "pool1"
 layer { name: "conv2_1" type: "Convolution" bottom: "pool1" top: "conv2_1"
   convolution_param { num_output: 32 pad: 1 kernel_size: 3 weight_filler { type: "msra" }
                       bias_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "bn2_1" type: "BatchNorm" bottom: "conv2_1" top: "conv2_1" }
+layer { name: "scale2_1" type: "Scale" bottom: "conv2_1" top: "conv2_1" scale_param { bias_term: true } }
 layer { name: "relu2_1" type: "ReLU" bottom: "conv2_1" top: "conv2_1" }
 layer { name: "conv2_2" type: "Convolution" bottom: "conv2_1" top: "conv2_2"
   convolution_param { num_output: 32 kernel_size: 3 bias_term: false weight_filler { type: "msra" } } }
@@ -190,6 +192,13 @@ layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
 def test_whole_net_outputs_equal_with_and_without_winograd(monkeypatch, tmp_path, inference):
     param = text_format.Parse(VGG_LIKE, caffe_pb2.NetParameter())
     trained = Net(param, caffe.TEST)
+    rng = np.random.default_rng(4)
+    mean, var, factor = trained.params["bn2_1"]
+    mean.data[...] = rng.normal(0, 0.1, mean.shape)
+    var.data[...] = rng.uniform(0.5, 2, var.shape)
+    factor.data[...] = 1
+    trained.params["scale2_1"][0].data[...] = rng.normal(1, 0.1, (32,))
+    trained.params["scale2_1"][1].data[...] = rng.normal(0, 0.1, (32,))
     weights = str(tmp_path / "w.caffemodel")
     trained.save(weights)
     x = np.random.default_rng(5).standard_normal((2, 3, 32, 30)).astype(np.float32)
@@ -198,7 +207,10 @@ def test_whole_net_outputs_equal_with_and_without_winograd(monkeypatch, tmp_path
         monkeypatch.setattr(ConvolutionLayer, "winograd", setting)
         net = Net(param, caffe.TEST, weights=weights, inference=inference,
                   keep_blobs=("conv2_1",) if inference else ())
-        used = {l.name for l in net.layers if getattr(l, "_winograd", None) is not None}
+        assert not inference or "bn2_1" not in [l.name for _, l, _, _ in net.forward_plan()]
+        # Inference nets run a copy of conv2_1 holding the folded BatchNorm and Scale.
+        run_layers = [l for _, l, _, _ in net.forward_plan()] if inference else net.layers
+        used = {l.name for l in run_layers if getattr(l, "_winograd", None) is not None}
         out = net.forward(data=x)
         return used, {k: v.copy() for k, v in out.items()}, net.blobs["conv2_1"].data.copy()
 
