@@ -15,6 +15,9 @@ from minicaffe.layers.conv import ConvGemm, ConvolutionLayer
 from minicaffe.proto import caffe_pb2
 
 TOL = 1e-4   # issue 10: every fast path equals the plain path to 1e-4 relative
+# Tighter per tile size, max |diff| / max |plain|; worst measured on CONFIGS (and at C=K=512,
+# 14x14): 8.0e-7 for F(2x2), 1.0e-5 for F(4x4).
+ACCURACY = {2: 5e-6, 4: 5e-5}
 
 
 def well_scaled(rng, n, c, k, h, w):
@@ -85,7 +88,7 @@ def test_equals_the_im2col_path(tile, n, c, k, h, w, ph, pw, with_bias):
     want = plain_conv(x, weight, bias, (ph, pw))
     got = winograd_conv(x, weight, bias, (ph, pw), tile)
     assert got.dtype == np.float32
-    assert relative_error(got, want) < TOL
+    assert relative_error(got, want) < min(TOL, ACCURACY[tile])
 
 
 def test_batch_chunks_and_weight_updates(monkeypatch):
