@@ -638,6 +638,11 @@ class Net:
                         diff.require_group(layer.name).create_dataset(str(j), data=blob.diff)
         atomic_write(path, buf.getvalue())
 
+    def to_onnx(self, path, opset=None, batch=None):
+        """Export this net to an ONNX model at `path` (needs the minicaffe[onnx] extra)."""
+        from . import onnx as _onnx   # lazy: the core never needs onnx
+        return _onnx.export(self, path, opset=opset or _onnx.DEFAULT_OPSET, batch=batch)
+
     def __repr__(self):
         return f"<Net {self.name!r} phase={'TRAIN' if self.phase == caffe_pb2.TRAIN else 'TEST'} " \
                f"layers={len(self.layers)}>"
