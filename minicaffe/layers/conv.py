@@ -421,7 +421,8 @@ class _BaseConvolution(Layer):
 
     def _make_kernel(self, conv_in, conv_out):
         """The one place that picks the convolution machinery: a depthwise convolution
-        (group == channels, 2-D) gets DepthwiseConv, everything else ConvGemm."""
+        (group == channels, 2-D) gets DepthwiseConv, everything else ConvGemm. (A Convolution's
+        forward may instead run Winograd, picked per input shape in ConvolutionLayer.reshape.)"""
         if (self.use_depthwise_kernel and not self.reverse_dimensions
                 and is_depthwise(conv_in, conv_out, self.group, self.num_spatial)):
             return DepthwiseConv(conv_in, conv_out, self.kernel, self.pad, self.stride, self.dilation)
