@@ -170,6 +170,19 @@ class _LMDBCursor:
         for _ in range(n):
             self._advance()
 
+    def key(self):
+        """The key of the record the next `next_records` call starts with."""
+        return self.cur.key()
+
+    def seek(self, key):
+        """Continue from the record with this key (from `key()`, maybe of an earlier run)."""
+        here = self.cur.key()
+        if not self.cur.set_key(key):
+            if not self.cur.set_key(here):   # a failed lookup leaves the cursor nowhere
+                self.cur.first()
+            raise DBError(f"LMDB {self.reader.path!r} has no record with key {key!r} to resume "
+                          f"from; was the database changed since the snapshot?")
+
     def _advance(self):
         if not self.cur.next():
             self.cur.first()
@@ -241,6 +254,18 @@ class _LevelDBCursor:
     def skip(self, n):
         for _ in range(n):
             self._advance()
+
+    def key(self):
+        return self.item[0]
+
+    def seek(self, key):
+        self.it.close()
+        self.it = self.snapshot.iterator(start=key)
+        self.item = next(self.it, None)
+        if self.item is None or self.item[0] != key:
+            self._restart()
+            raise DBError(f"LevelDB {self.reader.path!r} has no record with key {key!r} to resume "
+                          f"from; was the database changed since the snapshot?")
 
     def next_records(self, n):
         out = []
@@ -343,8 +368,11 @@ class LevelDBWriter(_BatchedWriter):
 
 
 # -- Datum <-> numpy ---------------------------------------------------------------
-def array_to_datum(array, label=0):
-    """A Datum from a (C, H, W) array: uint8 goes to `data`, anything else to `float_data`."""
+def array_to_datum(array, label=None):
+    """A Datum from a (C, H, W) array: uint8 goes to `data`, anything else to `float_data`.
+
+    label=None leaves the label field unset (absent from the serialized record), as pycaffe does.
+    """
     array = np.asarray(array)
     if array.ndim != 3:
         raise ValueError(f"a Datum holds a (channels, height, width) array, got shape {array.shape}")
@@ -353,7 +381,8 @@ def array_to_datum(array, label=0):
         datum.data = array.tobytes()
     else:
         datum.float_data.extend(array.astype(np.float32).ravel().tolist())
-    datum.label = int(label)
+    if label is not None:
+        datum.label = int(label)
     return datum
 
 

@@ -112,6 +112,15 @@ class Layer:
     def allow_force_backward(self, bottom_index):
         return True
 
+    def snapshot_state(self):
+        """What this layer needs, beyond its parameter blobs, to continue exactly where it is
+        (a data cursor, a private random generator), as JSON-serializable data; None if nothing.
+        Saved with each snapshot, next to the .solverstate, and given back to `restore_state`."""
+        return None
+
+    def restore_state(self, state):
+        """Continue from a `snapshot_state()` value (of this layer in an earlier run)."""
+
     # -- driven by the Net -------------------------------------------------
     def setup(self, bottom, top):
         # Parameters follow the data: bottoms, else the tops the Net made (float64 nets)

@@ -14,14 +14,28 @@ from .proto import caffe_pb2, extension, known_forks
 from .proto.errors import ProtoFileError
 
 __all__ = ["ProtoFileError", "read_net_param", "read_solver_param", "read_proto",
-           "write_binary", "atomic_write", "upgrade_net_param", "upgrade_solver_param"]
+           "write_binary", "atomic_write", "stage_file", "upgrade_net_param", "upgrade_solver_param"]
 
 
-def atomic_write(path, data):
-    """Write bytes to `path` through a temporary file in the same folder, then rename."""
+TEMP_PREFIX = ".tmp-"
+
+
+def temp_name_for(path):
+    """The pattern of `stage_file`'s temporaries for `path`: (folder, prefix, suffix)."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    return os.path.dirname(os.path.abspath(path)), TEMP_PREFIX, "-" + os.path.basename(path)
+
+
+def stage_file(path, data):
+    """Write bytes to a new temporary file next to `path` (flushed to disk); its name.
+
+    Rename it over `path` to publish it; on any error nothing is left behind.
+    """
+    folder, prefix, suffix = temp_name_for(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    except OSError as exc:   # name the file being written, not the temporary
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
     try:
         # mkstemp makes the file private (0600); give it the mode a plain open() would, as
         # Caffe's snapshots get, so other users and tools can read the result.
@@ -30,6 +44,22 @@ def atomic_write(path, data):
         os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
+        raise
+    return tmp
+
+
+def atomic_write(path, data):
+    """Write bytes to `path` through a temporary file in the same folder, then rename."""
+    path = os.fspath(path)
+    tmp = stage_file(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -278,6 +308,12 @@ def _upgrade_inputs(param):
             shapes.append(shape)
     if len(shapes) not in (len(param.input), 1) and shapes:
         raise ValueError(f"{len(param.input)} inputs but {len(shapes)} input_shape entries")
+    if not shapes:
+        # An input without any shape is a legacy .caffemodel's record of its inputs; Caffe's
+        # UpgradeNetInput strips it rather than make a shapeless Input layer.
+        for field in ("input", "input_shape", "input_dim"):
+            param.ClearField(field)
+        return
     layer = caffe_pb2.LayerParameter(name="input", type="Input")
     layer.top.extend(param.input)
     for s in shapes:

@@ -3,7 +3,10 @@
     minicaffe time --model lenet_train_test.prototxt --iterations 20 [--phase TEST]
 """
 import logging
+import math
 import time
+
+import numpy as np
 
 from .train import CommandError, add_common_flags, add_flag, note_gpu, stages_from
 
@@ -56,10 +59,17 @@ def run(args):
 
         # One untimed pass first, so buffers are allocated before timing starts.
         log.info("Performing Forward")
-        log.info("Initial loss: %s", f"{net.forward_loss():g}")
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            loss = net.forward_loss()
+        log.info("Initial loss: %s", f"{loss:g}")
+        if not math.isfinite(loss):
+            where = net.non_finite_report()
+            raise CommandError(f"the initial loss is {loss:g}" + (f": {where}" if where else "")
+                               + "; the timings would be of non-finite arithmetic")
         if not args.inference:
             log.info("Performing Backward")
-            net.backward_from_to()
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                net.backward_from_to()
 
         layers = net.layers
         bottoms = [[net.blobs[n] for n in names] for names in net.bottom_ids]

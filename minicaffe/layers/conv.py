@@ -28,7 +28,10 @@ import numpy as np
 from ..blob import Blob
 from ..fillers import fill
 from ..im2col import col2im, conv_output_shape, deconv_output_shape, im2col
+from ..kernels import winograd
+from ..kernels.depthwise import DepthwiseConv, is_depthwise
 from ..layer import Layer, register_layer
+from ..proto import caffe_pb2
 
 __all__ = ["ConvolutionLayer", "DeconvolutionLayer", "Im2colLayer", "ConvGemm",
            "COL_BUFFER_BYTES", "parse_conv_geometry"]
@@ -372,8 +375,7 @@ class _BaseConvolution(Layer):
         self.dilation, self.force_nd = geo["dilation"], geo["force_nd"]
         self.num_spatial = len(self.kernel)
         self.channels = bottom[0].shape[self.channel_axis]
-        self.num_output = param.num_output
-        self.group = param.group
+        self.num_output, self.group = self._output_and_group(param)
         if self.num_output <= 0:
             raise self.error("convolution_param.num_output must be set to a positive number")
         if self.group <= 0:
@@ -412,8 +414,23 @@ class _BaseConvolution(Layer):
                 bias = Blob(bias_shape, dtype=self.dtype)
                 fill(bias, param.bias_filler, what=f"layer {self.name!r} bias_filler")
                 self.blobs.append(bias)
-        self.gemm = ConvGemm(conv_in, conv_out, self.group, self.kernel, self.pad, self.stride,
-                             self.dilation, self.force_nd)
+        self.gemm = self._make_kernel(conv_in, conv_out)
+
+    # Tests and benchmarks set this False on a layer (before setup) to force ConvGemm.
+    use_depthwise_kernel = True
+
+    def _make_kernel(self, conv_in, conv_out):
+        """The one place that picks the convolution machinery: a depthwise convolution
+        (group == channels, 2-D) gets DepthwiseConv, everything else ConvGemm. (A Convolution's
+        forward may instead run Winograd, picked per input shape in ConvolutionLayer.reshape.)"""
+        if (self.use_depthwise_kernel and not self.reverse_dimensions
+                and is_depthwise(conv_in, conv_out, self.group, self.num_spatial)):
+            return DepthwiseConv(conv_in, conv_out, self.kernel, self.pad, self.stride, self.dilation)
+        return ConvGemm(conv_in, conv_out, self.group, self.kernel, self.pad, self.stride,
+                        self.dilation, self.force_nd)
+
+    def _output_and_group(self, param):
+        return param.num_output, param.group
 
     def reshape(self, bottom, top):
         axis = self.channel_axis
@@ -461,13 +478,43 @@ class ConvolutionLayer(_BaseConvolution):
     """top = W * bottom + b: (N, C, *S) -> (N, num_output, *O), W (num_output, C/group, *kernel),
     O_d = (S_d + 2*pad_d - (dilation_d*(kernel_d - 1) + 1)) // stride_d + 1."""
 
+    # Winograd forward for 3x3 stride-1 convolutions (minicaffe/kernels/winograd.py): "auto"
+    # uses winograd.choose_tile on float32 TEST-phase layers; False never, 2 or 4 forces that
+    # tile size wherever the geometry allows (tests, benchmarks). Backward always uses im2col.
+    winograd = "auto"
+    _winograd = None
+
     def compute_output_shape(self, spatial):
         return conv_output_shape(spatial, self.kernel, self.pad, self.stride, self.dilation)
+
+    def reshape(self, bottom, top):
+        super().reshape(bottom, top)
+        tile = None
+        if (self.kernel == (3, 3) and self.stride == (1, 1) and self.dilation == (1, 1)
+                and self.group == 1 and self.winograd is not False):
+            if self.winograd == "auto":
+                if self.phase == caffe_pb2.TEST and self.dtype == np.float32:
+                    tile = winograd.choose_tile(self.channels, self.num_output, self.top_spatial,
+                                                self.num)
+            else:
+                tile = self.winograd
+        self._winograd = None
+        if tile is not None:
+            # Kept per tile size: each holds its transformed weights.
+            kernels = self.__dict__.setdefault("_winograd_kernels", {})
+            if tile not in kernels:
+                kernels[tile] = winograd.WinogradConv(self.channels, self.num_output, self.pad,
+                                                      tile, scratch=_WORKSPACE.get)
+            self._winograd = kernels[tile]
+            self._winograd.reshape(self.num, self.bottom_spatial, self.dtype)
 
     def forward(self, bottom, top):
         weight = self.blobs[0].data
         for b, t in zip(bottom, top):
-            self.gemm.conv(self._bottom(b.data), weight, out=self._top(t.data), bias=self._bias())
+            if self._winograd is not None:
+                self._winograd.conv(self._bottom(b.data), weight, self._top(t.data), bias=self._bias())
+            else:
+                self.gemm.conv(self._bottom(b.data), weight, out=self._top(t.data), bias=self._bias())
 
     def backward(self, top, propagate_down, bottom):
         weight = self.blobs[0]
@@ -480,6 +527,35 @@ class ConvolutionLayer(_BaseConvolution):
                     top_diff, weight.data,
                     im=self._bottom(b.diff) if propagate_down[i] else None,
                     im_data=self._bottom(b.data), dw=weight.diff if want_w else None)
+
+
+@register_layer("DepthwiseConvolution")
+class DepthwiseConvolutionLayer(ConvolutionLayer):
+    """The depthwise-conv forks' type (yonghenglh6/DepthwiseConvolution): a Convolution with
+    its own CUDA kernel, same parameters and blobs; group is read from the prototxt.
+
+    Caffe semantics are exactly Convolution's; with group == channels it runs the
+    depthwise kernel (minicaffe/kernels/depthwise.py), like a plain Convolution would.
+    """
+
+
+@register_layer("ConvolutionDepthwise")
+class ConvolutionDepthwiseLayer(ConvolutionLayer):
+    """ShuffleNet/MobileNet forks' ConvolutionDepthwise: (N, C, H, W) -> (N, C, H_out, W_out),
+    one k_h x k_w filter per channel, W (C, 1, k_h, k_w); group is implied (= C).
+
+    The fork ignores num_output and group; here they must be absent or equal C, since
+    any other value would describe a different convolution than the one that runs.
+    """
+
+    def _output_and_group(self, param):
+        channels = self.channels
+        for field in ("num_output", "group"):
+            if param.HasField(field) and getattr(param, field) != channels:
+                raise self.error(f"convolution_param.{field} is {getattr(param, field)} but "
+                                 f"ConvolutionDepthwise has one output per input channel "
+                                 f"({channels}); drop it or set it to {channels}")
+        return channels, channels
 
 
 @register_layer("Deconvolution")
