@@ -180,6 +180,7 @@ class Net:
         self.learnable_params = []
         self.params_lr, self.params_weight_decay = [], []
         self._param_owner_of = []                    # per (layer, j): index into learnable_params
+        self._after_backward = []                    # fn(layer index), e.g. a gradient allreduce
         self._spec_had_lr, self._spec_had_decay = [], []  # was lr/decay_mult set explicitly
         self.param_display_names = []
         producer = {}                                # blob name -> layer that produced it
@@ -400,6 +401,12 @@ class Net:
                 if isinstance(exc, (KeyboardInterrupt, MemoryError)):
                     raise
                 raise type(exc)(f"layer {layer.name!r} ({layer.type}) backward: {exc}") from exc
+            for fn in self._after_backward:
+                fn(i)
+
+    def add_after_backward(self, fn):
+        """Call fn(i) after layer i's backward (Caffe's Net::add_after_backward)."""
+        self._after_backward.append(fn)
 
     def forward_loss(self):
         """Forward through the whole net; the total weighted loss (Caffe's Net::Forward)."""
