@@ -238,6 +238,6 @@ def data_parallel(solver, comm=None, bucket_bytes=DEFAULT_BUCKET_BYTES):
     batch = net._top_vecs[0][0].shape[0] if net.layers and net._top_vecs[0] else 0
     n, k = comm.Get_size(), solver.param.iter_size
     log.info("Data-parallel training on %d MPI processes: effective batch = %d processes x "
-             "batch %d x iter_size %d = %d; gradients summed in %d buckets", n, n, batch, k,
+             "batch %d x iter_size %d = %d; gradients summed in %d bucket(s)", n, n, batch, k,
              n * batch * k, len(solver._reducer.buckets))
     return solver
