@@ -55,8 +55,10 @@ def register(subparsers):
     p = subparsers.add_parser(
         "train", help="train or finetune a model",
         description="Train a model with a Caffe solver file (prototxt or YAML), as `caffe train`. "
-                    "Ctrl-C stops after the current iteration (leaving a snapshot when "
-                    "snapshot_after_train is on); SIGHUP writes a snapshot and continues. "
+                    "Ctrl-C and SIGTERM stop after the current iteration (leaving a snapshot "
+                    "when snapshot_after_train is on) and exit with status 130 / 143; SIGHUP "
+                    "writes a snapshot and continues. Training that diverges (a non-finite "
+                    "loss or weight) stops with an error naming the layer. "
                     "Caffe's flag spellings work too (-solver S, --solver=S).")
     add_flag(p, "solver", metavar="FILE", help="the solver definition (required)")
     add_flag(p, "weights", metavar="A.caffemodel[,B.caffemodel]",
@@ -68,6 +70,9 @@ def register(subparsers):
                    help="what Ctrl-C does: stop, snapshot or none (default stop)")
     add_flag(p, "sighup_effect", default="snapshot", metavar="EFFECT",
                    help="what SIGHUP does: stop, snapshot or none (default snapshot)")
+    add_flag(p, "sigterm_effect", default="stop", metavar="EFFECT",
+                   help="what SIGTERM (a scheduler or container stopping the job) does: stop, "
+                        "snapshot or none (default stop, like Ctrl-C)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (it is shown only when stdout is a terminal)")
     add_common_flags(p)
@@ -115,7 +120,7 @@ def run(args):
             raise CommandError("need a solver definition to train: --solver FILE")
         if args.snapshot and args.weights:
             raise CommandError("give a snapshot to resume training or weights to finetune, not both")
-        for name in ("sigint_effect", "sighup_effect"):
+        for name in ("sigint_effect", "sighup_effect", "sigterm_effect"):
             if getattr(args, name) not in SIGNAL_EFFECTS:
                 raise CommandError(f"invalid --{name} {getattr(args, name)!r}; use one of "
                                    f"{', '.join(SIGNAL_EFFECTS)}")
@@ -130,14 +135,12 @@ def run(args):
         comm = _start_parallel()
         note_gpu(args)
         try:
-            _train(args, param, comm)
+            return _train(args, param, comm)
         except BaseException as exc:
             if comm is not None and not isinstance(exc, SystemExit):
                 from ..parallel.mpi import abort
                 abort(exc)   # the other ranks would wait for this one's gradients forever
             raise
-        log.info("Optimization Done.")
-    return 0
 
 
 def _start_parallel():
@@ -158,7 +161,8 @@ def _train(args, param, comm):
         from ..parallel import data_parallel
         data_parallel(solver, comm=comm)
     show_bar = not args.no_progress and sys.stdout.isatty() and comm is None
-    with SignalHandler(args.sigint_effect, args.sighup_effect) as signals:
+    with SignalHandler(args.sigint_effect, args.sighup_effect,
+                       args.sigterm_effect) as signals:
         solver.set_action_function(signals.check)
         if args.snapshot:
             log.info("Resuming from %s", args.snapshot)
@@ -166,3 +170,8 @@ def _train(args, param, comm):
         with progress_bar(solver, show_bar):
             log.info("Starting Optimization")
             solver.solve()
+    status = signals.exit_status() if solver.requested_early_exit else 0
+    if status:
+        log.warning("Stopped by %s at iteration %d of %d; exit status %d", signals.stopped_by,
+                    solver.iter, solver.param.max_iter, status)
+    return status

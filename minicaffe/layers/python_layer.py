@@ -27,6 +27,7 @@ import importlib.machinery
 import os
 import sys
 
+from ..proto import caffe_pb2
 from ..layer import (BlobVec, Layer, LayerError, current_model_dir, register_layer,
                      uses_pycaffe_setup)
 
@@ -99,6 +100,17 @@ def load_layer_class(python_param, layer_label="Python layer"):
     return cls
 
 
+class Phase(int):
+    """A phase as pycaffe's Python layers see it: equal to caffe.TRAIN / caffe.TEST, and
+    str() gives the name, as Boost.Python's enum does (py-faster-rcnn keys its config
+    by str(self.phase))."""
+
+    def __str__(self):
+        return caffe_pb2.Phase.Name(int(self))
+
+    __repr__ = __str__
+
+
 @register_layer("Python")
 class PythonLayer(Layer):
     """Runs a user's layer object: tops = forward(bottoms) as its class computes them.
@@ -123,7 +135,8 @@ class PythonLayer(Layer):
         # pycaffe constructs the class with the LayerParameter only.
         impl = layer_class(self.layer_param)
         impl.param_str = self.layer_param.python_param.param_str
-        impl.phase = self.phase
+        impl.param_str_ = impl.param_str      # pycaffe's older name (py-faster-rcnn's layers)
+        impl.phase = Phase(self.phase)
         if not isinstance(impl, Layer):
             impl.name = self.name
             impl.layer_param = self.layer_param
