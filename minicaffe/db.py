@@ -290,6 +290,14 @@ class ShardedCursor:
     def skip(self, n):
         self.cursor.skip(n * self.count)
 
+    def key(self):
+        """The key of this shard's next record (a saved position)."""
+        return self.cursor.key()
+
+    def seek(self, key):
+        """Continue from a key key() returned: it is this shard's, so the stride stays aligned."""
+        self.cursor.seek(key)
+
     def next_records(self, n):
         out = []
         for _ in range(n):
