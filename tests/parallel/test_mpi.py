@@ -2,7 +2,8 @@
 
 Tolerance: the 2-rank weights after K iterations match the 1-rank iter_size-2 weights to
 rtol 1e-5, atol 1e-6 (float32 rounding: the layers may accumulate a param's gradient in
-another order when its two halves are summed by MPI instead of inside the layer).
+another order when its two halves are summed by MPI instead of inside the layer). For this
+net they come out bitwise equal (measured).
 """
 import os
 import shutil
