@@ -32,6 +32,9 @@ NET = """name: "tiny"
 layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TRAIN }}
   transform_param {{ scale: 0.00390625 }}
   data_param {{ source: "{source}" batch_size: {batch} backend: LMDB prefetch: 1 }} }}
+layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TEST }}
+  transform_param {{ scale: 0.00390625 }}
+  data_param {{ source: "{source}" batch_size: {batch} backend: LMDB prefetch: 1 }} }}
 layer {{ name: "conv" type: "Convolution" bottom: "data" top: "conv"
   convolution_param {{ num_output: 4 kernel_size: 3 weight_filler {{ type: "xavier" }}
                        bias_filler {{ type: "constant" value: 0.1 }} }} }}
@@ -137,9 +140,13 @@ def test_api_adam_two_ranks_equal_one_rank_iter_size_two(tmp_path):
 def test_resume_restores_every_rank(tmp_path):
     par, ser = setup_case(tmp_path, "SGD")
     short = write_solver(tmp_path / "short.prototxt", tmp_path / "par.prototxt", "SGD", 1,
-                         max_iter=2, prefix=str(tmp_path / "par"))
+                         max_iter=2, prefix=str(tmp_path / "par"),
+                         extra="test_iter: 2\ntest_interval: 1\ntest_initialization: false\n")
     first = mpirun(["-m", "minicaffe", "train", "--solver", short], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
+    # Rank 0 alone tests (at iterations 1 and 2) while rank 1 waits for its gradients.
+    assert first.stderr.count("Testing net (#0)") == 2
+    assert first.stderr.count("Test net output #0: loss") == 2
     # Rank 1 gets the state from rank 0 (its solver never reads the file): both then apply the
     # same updates, so the run finishes with one snapshot at max_iter.
     resumed = mpirun(["-m", "minicaffe", "train", "--solver", par, "--snapshot",
