@@ -284,6 +284,7 @@ class ShardedCursor:
 
     def __init__(self, cursor, rank, count):
         self.cursor = cursor
+        self.rank = rank
         self.count = count
         cursor.skip(rank)
 
@@ -295,8 +296,10 @@ class ShardedCursor:
         return self.cursor.key()
 
     def seek(self, key):
-        """Continue from a key key() returned: it is this shard's, so the stride stays aligned."""
+        """Continue from a key rank 0's key() returned: every rank has read as many records of
+        its share, so this rank's next record is `rank` records further."""
         self.cursor.seek(key)
+        self.cursor.skip(self.rank)
 
     def next_records(self, n):
         out = []

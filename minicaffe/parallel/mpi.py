@@ -13,11 +13,12 @@ Actions (Ctrl-C's stop, SIGHUP's snapshot) are agreed on after every iteration,
 so every rank stops at the same iteration.
 """
 import logging
+import os
 import sys
 
 import numpy as np
 
-from ..solvers.base import NONE, SNAPSHOT, STOP, Solver
+from ..solvers.base import NONE, RESUME_SUFFIX, SNAPSHOT, STOP, Solver
 from . import ParallelError, context
 
 __all__ = ["init", "data_parallel", "abort", "DEFAULT_BUCKET_BYTES"]
@@ -191,6 +192,10 @@ class DataParallelSolver(Solver):
         if self._is_root():
             super().restore(path)
         self.sync_state()
+        # Data positions and random states: rank 0's, each data layer offsetting to its share.
+        # They are read from the file where it is visible (one machine, a shared file system).
+        if not self._is_root() and os.path.exists(os.fspath(path) + RESUME_SUFFIX):
+            self._restore_resume_state(os.fspath(path))
 
     def sync_state(self):
         """Broadcast rank 0's weights, solver history, iter and current_step to every rank."""

@@ -147,13 +147,15 @@ def test_resume_restores_every_rank(tmp_path):
     # Rank 0 alone tests (at iterations 1 and 2) while rank 1 waits for its gradients.
     assert first.stderr.count("Testing net (#0)") == 2
     assert first.stderr.count("Test net output #0: loss") == 2
-    # Rank 1 gets the state from rank 0 (its solver never reads the file): both then apply the
-    # same updates, so the run finishes with one snapshot at max_iter.
+    # Rank 1 gets weights and history from rank 0; its data position is rank 0's saved one,
+    # one record on: the resumed run ends where the uninterrupted serial one does.
     resumed = mpirun(["-m", "minicaffe", "train", "--solver", par, "--snapshot",
                       str(tmp_path / "par_iter_2.solverstate")], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "restored iteration 2" in resumed.stderr
-    assert (tmp_path / f"par_iter_{K}.caffemodel").exists()
+    net = minicaffe.Net(str(tmp_path / "par.prototxt"), minicaffe.TRAIN,
+                        weights=str(tmp_path / f"par_iter_{K}.caffemodel"))
+    check_close([p.data for p in net.learnable_params], serial_weights(ser))
 
 
 def test_bad_record_on_one_rank_stops_every_rank(tmp_path):
