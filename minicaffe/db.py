@@ -402,8 +402,11 @@ class LevelDBWriter(_BatchedWriter):
 
 
 # -- Datum <-> numpy ---------------------------------------------------------------
-def array_to_datum(array, label=0):
-    """A Datum from a (C, H, W) array: uint8 goes to `data`, anything else to `float_data`."""
+def array_to_datum(array, label=None):
+    """A Datum from a (C, H, W) array: uint8 goes to `data`, anything else to `float_data`.
+
+    label=None leaves the label field unset (absent from the serialized record), as pycaffe does.
+    """
     array = np.asarray(array)
     if array.ndim != 3:
         raise ValueError(f"a Datum holds a (channels, height, width) array, got shape {array.shape}")
@@ -412,7 +415,8 @@ def array_to_datum(array, label=0):
         datum.data = array.tobytes()
     else:
         datum.float_data.extend(array.astype(np.float32).ravel().tolist())
-    datum.label = int(label)
+    if label is not None:
+        datum.label = int(label)
     return datum
 
 

@@ -112,7 +112,7 @@ class GradientReducer:
         self.passes = 0
         self.next_bucket = 0
         solver.add_callback(on_start=self.start, on_gradients_ready=self.finish)
-        net.add_after_backward(self.after_layer)
+        net.after_backward(self.after_layer)
 
     def _add_bucket(self, params, group, ready, dtype):
         self.buckets.append(_Bucket([params[k] for k in group], ready[group[-1]], dtype))
