@@ -22,6 +22,10 @@ from .logging_util import init_log, log, Timer  # noqa: F401  (pycaffe's caffe.i
 from . import plugins, testing  # noqa: F401  (custom layers: load_plugin, check_gradient)
 from .plugins import load_plugin  # noqa: F401
 
+from . import parallel  # noqa: F401  (data-parallel training on MPI; mpi4py imported on use)
+from .parallel import (NCCL, set_multiprocess, set_solver_count, set_solver_rank,  # noqa: F401
+                       solver_count, solver_rank)
+
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
 

@@ -278,6 +278,40 @@ class _LevelDBCursor:
         self.it.close()
 
 
+class ShardedCursor:
+    """Every `count`-th record of a looping cursor from record `rank` on (Caffe's DataLayer::Skip
+    for multi-solver training): `count` such cursors read disjoint shares of every epoch."""
+
+    def __init__(self, cursor, rank, count):
+        self.cursor = cursor
+        self.rank = rank
+        self.count = count
+        cursor.skip(rank)
+
+    def skip(self, n):
+        self.cursor.skip(n * self.count)
+
+    def key(self):
+        """The key of this shard's next record (a saved position)."""
+        return self.cursor.key()
+
+    def seek(self, key):
+        """Continue from a key rank 0's key() returned: every rank has read as many records of
+        its share, so this rank's next record is `rank` records further."""
+        self.cursor.seek(key)
+        self.cursor.skip(self.rank)
+
+    def next_records(self, n):
+        out = []
+        for _ in range(n):
+            out.extend(self.cursor.next_records(1))
+            self.cursor.skip(self.count - 1)
+        return out
+
+    def close(self):
+        self.cursor.close()
+
+
 # -- writing -------------------------------------------------------------------
 def open_writer(path, backend="lmdb", overwrite=False):
     """A new database at `path` (an error if it exists, unless overwrite)."""

@@ -18,8 +18,9 @@ import weakref
 import numpy as np
 
 from ..data_transformer import DataTransformer, TransformError
-from ..db import DBError, decode_batch, open_reader
+from ..db import DBError, ShardedCursor, decode_batch, open_reader
 from ..layer import Layer, register_layer
+from ..parallel.context import shard_bounds_ok, solver_count
 from ..proto import caffe_pb2
 from .. import rng as _rng
 
@@ -292,6 +293,8 @@ class DataLayer(_BaseDataLayer):
         if self.output_labels:
             top[1].reshape(self.batch_size)
         cursor = self.reader.cursor()
+        if self.phase == TRAIN and solver_count() > 1:
+            cursor = ShardedCursor(cursor, *shard_bounds_ok())
         if p.rand_skip and self.phase == TRAIN:
             # Different solvers/runs start at different records, as with Caffe's rand_skip.
             cursor.skip(int(_rng.get_rng().integers(p.rand_skip)))
@@ -409,6 +412,7 @@ class ImageDataLayer(_BaseDataLayer):
             entries = read_image_list(p.source)
         except ImageError as exc:
             raise self.error(str(exc)) from None
+        entries = _shard(self, entries, f"{p.source!r} lists")
         rng = np.random.default_rng(int(_rng.get_rng().integers(2 ** 63 - 1)))
         loader = _ImageLoader(entries, root, p, self.transformer, self.batch_size, self.dtype, rng, 0)
         if p.shuffle:
@@ -525,7 +529,9 @@ class HDF5DataLayer(Layer):
                                      f"but the first file's are {shape}")
         self.arrays = arrays
         self._rows_rng = self.rng.bit_generator.state   # to redraw this file's order on resume
-        self.rows = self.rng.permutation(n) if self.shuffle else np.arange(n)
+        self.rows = _shard(self, np.arange(n), f"HDF5 file {path!r} has")
+        if self.shuffle:
+            self.rows = self.rng.permutation(self.rows)
         self.row_pos = 0
 
     def _next_file(self):
@@ -540,7 +546,8 @@ class HDF5DataLayer(Layer):
             self.row_pos = 0
             if self.shuffle:
                 self._rows_rng = self.rng.bit_generator.state
-                self.rows = self.rng.permutation(len(self.rows))
+                # From the sorted share, as _load draws it, so a resume redraws the same order.
+                self.rows = self.rng.permutation(np.sort(self.rows))
 
     def snapshot_state(self):
         """The current file and row, the file order, and the generator states from which the
@@ -637,6 +644,8 @@ class MemoryDataLayer(_BaseDataLayer):
         self.reset(data, labels)
 
     def reset(self, data, labels):
+        data = _shard(self, data, "the input arrays have")
+        labels = _shard(self, labels, "the input arrays have")
         n = len(data)
         if n == 0 or n % self.batch_size:
             raise self.error(f"the number of input rows ({n}) must be a positive multiple of "
@@ -686,6 +695,18 @@ class MemoryDataLayer(_BaseDataLayer):
         self.pos = (pos + b) % len(self.data_array)
         if self.pos == 0:
             self.has_new_data = False
+
+
+def _shard(layer, items, what):
+    """This rank's share (every solver_count()-th item from solver_rank()) in TRAIN, as each of
+    Caffe's multi-solver data layers reads only its own records; `items` whole otherwise."""
+    if layer.phase != TRAIN or solver_count() == 1:
+        return items
+    rank, count = shard_bounds_ok()
+    if len(items) < count:
+        raise layer.error(f"{what} {len(items)} records, fewer than the {count} data-parallel "
+                          f"solvers reading them")
+    return items[rank::count]
 
 
 def _fmt(shape):
