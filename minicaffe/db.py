@@ -19,6 +19,7 @@ import threading
 
 import numpy as np
 
+from .errors import MinicaffeError
 from .proto import caffe_pb2
 
 __all__ = ["DBError", "open_reader", "open_writer", "backend_name", "array_to_datum",
@@ -28,7 +29,7 @@ __all__ = ["DBError", "open_reader", "open_writer", "backend_name", "array_to_da
 LMDB_MAP_SIZE = 1 << 30
 
 
-class DBError(ValueError):
+class DBError(MinicaffeError, ValueError):
     """A dataset database that is missing, corrupt or holds unexpected records."""
 
 

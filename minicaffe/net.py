@@ -13,7 +13,7 @@ import numpy as np
 from .blob import Blob
 from .layer import LayerError, building_model, create_layer
 from .proto import caffe_pb2
-from .proto_io import ProtoFileError, read_net_param, read_proto, write_binary
+from .proto_io import ProtoFileError, check_regular_file, read_net_param, read_proto, write_binary
 
 __all__ = ["Net", "filter_net", "insert_splits", "state_meets_rule"]
 
@@ -51,6 +51,18 @@ def filter_net(param, state):
         if keep:
             out.layer.add().CopyFrom(layer)
     return out
+
+
+def _empty_net_message(param, state):
+    """Why a net has nothing to run: no layers at all, or none that admit `state`."""
+    phase = caffe_pb2.Phase.Name(state.phase)
+    if not len(param.layer):
+        return ("the net has no layers (an empty or comment-only file, or not a net file at "
+                "all); a net needs at least one `layer { ... }`")
+    rest = f", level {state.level}" if state.level else ""
+    rest += f", stages {list(state.stage)}" if len(state.stage) else ""
+    return (f"none of the net's {len(param.layer)} layers is included in phase {phase}{rest}: "
+            f"their include/exclude rules filter them all out")
 
 
 def _split_layer_name(layer_name, blob_name, top_index):
@@ -166,7 +178,10 @@ class Net:
         self.name = param.name
         self.force_backward = param.force_backward
         self.debug_info = param.debug_info
-        param = insert_splits(filter_net(param, self.state))
+        filtered = filter_net(param, self.state)
+        if not len(filtered.layer):
+            raise LayerError(_empty_net_message(param, self.state))
+        param = insert_splits(filtered)
         self.net_param = param
 
         self.layers = []
@@ -501,6 +516,7 @@ class Net:
             label = os.fspath(source)
             if label.endswith((".h5", ".hdf5")):
                 return self._copy_from_hdf5(label)
+            check_regular_file(label, "weights file")
             param = caffe_pb2.NetParameter()
             try:
                 with open(label, "rb") as f:

@@ -30,6 +30,7 @@ import os
 import sys
 import warnings
 
+from .errors import MinicaffeError
 from .layer import Layer, layer_registry, register_layer, registering_from
 
 __all__ = ["load_plugin", "load_plugins", "load_entry_points", "load_default_plugins",
@@ -40,7 +41,7 @@ ENV_VAR = "MINICAFFE_PLUGINS"
 ENTRY_POINT_GROUP = "minicaffe.layers"
 
 
-class PluginError(ImportError):
+class PluginError(MinicaffeError, ImportError):
     """A plugin named by the user could not be loaded."""
 
 

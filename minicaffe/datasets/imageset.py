@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 
+from ..errors import MinicaffeError
 from ..db import DBError, array_to_datum, decode_batch, open_reader, open_writer
 from ..proto import caffe_pb2
 
@@ -19,7 +20,7 @@ __all__ = ["read_image_list", "load_image", "decode_image", "resize_bilinear", "
            "convert_imageset", "compute_image_mean", "write_mean_file", "ImageError"]
 
 
-class ImageError(ValueError):
+class ImageError(MinicaffeError, ValueError):
     """An image list or image file that cannot be used."""
 
 

@@ -22,10 +22,11 @@ import time
 import numpy as np
 
 from ..blob import Blob
+from ..errors import MinicaffeError
 from ..layer import LayerError, building_model
 from ..net import Net
 from ..proto import caffe_pb2
-from ..proto_io import ProtoFileError, atomic_write, read_net_param, read_proto, read_solver_param, \
+from ..proto_io import ProtoFileError, atomic_write, field_location, read_net_param, read_proto, read_solver_param, \
     write_binary
 from ..rng import set_random_seed
 from .lr_policies import check_lr_policy, learning_rate
@@ -42,7 +43,7 @@ SOLVER_ACTIONS = (STOP, SNAPSHOT, NONE)
 _SOLVERS = {}
 
 
-class SolverError(ValueError):
+class SolverError(MinicaffeError, ValueError):
     """A solver file or solver state that cannot be used as given."""
 
 
@@ -75,7 +76,8 @@ def get_solver(param, **kwargs):
         param = read_solver_param(param)
     cls = _SOLVERS.get(param.type)
     if cls is None:
-        raise SolverError(f"unknown solver type {param.type!r}; known types: "
+        where = f"{field_location(source, 'type')}: " if source else ""
+        raise SolverError(f"{where}unknown solver type {param.type!r}; known types: "
                           f"{', '.join(sorted(_SOLVERS))}")
     return cls(param, source=source, **kwargs)
 
@@ -140,15 +142,17 @@ class Solver:
             check_lr_policy(p)
         except ValueError as exc:
             raise SolverError(self._where(str(exc))) from None
+        if p.max_iter < 0:
+            raise SolverError(self._where(f"max_iter must be >= 0, got {p.max_iter}", "max_iter"))
         if p.average_loss < 1:
-            raise SolverError(self._where(f"average_loss must be at least 1, got {p.average_loss}"))
+            raise SolverError(self._where(f"average_loss must be at least 1, got {p.average_loss}", "average_loss"))
         if p.iter_size < 1:
-            raise SolverError(self._where(f"iter_size must be at least 1, got {p.iter_size}"))
+            raise SolverError(self._where(f"iter_size must be at least 1, got {p.iter_size}", "iter_size"))
         if p.weight_decay and p.regularization_type not in ("L2", "L1"):
             raise SolverError(self._where(f"unknown regularization_type {p.regularization_type!r}; "
                                           "use L2 or L1"))
         if p.snapshot < 0:
-            raise SolverError(self._where(f"snapshot must be >= 0, got {p.snapshot}"))
+            raise SolverError(self._where(f"snapshot must be >= 0, got {p.snapshot}", "snapshot"))
         if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
             try:
                 import h5py  # noqa: F401
@@ -157,8 +161,12 @@ class Solver:
                     "snapshot_format: HDF5 needs h5py (pip install 'minicaffe[hdf5]'), or use "
                     "snapshot_format: BINARYPROTO")) from None
 
-    def _where(self, message):
-        return f"{self.source}: {message}" if self.source else message
+    def _where(self, message, field=None):
+        """`message` prefixed with the solver file (and the line setting `field`, if given)."""
+        if not self.source:
+            return message
+        where = field_location(self.source, field) if field else self.source
+        return f"{where}: {message}"
 
     def _snapshot_prefix(self):
         """snapshot_prefix as Caffe's upgrade leaves it: unset -> the solver file's path minus its
