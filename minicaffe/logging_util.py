@@ -12,6 +12,8 @@ import datetime
 import logging
 import sys
 
+from .proto_io import ProtoFileError, check_output_folder
+
 __all__ = ["GlogFormatter", "init_log", "close_log", "logging_to"]
 
 LOGGER_NAME = "minicaffe"
@@ -70,7 +72,12 @@ def init_log(level=logging.INFO, log_file=None, stream=None):
     formatter = GlogFormatter()
     handlers = [_StderrHandler(stream)]
     if log_file:
-        handlers.append(logging.FileHandler(log_file, mode="w", encoding="utf-8"))
+        check_output_folder(log_file, "log file")
+        try:
+            handlers.append(logging.FileHandler(log_file, mode="w", encoding="utf-8"))
+        except OSError as exc:
+            raise ProtoFileError(f"{log_file}: cannot write the log file: "
+                                 f"{exc.strerror or exc}") from None
     for h in handlers:
         h.setFormatter(formatter)
         h._minicaffe_handler = True

@@ -167,7 +167,8 @@ class Net:
                 self._init(param)
         except (LayerError, ProtoFileError) as exc:
             if self.source is not None and not str(exc).startswith(os.fspath(self.source)):
-                raise type(exc)(f"{os.fspath(self.source)}: {exc}") from None
+                # Keep what the error itself was chained to (a Python layer's own exception).
+                raise type(exc)(f"{os.fspath(self.source)}: {exc}") from exc.__cause__
             raise
         if weights:
             for w in ([weights] if isinstance(weights, (str, os.PathLike)) else weights):

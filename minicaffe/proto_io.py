@@ -16,16 +16,30 @@ from .errors import MinicaffeError
 from .proto import caffe_pb2
 
 __all__ = ["ProtoFileError", "read_net_param", "read_solver_param", "read_proto",
-           "write_binary", "atomic_write", "check_regular_file", "field_location", "upgrade_net_param", "upgrade_solver_param"]
+           "write_binary", "atomic_write", "check_regular_file", "check_output_folder", "field_location", "upgrade_net_param", "upgrade_solver_param"]
 
 
 class ProtoFileError(MinicaffeError, ValueError):
     """A file that cannot be read as the message it should hold; the text names the file."""
 
 
+def check_output_folder(path, what="output file"):
+    """Raise ProtoFileError naming `path` unless its folder exists and `path` is not a folder.
+
+    Run before writing, so the error names the user's path rather than a temporary file.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ProtoFileError(f"{path}: cannot write the {what}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise ProtoFileError(f"{path}: cannot write the {what}: it is a directory")
+
+
 def atomic_write(path, data):
     """Write bytes to `path` through a temporary file in the same folder, then rename."""
     path = os.fspath(path)
+    check_output_folder(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
     try:

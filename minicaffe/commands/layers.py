@@ -14,7 +14,7 @@ def register(subparsers):
                     "'minicaffe.layers' entry points. Python layers (type: \"Python\") name "
                     "their class in python_param and are not listed one by one.")
     p.add_argument("--custom", action="store_true", help="only list types defined outside minicaffe")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, runs_without_plugins=True)  # lists what did load
 
 
 def run(args):
