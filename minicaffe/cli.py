@@ -7,6 +7,9 @@ Errors print as one line `minicaffe: error: ...` (exit 1); `--debug` shows the t
 `--plugin MODULE_OR_FILE.py` (repeatable) loads custom layers before the command
 runs; it may be given before the command (`minicaffe --plugin m train ...`) or
 anywhere after it (`minicaffe train ... --plugin m`).
+
+`--proto FORK_caffe.proto` (before or after the command) reads every file with that Caffe
+fork's schema in addition to minicaffe's (minicaffe.proto.extend; needs the `proto` extra).
 """
 import argparse
 import importlib
@@ -15,6 +18,8 @@ import pkgutil
 import sys
 
 from . import commands, plugins
+from .argv_options import take_option
+from .proto import extension
 from .layers.python_layer import PYTHON_LAYERS_ENV
 
 __all__ = ["main", "build_parser"]
@@ -32,6 +37,10 @@ def build_parser():
                              "the command runs; repeatable, and accepted after the command too "
                              f"(see also ${plugins.ENV_VAR} and the '{plugins.ENTRY_POINT_GROUP}' "
                              "entry points)")
+    parser.add_argument("--proto", metavar="FORK_caffe.proto",
+                        help="also use this Caffe fork's caffe.proto to read nets, weights and "
+                             "solvers, so its fields parse and its layers can be custom layers "
+                             "(needs pip install 'minicaffe[proto]'); accepted after the command too")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
@@ -43,6 +52,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     # --plugin is taken out before parsing so that it works after any subcommand.
     try:
+        argv, proto_paths = take_option(argv, "--proto", "the path of a fork's caffe.proto")
+        if proto_paths:
+            extension.extend(proto_paths[-1])
         argv, plugin_specs = plugins.extract_plugin_args(argv)
         # Global, but accepted after the command too, like --plugin.
         head = argv[:argv.index("--")] if "--" in argv else argv

@@ -218,6 +218,19 @@ class _LMDBCursor:
         for _ in range(n):
             self._advance()
 
+    def key(self):
+        """The key of the record the next `next_records` call starts with."""
+        return self.cur.key()
+
+    def seek(self, key):
+        """Continue from the record with this key (from `key()`, maybe of an earlier run)."""
+        here = self.cur.key()
+        if not self.cur.set_key(key):
+            if not self.cur.set_key(here):   # a failed lookup leaves the cursor nowhere
+                self.cur.first()
+            raise DBError(f"LMDB {self.reader.path!r} has no record with key {key!r} to resume "
+                          f"from; was the database changed since the snapshot?")
+
     def _advance(self):
         if not self.cur.next():
             self.cur.first()
@@ -289,6 +302,18 @@ class _LevelDBCursor:
     def skip(self, n):
         for _ in range(n):
             self._advance()
+
+    def key(self):
+        return self.item[0]
+
+    def seek(self, key):
+        self.it.close()
+        self.it = self.snapshot.iterator(start=key)
+        self.item = next(self.it, None)
+        if self.item is None or self.item[0] != key:
+            self._restart()
+            raise DBError(f"LevelDB {self.reader.path!r} has no record with key {key!r} to resume "
+                          f"from; was the database changed since the snapshot?")
 
     def next_records(self, n):
         out = []

@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 
 from .errors import MinicaffeError
-from .proto import caffe_pb2
+from .proto import caffe_pb2, extension, known_forks
 
 __all__ = ["Layer", "register_layer", "create_layer", "layer_registry", "layer_source",
            "layer_type_list", "LayerError", "BlobVec"]
@@ -112,6 +112,15 @@ class Layer:
 
     def allow_force_backward(self, bottom_index):
         return True
+
+    def snapshot_state(self):
+        """What this layer needs, beyond its parameter blobs, to continue exactly where it is
+        (a data cursor, a private random generator), as JSON-serializable data; None if nothing.
+        Saved with each snapshot, next to the .solverstate, and given back to `restore_state`."""
+        return None
+
+    def restore_state(self, state):
+        """Continue from a `snapshot_state()` value (of this layer in an earlier run)."""
 
     # -- driven by the Net -------------------------------------------------
     def setup(self, bottom, top):
@@ -404,6 +413,8 @@ def unknown_type_message(type_name):
     hint = f" Did you mean {close[0]!r}?" if close else ""
     from . import plugins
     failed = "".join(f" (Note: {what} failed to load: {why}.)" for what, why in plugins.failed_plugins())
+    # A known fork layer is not a typo of a built-in one.
+    hint = known_forks.layer_type_hint(type_name) or hint
     return (f"unknown layer type {type_name!r}.{hint} Known types: {', '.join(known)}. "
             f"To add one, subclass minicaffe.Layer, decorate the class with "
             f"@minicaffe.register_layer({type_name!r}) and load its module with "
@@ -423,4 +434,9 @@ def create_layer(layer_param, phase=None):
     if uses_pycaffe_setup(cls):
         from .layers.python_layer import PythonLayer
         return PythonLayer(layer_param, phase, layer_class=cls)
-    return cls(layer_param, phase)
+    layer = cls(layer_param, phase)
+    ext = extension.active()
+    if ext is not None and not cls.__module__.startswith("minicaffe."):
+        # A custom layer of the fork whose caffe.proto is in use reads its own params.
+        layer.layer_param = ext.view(layer.layer_param)
+    return layer

@@ -6,16 +6,22 @@ layers reuse their bottom blob), set layers up, wire shared parameters, and
 work out which layers need backward.
 """
 import collections
+import logging
+import math
 import os
 
 import numpy as np
 
 from .blob import Blob
 from .layer import LayerError, building_model, create_layer
+from .fold import fold_affine_chains
+from .memory_plan import share_dead_buffers
 from .proto import caffe_pb2
 from .proto_io import ProtoFileError, check_regular_file, read_net_param, read_proto, write_binary
 
 __all__ = ["Net", "filter_net", "insert_splits", "state_meets_rule"]
+
+log = logging.getLogger("minicaffe.net")
 
 
 # -- NetParameter passes ---------------------------------------------------------
@@ -131,10 +137,17 @@ class Net:
 
     pycaffe-style: `Net(model, phase, weights=None, level=0, stages=())`; the
     older `Net(model, weights, phase)` form is accepted too.
+
+    `inference=True` is a forward-only net whose blobs share buffers once no later layer reads
+    them (see memory_plan.py): after `forward()` only the inputs, the outputs and the blobs named
+    in `keep_blobs` hold their values, and there is no backward pass. Its in-place BatchNorm /
+    Scale / Bias layers after a Convolution or InnerProduct are folded into that layer's weights
+    (fold.py) when the net is built and whenever `copy_from` loads weights; after changing
+    `net.params` by hand, call `net.fold_params()`.
     """
 
     def __init__(self, model, phase=None, *args, weights=None, level=0, stages=(),
-                 dtype=np.float32):
+                 dtype=np.float32, inference=False, keep_blobs=()):
         if isinstance(phase, (str, os.PathLike)):   # Net(model, weights, phase)
             if args:
                 weights, phase, args = phase, args[0], args[1:]
@@ -170,9 +183,35 @@ class Net:
                 # Keep what the error itself was chained to (a Python layer's own exception).
                 raise type(exc)(f"{os.fspath(self.source)}: {exc}") from exc.__cause__
             raise
+        self.inference = bool(inference)
+        self._forward_plan, self._fold_stale = None, False
         if weights:
             for w in ([weights] if isinstance(weights, (str, os.PathLike)) else weights):
                 self.copy_from(w)
+        if isinstance(keep_blobs, str):
+            keep_blobs = [keep_blobs]
+        unknown = [name for name in keep_blobs if name not in self.blobs]
+        if unknown:
+            raise KeyError(f"keep_blobs: net {self.name!r} has no blob named {unknown[0]!r}")
+        if not self.inference and keep_blobs:
+            raise ValueError("keep_blobs only applies to Net(..., inference=True); "
+                             "a default Net keeps every blob")
+        self.kept_blobs = set(self.input_names) | set(self.output_names) | set(keep_blobs)
+        if self.inference:
+            share_dead_buffers(self.layers, self._bottom_vecs, self._top_vecs,
+                               [self.blobs[name] for name in sorted(self.kept_blobs)])
+            self.fold_params()
+
+    def fold_params(self):
+        """Inference nets: recompute the folded Convolution/InnerProduct weights from net.params."""
+        if not self.inference:
+            raise RuntimeError("fold_params() is for nets built with inference=True")
+        # The chains are in place, so every blob still ends up holding the value it has unfolded.
+        folds = fold_affine_chains(self.layers, self.bottom_ids, self.top_ids)
+        skipped = {j for _, chain in folds.values() for j in chain}
+        self._forward_plan = [(i, folds[i][0] if i in folds else layer, self._bottom_vecs[i], self._top_vecs[i])
+                              for i, layer in enumerate(self.layers) if i not in skipped]
+        self._fold_stale = False
 
     # -- construction ----------------------------------------------------------
     def _init(self, param):
@@ -384,15 +423,25 @@ class Net:
             raise KeyError(f"no layer named {which!r} in net {self.name!r}") from None
 
     # -- running ------------------------------------------------------------------
+    def forward_plan(self, start=0, end=None):
+        """The (index, layer, bottom, top) steps that forward runs for layers start..end: every
+        layer, except on inference nets run whole, where folded layers are left out."""
+        end = len(self.layers) - 1 if end is None else end
+        if self._fold_stale:
+            self.fold_params()
+        if self._forward_plan is not None and start == 0 and end == len(self.layers) - 1:
+            return self._forward_plan
+        return [(i, self.layers[i], self._bottom_vecs[i], self._top_vecs[i]) for i in range(start, end + 1)]
+
     def forward_from_to(self, start=0, end=None):
         """Run layers start..end (inclusive) and return their summed weighted loss."""
-        end = len(self.layers) - 1 if end is None else end
         loss = 0.0
-        for i in range(start, end + 1):
-            layer, bottom, top = self.layers[i], self._bottom_vecs[i], self._top_vecs[i]
+        for i, layer, bottom, top in self.forward_plan(start, end):
             try:
                 layer.reshape(bottom, top)
                 loss += layer.run_forward(bottom, top)
+                if self.debug_info:
+                    self._forward_debug_info(i)
             except LayerError:
                 raise
             except Exception as exc:
@@ -402,6 +451,9 @@ class Net:
         return loss
 
     def backward_from_to(self, start=None, end=0):
+        if self.inference:
+            raise RuntimeError(f"net {self.name!r} was built with inference=True: its blobs share "
+                               f"buffers, so it has no backward pass; build it without inference=True")
         start = len(self.layers) - 1 if start is None else start
         for i in range(start, end - 1, -1):
             if not self.layer_need_backward[i]:
@@ -410,6 +462,8 @@ class Net:
             try:
                 layer.run_backward(self._top_vecs[i], self.bottom_need_backward[i],
                                    self._bottom_vecs[i])
+                if self.debug_info:
+                    self._backward_debug_info(i)
             except LayerError:
                 raise
             except Exception as exc:
@@ -436,6 +490,11 @@ class Net:
         self.forward_from_to(start_i, end_i)
         names = list(self.top_ids[end_i]) if end is not None else list(self.output_names)
         names += [b for b in (blobs or []) if b not in names]
+        if self.inference:
+            lost = [name for name in names if name not in self.kept_blobs]
+            if lost:
+                raise KeyError(f"forward(): blob {lost[0]!r} of inference net {self.name!r} shares its "
+                               f"buffer with later blobs; name it in Net(..., keep_blobs=[...]) to read it")
         return {name: self.blobs[name].data for name in names}
 
     def backward(self, diffs=None, start=None, end=None, **kwargs):
@@ -478,6 +537,8 @@ class Net:
     def forward_backward(self):
         loss = self.forward_loss()
         self.backward_from_to()
+        if self.debug_info:
+            self._params_debug_info()
         return loss
 
     def reshape(self):
@@ -489,8 +550,130 @@ class Net:
             blob.diff[...] = 0
 
     def update(self):
+        if self.debug_info:
+            self._update_debug_info()
         for blob in self.learnable_params:
             blob.update()
+
+    # -- debug_info: Caffe's per-layer magnitude lines (Net::*DebugInfo), same text ----------
+    def _param_display_name(self, layer_index, j):
+        """Caffe's param_display_names_: the ParamSpec name, else the index within the layer."""
+        specs = self.layers[layer_index].layer_param.param
+        return (specs[j].name if j < len(specs) else "") or str(j)
+
+    def _forward_debug_info(self, i):
+        layer, name = self.layers[i], self.layer_names[i]
+        for blob in self._top_vecs[i]:
+            log.info("    [Forward] Layer %s, top blob %s data: %s", name, blob.name,
+                     _mean_abs(blob.data))
+        for j, blob in enumerate(layer.blobs):
+            log.info("    [Forward] Layer %s, param blob %s data: %s", name,
+                     self._param_display_name(i, j), _mean_abs(blob.data))
+
+    def _backward_debug_info(self, i):
+        layer, name = self.layers[i], self.layer_names[i]
+        for blob, down in zip(self._bottom_vecs[i], self.bottom_need_backward[i]):
+            if down:
+                log.info("    [Backward] Layer %s, bottom blob %s diff: %s", name, blob.name,
+                         _mean_abs(blob.diff))
+        for j, blob in enumerate(layer.blobs):
+            if layer.param_propagate_down[j]:
+                log.info("    [Backward] Layer %s, param blob %d diff: %s", name, j,
+                         _mean_abs(blob.diff))
+
+    def _params_debug_info(self):
+        # Caffe sums in Dtype and logs this line at ERROR severity (Net::Backward).
+        f = self.dtype.type
+        asum_data = asum_diff = sumsq_data = sumsq_diff = f(0)
+        for blob in self.learnable_params:
+            asum_data += f(blob.asum_data())
+            asum_diff += f(blob.asum_diff())
+            sumsq_data += f(blob.sumsq_data())
+            sumsq_diff += f(blob.sumsq_diff())
+        log.error("    [Backward] All net params (data, diff): L1 norm = (%s, %s); "
+                  "L2 norm = (%s, %s)", _g(asum_data), _g(asum_diff),
+                  _g(np.sqrt(sumsq_data)), _g(np.sqrt(sumsq_diff)))
+
+    def _update_debug_info(self):
+        """[Update] lines as Caffe's Net::Update printed them (shared params first, then owners);
+        Caffe 1.0 still defines UpdateDebugInfo but no longer calls it."""
+        entries = []   # (is_owner, layer index, j, learnable index)
+        for i, owners in enumerate(self._param_owner_of):
+            for j, index in enumerate(owners):
+                entries.append((self.layers[i].blobs[j] is self.learnable_params[index], i, j, index))
+        owner_of = {index: (i, j) for is_owner, i, j, index in entries if is_owner}
+        for want_owner in (False, True):
+            for is_owner, i, j, index in entries:
+                if is_owner != want_owner:
+                    continue
+                blob = self.layers[i].blobs[j]
+                name, display = self.layer_names[i], self._param_display_name(i, j)
+                if is_owner:
+                    log.info("    [Update] Layer %s, param %s data: %s; diff: %s", name, display,
+                             _mean_abs(blob.data), _mean_abs(blob.diff))
+                else:
+                    oi, oj = owner_of[index]
+                    log.info("    [Update] Layer %s, param blob %s (owned by layer %s, param %s) "
+                             "diff: %s", name, display, self.layer_names[oi],
+                             self._param_display_name(oi, oj), _mean_abs(blob.diff))
+
+    # -- divergence --------------------------------------------------------------------------
+    def params_finite(self):
+        """Whether every learnable parameter is finite (one float64-accumulated sum per blob:
+        a sum is finite exactly when no element is inf or nan, and cannot overflow)."""
+        return all(math.isfinite(blob.data.sum(dtype=np.float64)) for blob in self.learnable_params)
+
+    def non_finite_report(self):
+        """Where non-finite numbers first appear after a forward/backward pass, as a phrase
+        ("layer 'ip1' (InnerProduct) forward: top 'ip1' data has 3 non-finite values"), or None.
+
+        Forward is searched in net order (the first top that went bad), then backward in the
+        order it runs (the first bottom diff that went bad), then the parameters. An in-place
+        layer shares its top with the layer before it, which is then the one named.
+        """
+        for i, (layer, tops) in enumerate(zip(self.layers, self._top_vecs)):
+            for blob in tops:
+                bad = _count_non_finite(blob.data)
+                if bad:
+                    return (f"layer {layer.name!r} ({layer.type}) forward: top {blob.name!r} data "
+                            f"has {_values(bad, blob.count())}")
+        for i in reversed(range(len(self.layers))):
+            if not self.layer_need_backward[i]:
+                continue
+            layer = self.layers[i]
+            for blob, down in zip(self._bottom_vecs[i], self.bottom_need_backward[i]):
+                bad = _count_non_finite(blob.diff) if down else 0
+                if bad:
+                    return (f"layer {layer.name!r} ({layer.type}) backward: bottom {blob.name!r} "
+                            f"diff has {_values(bad, blob.count())}")
+        for i, layer in enumerate(self.layers):
+            for j, blob in enumerate(layer.blobs):
+                bad = _count_non_finite(blob.data)
+                if bad:
+                    return (f"layer {layer.name!r} ({layer.type}) param "
+                            f"{self._param_display_name(i, j)} has {_values(bad, blob.count())}")
+        return None
+
+    # -- exact resume --------------------------------------------------------------------------
+    def snapshot_state(self):
+        """{layer name: layer.snapshot_state()} for the layers that keep a position or generator."""
+        states = {}
+        for name, layer in zip(self.layer_names, self.layers):
+            state = layer.snapshot_state()
+            if state is not None:
+                states[name] = state
+        return states
+
+    def restore_state(self, states):
+        """Give each layer its saved state back; names that are not in this net are listed."""
+        unknown = []
+        for name, state in states.items():
+            layer = self.layer_dict.get(name)
+            if layer is None:
+                unknown.append(name)
+            else:
+                layer.restore_state(state)
+        return unknown
 
     # -- weights ---------------------------------------------------------------
     def share_with(self, other):
@@ -511,6 +694,7 @@ class Net:
 
     def copy_from(self, source):
         """Load weights by layer name from a .caffemodel (binary NetParameter), .h5, or a NetParameter."""
+        self._fold_stale = self.inference   # folded weights are recomputed at the next forward
         if isinstance(source, caffe_pb2.NetParameter):
             param, label = source, "NetParameter"
         else:
@@ -566,7 +750,10 @@ class Net:
         out = caffe_pb2.NetParameter(name=self.name)
         for layer in self.layers:
             lp = out.layer.add()
-            lp.CopyFrom(layer.layer_param)
+            if isinstance(layer.layer_param, caffe_pb2.LayerParameter):
+                lp.CopyFrom(layer.layer_param)
+            else:  # a fork's LayerParameter (proto.extend): same wire format
+                lp.ParseFromString(layer.layer_param.SerializeToString())
             lp.ClearField("blobs")
             for blob in layer.blobs:
                 blob.to_proto(write_diff, lp.blobs.add())
@@ -580,11 +767,15 @@ class Net:
         write_binary(self.to_proto(write_diff), path)
 
     def save_hdf5(self, path, write_diff=False):
+        from .proto_io import atomic_write
+        atomic_write(path, self.hdf5_bytes(write_diff))
+
+    def hdf5_bytes(self, write_diff=False):
+        """The weights as the bytes of a Caffe HDF5 weights file (what save_hdf5 writes)."""
         try:
             import h5py
         except ImportError:
             raise ImportError("saving HDF5 weights needs h5py: pip install 'minicaffe[hdf5]'") from None
-        from .proto_io import atomic_write
         import io
         buf = io.BytesIO()
         with h5py.File(buf, "w") as f:
@@ -598,11 +789,36 @@ class Net:
                     g.create_dataset(str(j), data=blob.data)
                     if diff is not None:
                         diff.require_group(layer.name).create_dataset(str(j), data=blob.diff)
-        atomic_write(path, buf.getvalue())
+        return buf.getvalue()
+
+    def to_onnx(self, path, opset=None, batch=None):
+        """Export this net to an ONNX model at `path` (needs the minicaffe[onnx] extra)."""
+        from . import onnx as _onnx   # lazy: the core never needs onnx
+        return _onnx.export(self, path, opset=opset or _onnx.DEFAULT_OPSET, batch=batch)
 
     def __repr__(self):
         return f"<Net {self.name!r} phase={'TRAIN' if self.phase == caffe_pb2.TRAIN else 'TEST'} " \
                f"layers={len(self.layers)}>"
+
+
+def _g(x):
+    """A number as C++ streams print it (6 significant digits), as in Caffe's log lines."""
+    return f"{float(x):g}"
+
+
+def _mean_abs(values):
+    """Caffe's asum / count in the blob's precision, printed like a C++ stream."""
+    with np.errstate(all="ignore"):
+        total = np.abs(values).sum(dtype=values.dtype) if values.size else values.dtype.type(0)
+        return _g(values.dtype.type(total) / values.dtype.type(values.size))
+
+
+def _count_non_finite(values):
+    return values.size - int(np.count_nonzero(np.isfinite(values)))
+
+
+def _values(bad, count):
+    return f"{bad} non-finite value{'s' if bad != 1 else ''} (of {count})"
 
 
 def _with_phase(layer_param, phase):

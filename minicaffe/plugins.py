@@ -30,6 +30,7 @@ import os
 import sys
 import warnings
 
+from .argv_options import take_option
 from .errors import MinicaffeError
 from .layer import Layer, layer_registry, register_layer, registering_from
 
@@ -236,22 +237,7 @@ def extract_plugin_args(argv):
     Returns (remaining argv, [X, ...]); scanning stops at a bare `--`.
     Lets `minicaffe train ... --plugin m` work without every subcommand defining --plugin.
     """
-    rest, specs = [], []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            rest.extend(argv[i:])
-            break
-        if arg == "--plugin":
-            if i + 1 >= len(argv):
-                raise PluginError("--plugin needs a module name or a .py file")
-            specs.append(argv[i + 1])
-            i += 2
-            continue
-        if arg.startswith("--plugin="):
-            specs.append(arg[len("--plugin="):])
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, specs
+    try:
+        return take_option(argv, "--plugin", "a module name or a .py file")
+    except ValueError as exc:
+        raise PluginError(str(exc)) from None

@@ -12,15 +12,50 @@ import tempfile
 from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 
-from .errors import MinicaffeError
-from .proto import caffe_pb2
+from .proto import caffe_pb2, extension, known_forks
+from .proto.errors import ProtoFileError
 
 __all__ = ["ProtoFileError", "read_net_param", "read_solver_param", "read_proto",
-           "write_binary", "atomic_write", "check_regular_file", "check_output_folder", "field_location", "upgrade_net_param", "upgrade_solver_param"]
+           "write_binary", "atomic_write", "stage_file", "check_regular_file", "check_output_folder",
+           "field_location", "upgrade_net_param", "upgrade_solver_param"]
 
 
-class ProtoFileError(MinicaffeError, ValueError):
-    """A file that cannot be read as the message it should hold; the text names the file."""
+TEMP_PREFIX = ".tmp-"
+
+
+def temp_name_for(path):
+    """The pattern of `stage_file`'s temporaries for `path`: (folder, prefix, suffix)."""
+    path = os.fspath(path)
+    return os.path.dirname(os.path.abspath(path)), TEMP_PREFIX, "-" + os.path.basename(path)
+
+
+def stage_file(path, data):
+    """Write bytes to a new temporary file next to `path` (flushed to disk); its name.
+
+    Rename it over `path` to publish it; on any error nothing is left behind.
+    """
+    folder, prefix, suffix = temp_name_for(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    except OSError as exc:   # name the file being written, not the temporary
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
+    try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would, as
+        # Caffe's snapshots get, so other users and tools can read the result.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
+        raise
+    return tmp
 
 
 def check_output_folder(path, what="output file"):
@@ -40,16 +75,8 @@ def atomic_write(path, data):
     """Write bytes to `path` through a temporary file in the same folder, then rename."""
     path = os.fspath(path)
     check_output_folder(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    tmp = stage_file(path, data)
     try:
-        # mkstemp makes the file private (0600); give it the mode a plain open() would, as
-        # Caffe's snapshots get, so other users and tools can read the result.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -100,9 +127,17 @@ def _yaml_key_line(text, name):
     return None
 
 
+def _extended(message):
+    """The fork's message class for `message` when a fork proto is active (proto.extend)."""
+    ext = extension.active()
+    return ext.message_class(message.DESCRIPTOR.full_name) if ext else None
+
+
 def _parse_text(text, message, path):
+    cls = _extended(message)
+    target = cls() if cls else message
     try:
-        text_format.Parse(text, message)
+        text_format.Parse(text, target)
     except text_format.ParseError as exc:
         line, col = exc.GetLine(), exc.GetColumn()
         where = f"{path}:{line}:{col}" if line else str(path)
@@ -110,8 +145,27 @@ def _parse_text(text, message, path):
         # protobuf prefixes "line:col : "; the location is already in `where`.
         if line and msg.startswith(f"{line}:"):
             msg = msg.split(" : ", 1)[-1]
-        raise ProtoFileError(f"{where}: {msg}") from None
+        raise ProtoFileError(f"{where}: {msg}{known_forks.hint(msg)}") from None
+    if cls:
+        # Through the wire format: fields minicaffe lacks stay on as unknown fields.
+        message.ParseFromString(target.SerializeToString())
+        if isinstance(message, caffe_pb2.NetParameter):
+            _fix_fork_ceil_mode(target, message)
     return message
+
+
+def _fix_fork_ceil_mode(fork_net, net):
+    """A fork's `bool ceil_mode = 13` arrives as BVLC's round_mode 13, read the other way
+    round (see caffe.proto); carry the fork's value over by name instead."""
+    layer_type = fork_net.DESCRIPTOR.fields_by_name["layer"].message_type
+    pooling = layer_type.fields_by_name.get("pooling_param")
+    ceil = pooling.message_type.fields_by_name.get("ceil_mode") if pooling else None
+    if ceil is None or ceil.number != 13:
+        return
+    for theirs, mine in zip(fork_net.layer, net.layer):
+        if theirs.HasField("pooling_param") and theirs.pooling_param.HasField("ceil_mode"):
+            mine.pooling_param.ClearField("round_mode")
+            mine.pooling_param.ceil_mode = theirs.pooling_param.ceil_mode
 
 
 def _parse_yaml(text, message, path):
@@ -122,11 +176,13 @@ def _parse_yaml(text, message, path):
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise ProtoFileError(f"{where}: {getattr(exc, 'problem', exc)}") from None
+    cls = _extended(message)
+    target = cls() if cls else message
     if not isinstance(tree, dict):
         raise ProtoFileError(f"{path}: expected a mapping of {message.DESCRIPTOR.name} fields at the "
                              f"top level, got a {type(tree).__name__}")
     try:
-        json_format.ParseDict(tree, message)
+        json_format.ParseDict(tree, target)
     except json_format.ParseError as exc:
         msg = str(exc).splitlines()[0]
         # json_format names the field ('Failed to parse base_lr field', 'has no field named
@@ -139,6 +195,8 @@ def _parse_yaml(text, message, path):
                     line = _yaml_key_line(text, name)
         where = f"{path}:{line}" if line else path
         raise ProtoFileError(f"{where}: {msg}") from None
+    if cls:
+        message.ParseFromString(target.SerializeToString())
     return message
 
 
@@ -196,6 +254,37 @@ def _parse_binary(raw, message, path):
     except DecodeError as exc:
         raise ProtoFileError(f"{path}: not a valid binary {message.DESCRIPTOR.name} ({exc})") from None
     return message
+
+
+# Forks whose LayerParameter field numbers collide with BVLC's (see the CONFLICT notes
+# in caffe.proto): in their binary files the layer type tells which meaning is meant.
+_MOVED_FIELDS = (("Interp", "input_param", "interp_param"),     # PSPNet / DeepLab: 143
+                 ("Upsample", "embed_param", "upsample_param"))  # SegNet: 137
+
+
+def remap_fork_numbers(net):
+    """Move fork params that a binary file stored at BVLC's numbers to minicaffe's fields.
+
+    Protobuf decodes such bytes as the BVLC message, with every mismatching field kept
+    as an unknown field, so serializing and reparsing as the fork's message is lossless.
+    """
+    for layer in net.layer:
+        for layer_type, bvlc_field, fork_field in _MOVED_FIELDS:
+            if layer.type == layer_type and layer.HasField(bvlc_field) \
+                    and not layer.HasField(fork_field):
+                getattr(layer, fork_field).ParseFromString(
+                    getattr(layer, bvlc_field).SerializeToString())
+                layer.ClearField(bvlc_field)
+        if layer.HasField("segnet_bn_param"):
+            segnet, bn = layer.segnet_bn_param, layer.bn_param
+            if segnet.HasField("scale_filler"):
+                bn.scale_filler.CopyFrom(segnet.scale_filler)
+            if segnet.HasField("shift_filler"):
+                bn.shift_filler.CopyFrom(segnet.shift_filler)
+            if segnet.HasField("bn_mode"):
+                bn.bn_mode = segnet.bn_mode
+            layer.ClearField("segnet_bn_param")
+    return net
 
 
 def _read_upgraded(path_or_param, message_type, upgrade):
@@ -338,6 +427,7 @@ def upgrade_net_param(param):
     for layer in param.layer:
         _upgrade_data_transform(layer)
     _upgrade_inputs(param)
+    remap_fork_numbers(param)
     return param
 
 

@@ -52,7 +52,7 @@ def _compare(targets, analytic, objective, stepsize, threshold, kink=0.0, kink_r
             numeric = (plus - minus) / (2.0 * stepsize)
             scale = max(abs(grad[k]), abs(numeric), 1.0)
             if abs(grad[k] - numeric) > threshold * scale:
-                failures.append(f"{name}[{np.unravel_index(k, blob.shape)}]: analytic "
+                failures.append(f"{name}[{tuple(int(i) for i in np.unravel_index(k, blob.shape))}]: analytic "
                                 f"{grad[k]:.6g} vs numeric {numeric:.6g}")
     return failures
 

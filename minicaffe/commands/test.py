@@ -23,6 +23,9 @@ def register(subparsers):
                    help="the trained weights (required), comma separated")
     add_flag(p, "iterations", type=int, default=50, metavar="N",
                    help="number of batches to run (default 50)")
+    p.add_argument("--inference", action="store_true",
+                   help="let blobs share buffers once no later layer reads them (less memory; "
+                        "the outputs are still reported)")
     add_common_flags(p)
     p.set_defaults(func=run)
 
@@ -40,7 +43,8 @@ def run(args):
         if args.iterations < 1:
             raise CommandError(f"--iterations must be at least 1, got {args.iterations}")
         note_gpu(args)
-        net = Net(args.model, caffe_pb2.TEST, level=args.level, stages=stages_from(args))
+        net = Net(args.model, caffe_pb2.TEST, level=args.level, stages=stages_from(args),
+                  inference=args.inference)
         for path in args.weights.split(","):
             if path.strip():
                 net.copy_from(path.strip())

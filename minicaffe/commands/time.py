@@ -3,7 +3,10 @@
     minicaffe time --model lenet_train_test.prototxt --iterations 20 [--phase TEST]
 """
 import logging
+import math
 import time
+
+import numpy as np
 
 from .train import CommandError, add_common_flags, add_flag, note_gpu, stages_from
 
@@ -22,6 +25,9 @@ def register(subparsers):
                    help="network phase (default TRAIN)")
     add_flag(p, "weights", metavar="W.caffemodel[,...]",
                    help="optional weights to load first")
+    p.add_argument("--inference", action="store_true",
+                   help="time the forward pass alone, on a net whose blobs share buffers once "
+                        "no later layer reads them (Net(..., inference=True))")
     add_common_flags(p)
     p.set_defaults(func=run)
 
@@ -45,7 +51,7 @@ def run(args):
             raise CommandError(f"--iterations must be at least 1, got {args.iterations}")
         note_gpu(args)
         net = Net(args.model, caffe_pb2.Phase.Value(phase), level=args.level,
-                  stages=stages_from(args))
+                  stages=stages_from(args), inference=args.inference)
         if args.weights:
             for path in args.weights.split(","):
                 if path.strip():
@@ -53,13 +59,23 @@ def run(args):
 
         # One untimed pass first, so buffers are allocated before timing starts.
         log.info("Performing Forward")
-        log.info("Initial loss: %s", f"{net.forward_loss():g}")
-        log.info("Performing Backward")
-        net.backward_from_to()
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            loss = net.forward_loss()
+        log.info("Initial loss: %s", f"{loss:g}")
+        if not math.isfinite(loss):
+            where = net.non_finite_report()
+            raise CommandError(f"the initial loss is {loss:g}" + (f": {where}" if where else "")
+                               + "; the timings would be of non-finite arithmetic")
+        if not args.inference:
+            log.info("Performing Backward")
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                net.backward_from_to()
 
         layers = net.layers
         bottoms = [[net.blobs[n] for n in names] for names in net.bottom_ids]
         tops = [[net.blobs[n] for n in names] for names in net.top_ids]
+        # An inference net's folded BatchNorm/Scale layers are not run: they report 0 ms.
+        steps = net.forward_plan() if args.inference else list(zip(range(len(layers)), layers, bottoms, tops))
         forward_time = [0.0] * len(layers)
         backward_time = [0.0] * len(layers)
         total_forward = total_backward = 0.0
@@ -70,14 +86,14 @@ def run(args):
         start_total = clock()
         for j in range(n):
             start_iter = clock()
-            for i, layer in enumerate(layers):
+            for i, layer, bottom, top in steps:
                 t = clock()
-                layer.reshape(bottoms[i], tops[i])
-                layer.run_forward(bottoms[i], tops[i])
+                layer.reshape(bottom, top)
+                layer.run_forward(bottom, top)
                 forward_time[i] += clock() - t
             total_forward += clock() - start_iter
             start_backward = clock()
-            for i in reversed(range(len(layers))):
+            for i in reversed(range(0 if args.inference else len(layers))):
                 t = clock()
                 # Like Caffe's benchmark: every layer's Backward, even ones the net would skip.
                 layers[i].run_backward(tops[i], net.bottom_need_backward[i], bottoms[i])
@@ -88,9 +104,11 @@ def run(args):
         log.info("Average time per layer: ")
         for i, name in enumerate(net.layer_names):
             log.info("%10s\tforward: %s ms.", name, _ms(forward_time[i] / n))
-            log.info("%10s\tbackward: %s ms.", name, _ms(backward_time[i] / n))
+            if not args.inference:
+                log.info("%10s\tbackward: %s ms.", name, _ms(backward_time[i] / n))
         log.info("Average Forward pass: %s ms.", _ms(total_forward / n))
-        log.info("Average Backward pass: %s ms.", _ms(total_backward / n))
+        if not args.inference:
+            log.info("Average Backward pass: %s ms.", _ms(total_backward / n))
         log.info("Average Forward-Backward: %s ms.", _ms(total / n))
         log.info("Total Time: %s ms.", _ms(total))
         log.info("*** Benchmark ends ***")

@@ -54,8 +54,10 @@ def register(subparsers):
     p = subparsers.add_parser(
         "train", help="train or finetune a model",
         description="Train a model with a Caffe solver file (prototxt or YAML), as `caffe train`. "
-                    "Ctrl-C stops after the current iteration (leaving a snapshot when "
-                    "snapshot_after_train is on); SIGHUP writes a snapshot and continues. "
+                    "Ctrl-C and SIGTERM stop after the current iteration (leaving a snapshot "
+                    "when snapshot_after_train is on) and exit with status 130 / 143; SIGHUP "
+                    "writes a snapshot and continues. Training that diverges (a non-finite "
+                    "loss or weight) stops with an error naming the layer. "
                     "Caffe's flag spellings work too (-solver S, --solver=S).")
     add_flag(p, "solver", metavar="FILE", help="the solver definition (required)")
     add_flag(p, "weights", metavar="A.caffemodel[,B.caffemodel]",
@@ -67,6 +69,9 @@ def register(subparsers):
                    help="what Ctrl-C does: stop, snapshot or none (default stop)")
     add_flag(p, "sighup_effect", default="snapshot", metavar="EFFECT",
                    help="what SIGHUP does: stop, snapshot or none (default snapshot)")
+    add_flag(p, "sigterm_effect", default="stop", metavar="EFFECT",
+                   help="what SIGTERM (a scheduler or container stopping the job) does: stop, "
+                        "snapshot or none (default stop, like Ctrl-C)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (it is shown only when stdout is a terminal)")
     add_common_flags(p)
@@ -115,7 +120,7 @@ def run(args):
             raise CommandError("need a solver definition to train: --solver FILE")
         if args.snapshot and args.weights:
             raise CommandError("give a snapshot to resume training or weights to finetune, not both")
-        for name in ("sigint_effect", "sighup_effect"):
+        for name in ("sigint_effect", "sighup_effect", "sigterm_effect"):
             if getattr(args, name) not in SIGNAL_EFFECTS:
                 raise CommandError(f"invalid --{name} {getattr(args, name)!r}; use one of "
                                    f"{', '.join(SIGNAL_EFFECTS)}")
@@ -130,7 +135,8 @@ def run(args):
         note_gpu(args)
         solver = get_solver(param, source=args.solver)
         show_bar = not args.no_progress and sys.stdout.isatty()
-        with SignalHandler(args.sigint_effect, args.sighup_effect) as signals:
+        with SignalHandler(args.sigint_effect, args.sighup_effect,
+                           args.sigterm_effect) as signals:
             solver.set_action_function(signals.check)
             if args.snapshot:
                 log.info("Resuming from %s", args.snapshot)
@@ -138,5 +144,8 @@ def run(args):
             with progress_bar(solver, show_bar):
                 log.info("Starting Optimization")
                 solver.solve()
-        log.info("Optimization Done.")
-    return 0
+        status = signals.exit_status() if solver.requested_early_exit else 0
+        if status:
+            log.warning("Stopped by %s at iteration %d of %d; exit status %d", signals.stopped_by,
+                        solver.iter, solver.param.max_iter, status)
+    return status

@@ -21,11 +21,14 @@ single GEMM per group. Two orders of the n*P columns are used:
 A 1x1 convolution with stride 1 and no pad skips im2col, as in Caffe. Batches are
 processed in chunks so the column buffer stays near COL_BUFFER_BYTES.
 """
+import threading
+
 import numpy as np
 
 from ..blob import Blob
 from ..fillers import fill
 from ..im2col import col2im, conv_output_shape, deconv_output_shape, im2col
+from ..kernels.depthwise import DepthwiseConv, is_depthwise
 from ..layer import Layer, register_layer
 
 __all__ = ["ConvolutionLayer", "DeconvolutionLayer", "Im2colLayer", "ConvGemm",
@@ -101,6 +104,25 @@ def _flat_view(buf, shape):
 
 
 # -- the machinery ----------------------------------------------------------------
+class _Workspace(threading.local):
+    """Scratch buffers shared by every ConvGemm of a thread, one per role, grown to the largest
+    request. A layer's columns are dead once its own forward or backward call returns (backward
+    recomputes them), so a net needs one column buffer, not one per convolution."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, role, size, dtype):
+        size = int(size)
+        buf = self.buffers.get((role, dtype))
+        if buf is None or buf.size < size:
+            buf = self.buffers[(role, dtype)] = np.zeros(size, dtype=dtype)
+        return buf[:size]
+
+
+_WORKSPACE = _Workspace()
+
+
 class ConvGemm:
     """Convolution as im2col + GEMM over whole chunks of a batch, for one geometry.
 
@@ -166,14 +188,22 @@ class ConvGemm:
         if not self.batch_inner and not self.is_1x1:
             channel_bytes = int(np.prod(padded_spatial)) * self.dtype.itemsize
             self.conv_chunk = max(1, min(chunk, IM2COL_WORKING_SET_BYTES // channel_bytes))
-        zeros = lambda n: np.zeros(int(n), dtype=self.dtype)  # noqa: E731
         padded = np.prod(padded_spatial)
-        self._cols = zeros(0 if self.is_1x1 else chunk * col_per_image)
-        self._padded = zeros(chunk * c_in * padded if any(self.pad) and not self.is_1x1 else 0)
-        self._image_t = zeros(chunk * c_in * np.prod(self.im_spatial) if self.batch_inner else 0)
-        self._out_t = zeros(0 if self.is_1x1 else chunk * c_out * self.out_dim)
-        self._dw = zeros(c_out * self.kernel_dim * (chunk if self.is_1x1 else 1))
-        self._dw_sum = zeros(c_out * self.kernel_dim if self.is_1x1 else 0)
+        self._scratch_sizes = dict(
+            cols=0 if self.is_1x1 else chunk * col_per_image,
+            padded=chunk * c_in * padded if any(self.pad) and not self.is_1x1 else 0,
+            image_t=chunk * c_in * np.prod(self.im_spatial) if self.batch_inner else 0,
+            out_t=0 if self.is_1x1 else chunk * c_out * self.out_dim,
+            dw=c_out * self.kernel_dim * (chunk if self.is_1x1 else 1),
+            dw_sum=c_out * self.kernel_dim if self.is_1x1 else 0)
+
+    # Scratch arrays, fetched at each use from the thread's shared workspace.
+    _cols = property(lambda self: _WORKSPACE.get("cols", self._scratch_sizes["cols"], self.dtype))
+    _padded = property(lambda self: _WORKSPACE.get("padded", self._scratch_sizes["padded"], self.dtype))
+    _image_t = property(lambda self: _WORKSPACE.get("image_t", self._scratch_sizes["image_t"], self.dtype))
+    _out_t = property(lambda self: _WORKSPACE.get("out_t", self._scratch_sizes["out_t"], self.dtype))
+    _dw = property(lambda self: _WORKSPACE.get("dw", self._scratch_sizes["dw"], self.dtype))
+    _dw_sum = property(lambda self: _WORKSPACE.get("dw_sum", self._scratch_sizes["dw_sum"], self.dtype))
 
     def _chunks(self, size):
         for start in range(0, self.num, size):
@@ -343,8 +373,7 @@ class _BaseConvolution(Layer):
         self.dilation, self.force_nd = geo["dilation"], geo["force_nd"]
         self.num_spatial = len(self.kernel)
         self.channels = bottom[0].shape[self.channel_axis]
-        self.num_output = param.num_output
-        self.group = param.group
+        self.num_output, self.group = self._output_and_group(param)
         if self.num_output <= 0:
             raise self.error("convolution_param.num_output must be set to a positive number")
         if self.group <= 0:
@@ -383,8 +412,22 @@ class _BaseConvolution(Layer):
                 bias = Blob(bias_shape, dtype=self.dtype)
                 fill(bias, param.bias_filler, what=f"layer {self.name!r} bias_filler")
                 self.blobs.append(bias)
-        self.gemm = ConvGemm(conv_in, conv_out, self.group, self.kernel, self.pad, self.stride,
-                             self.dilation, self.force_nd)
+        self.gemm = self._make_kernel(conv_in, conv_out)
+
+    # Tests and benchmarks set this False on a layer (before setup) to force ConvGemm.
+    use_depthwise_kernel = True
+
+    def _make_kernel(self, conv_in, conv_out):
+        """The one place that picks the convolution machinery: a depthwise convolution
+        (group == channels, 2-D) gets DepthwiseConv, everything else ConvGemm."""
+        if (self.use_depthwise_kernel and not self.reverse_dimensions
+                and is_depthwise(conv_in, conv_out, self.group, self.num_spatial)):
+            return DepthwiseConv(conv_in, conv_out, self.kernel, self.pad, self.stride, self.dilation)
+        return ConvGemm(conv_in, conv_out, self.group, self.kernel, self.pad, self.stride,
+                        self.dilation, self.force_nd)
+
+    def _output_and_group(self, param):
+        return param.num_output, param.group
 
     def reshape(self, bottom, top):
         axis = self.channel_axis
@@ -451,6 +494,35 @@ class ConvolutionLayer(_BaseConvolution):
                     top_diff, weight.data,
                     im=self._bottom(b.diff) if propagate_down[i] else None,
                     im_data=self._bottom(b.data), dw=weight.diff if want_w else None)
+
+
+@register_layer("DepthwiseConvolution")
+class DepthwiseConvolutionLayer(ConvolutionLayer):
+    """The depthwise-conv forks' type (yonghenglh6/DepthwiseConvolution): a Convolution with
+    its own CUDA kernel, same parameters and blobs; group is read from the prototxt.
+
+    Caffe semantics are exactly Convolution's; with group == channels it runs the
+    depthwise kernel (minicaffe/kernels/depthwise.py), like a plain Convolution would.
+    """
+
+
+@register_layer("ConvolutionDepthwise")
+class ConvolutionDepthwiseLayer(ConvolutionLayer):
+    """ShuffleNet/MobileNet forks' ConvolutionDepthwise: (N, C, H, W) -> (N, C, H_out, W_out),
+    one k_h x k_w filter per channel, W (C, 1, k_h, k_w); group is implied (= C).
+
+    The fork ignores num_output and group; here they must be absent or equal C, since
+    any other value would describe a different convolution than the one that runs.
+    """
+
+    def _output_and_group(self, param):
+        channels = self.channels
+        for field in ("num_output", "group"):
+            if param.HasField(field) and getattr(param, field) != channels:
+                raise self.error(f"convolution_param.{field} is {getattr(param, field)} but "
+                                 f"ConvolutionDepthwise has one output per input channel "
+                                 f"({channels}); drop it or set it to {channels}")
+        return channels, channels
 
 
 @register_layer("Deconvolution")

@@ -117,11 +117,12 @@ class Prefetcher:
 class _Batch:
     """Reusable arrays for one batch: data (N, C, H, W) and labels (N,)."""
 
-    __slots__ = ("data", "label")
+    __slots__ = ("data", "label", "resume")
 
     def __init__(self):
         self.data = None
         self.label = None
+        self.resume = None   # the loader's position after this batch (see snapshot_state)
 
     def arrays(self, data_shape, n, dtype):
         if self.data is None or self.data.shape != data_shape or self.data.dtype != dtype:
@@ -173,6 +174,9 @@ class _BaseDataLayer(Layer):
             batch = self._prefetcher.get()
         except (DBError, TransformError, ValueError, OSError) as exc:
             raise self.error(str(exc)) from None
+        if batch.resume is not None:
+            # The prefetch thread runs ahead; a snapshot must resume after the batch used last.
+            self._position = batch.resume
         top[0].reshape(batch.data.shape)
         top[0].data[...] = batch.data
         if self.output_labels:
@@ -226,7 +230,17 @@ class _DBLoader:
     def __call__(self, buffer):
         records = self.cursor.next_records(self.batch_size)
         raw, labels = decode_batch(records, self.source, *self.force)
-        return _transformed_batch(self.transformer, raw, labels, buffer, self.dtype)
+        buffer = _transformed_batch(self.transformer, raw, labels, buffer, self.dtype)
+        buffer.resume = self.position()
+        return buffer
+
+    def position(self):
+        """Where the next batch starts: its first key and the transformer's generator state."""
+        return {"key": self.cursor.key().hex(), "transform_rng": self.transformer.rng.bit_generator.state}
+
+    def seek(self, position):
+        self.cursor.seek(bytes.fromhex(position["key"]))
+        self.transformer.rng.bit_generator.state = position["transform_rng"]
 
 
 @register_layer("Data")
@@ -263,11 +277,39 @@ class DataLayer(_BaseDataLayer):
         if p.rand_skip and self.phase == TRAIN:
             # Different solvers/runs start at different records, as with Caffe's rand_skip.
             cursor.skip(int(_rng.get_rng().integers(p.rand_skip)))
-        self._start_prefetch(_DBLoader(cursor, repr(p.source), self.transformer, self.batch_size,
-                                       self.dtype), p.prefetch, resources=(cursor, self.reader))
+        self._loader = _DBLoader(cursor, repr(p.source), self.transformer, self.batch_size,
+                                 self.dtype)
+        self._position = self._loader.position()
+        self._resources = (cursor, self.reader)
+        self._start_prefetch(self._loader, p.prefetch, resources=self._resources)
 
     def forward(self, bottom, top):
         self._forward_prefetched(top)
+
+    def snapshot_state(self):
+        """The next record's key and the transform's random state (saved with snapshots)."""
+        return {"source": self.layer_param.data_param.source, **self._position}
+
+    def restore_state(self, state):
+        """Continue from `snapshot_state()`'s position: batches already prefetched are dropped."""
+        try:
+            key, rng = state["key"], state["transform_rng"]
+        except (KeyError, TypeError):
+            raise self.error(f"resume state {state!r} lacks the record key or random state") from None
+        prefetcher = self._prefetcher
+        self._finalizer.detach()   # stop the thread but keep the cursor and database open
+        prefetcher.stop()
+        if prefetcher.thread is not None and prefetcher.thread.is_alive():
+            raise self.error("the prefetch thread did not stop; cannot move the database cursor")
+        try:
+            self._loader.seek({"key": key, "transform_rng": rng})
+        except (DBError, ValueError, TypeError) as exc:
+            self._start_prefetch(self._loader, self.layer_param.data_param.prefetch,
+                                 resources=self._resources)
+            raise self.error(str(exc)) from None
+        self._position = self._loader.position()
+        self._start_prefetch(self._loader, self.layer_param.data_param.prefetch,
+                             resources=self._resources)
 
 
 # -- ImageData ------------------------------------------------------------------------------

@@ -567,3 +567,67 @@ class MultinomialLogisticLossLayer(LossLayer):
         diff[...] = 0
         scale = -top[0].diff.flat[0] / self.num
         diff[np.arange(self.num), self.labels] = scale / self.picked
+
+
+@register_layer("SmoothL1Loss")
+class SmoothL1LossLayer(LossLayer):
+    """Faster R-CNN's box regression loss: L = sum(w_out * f(w_in * (a - b))) / N, N = a.shape[0].
+
+    f(d) = 0.5 (sigma d)^2 if |d| < 1 / sigma^2, else |d| - 0.5 / sigma^2 (sigma from
+    smooth_l1_loss_param, default 1). Bottoms: predictions a, targets b, and optionally
+    both inside and outside weights w_in, w_out (4 bottoms; 3 is an error, as in
+    py-faster-rcnn), all of a's shape. a and b get gradients; the weights do not.
+    """
+
+    exact_num_bottom = None
+    min_num_bottom = 2
+    max_num_bottom = 4
+    label_bottoms = (2, 3)
+
+    def allow_force_backward(self, bottom_index):
+        return bottom_index < 2
+
+    def layer_setup(self, bottom, top):
+        sigma = self.layer_param.smooth_l1_loss_param.sigma
+        if sigma <= 0:
+            raise self.error(f"smooth_l1_loss_param.sigma must be positive, got {sigma}")
+        self.sigma2 = np.dtype(self.dtype).type(sigma * sigma)
+        if len(bottom) == 3:
+            raise self.error("give both inside and outside weights (4 bottoms), or neither "
+                             "(2 bottoms); got 3 bottoms")
+
+    def reshape(self, bottom, top):
+        super().reshape(bottom, top)
+        for i, b in enumerate(bottom[1:], 1):
+            if b.count() != bottom[0].count():
+                raise self.error(f"bottom[{i}] has shape {b.shape} but must match the "
+                                 f"predictions bottom[0] {bottom[0].shape}")
+        self.diff = np.empty(bottom[0].shape, dtype=self.dtype)
+        self.errors = np.empty(bottom[0].shape, dtype=self.dtype)
+
+    def forward(self, bottom, top):
+        d = self.diff
+        np.subtract(bottom[0].data, bottom[1].data.reshape(d.shape), out=d)
+        if len(bottom) == 4:
+            d *= bottom[2].data.reshape(d.shape)
+        small = np.abs(d) < 1 / self.sigma2
+        self._small = small
+        e = self.errors
+        np.abs(d, out=e)
+        e -= 0.5 / self.sigma2
+        np.copyto(e, 0.5 * self.sigma2 * d * d, where=small)
+        if len(bottom) == 4:
+            e *= bottom[3].data.reshape(d.shape)
+        top[0].data[...] = e.sum(dtype=np.float64) / bottom[0].shape[0]
+
+    def backward(self, top, propagate_down, bottom):
+        self.check_no_label_backward(propagate_down)
+        grad = np.sign(self.diff)
+        np.copyto(grad, self.sigma2 * self.diff, where=self._small)
+        if len(bottom) == 4:
+            grad *= bottom[2].data.reshape(grad.shape)
+            grad *= bottom[3].data.reshape(grad.shape)
+        for i, sign in ((0, 1), (1, -1)):
+            if propagate_down[i]:
+                alpha = sign * top[0].diff.flat[0] / bottom[0].shape[0]
+                np.multiply(grad.reshape(bottom[i].shape), alpha, out=bottom[i].diff)

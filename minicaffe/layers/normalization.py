@@ -12,7 +12,7 @@ from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
 from .pooling import PoolWindows, average_pool, average_pool_backward
 
-__all__ = ["LRNLayer", "BatchNormLayer", "MVNLayer", "ScaleLayer", "BiasLayer"]
+__all__ = ["LRNLayer", "BatchNormLayer", "MVNLayer", "ScaleLayer", "BiasLayer", "BNLayer"]
 
 _LRN = caffe_pb2.LRNParameter
 
@@ -435,3 +435,154 @@ class ScaleLayer(_AffineLayer):
             dim = self.dims[1]
             np.multiply(dy.reshape(self.dims), scale.data.reshape(1, dim, 1),
                         out=bottom[0].diff.reshape(self.dims))
+
+
+@register_layer("BN")
+class BNLayer(Layer):
+    """The segmentation forks' BN: y = slope_c * (x - mean_c) / sqrt(var_c + eps) + bias_c.
+
+    Two blob layouts exist, told apart by how many blobs the weights carry:
+
+    * PSPNet / DeepLab (4 blobs, each (1, C, 1, 1)): slope, bias, moving mean, moving
+      variance. With frozen: true or in TEST the moving statistics are used (no
+      normalizer, unlike BatchNorm); otherwise the batch's own (biased variance), and in
+      TRAIN the moving ones become (1 - momentum) * batch + momentum * moving. Frozen
+      forces every param's lr_mult to 0 and gives no param gradients, as the fork does;
+      the statistics' lr_mult is always forced to 0.
+    * SegNet (2 blobs, scale and shift): bn_mode LEARN normalizes with the batch's
+      statistics (eps 1e-9); INFERENCE computes y = scale * x + shift, the statistics
+      having been folded into scale and shift (SegNet's compute_bn_statistics.py).
+
+    A fresh layer (no weights) gets SegNet's 2 blobs when bn_param sets bn_mode or
+    scale_filler/shift_filler, else PSPNet's 4.
+    """
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+    allows_in_place = True
+
+    _SEGNET_FIELDS = ("bn_mode", "scale_filler", "shift_filler")
+
+    def _param(self, name, default=None):
+        p = self.layer_param.bn_param
+        if name not in p.DESCRIPTOR.fields_by_name:
+            return default
+        return getattr(p, name)
+
+    def _has(self, name):
+        p = self.layer_param.bn_param
+        return name in p.DESCRIPTOR.fields_by_name and p.HasField(name)
+
+    def layer_setup(self, bottom, top):
+        if bottom[0].num_axes != 4:
+            raise self.error(f"input must have 4 axes (num, channels, height, width), got "
+                             f"{bottom[0].shape}")
+        self.channels = bottom[0].shape[1]
+        shape = (1, self.channels, 1, 1)
+        if self.blobs_loaded:
+            count = len(self.blobs)
+            if count not in (2, 4):
+                raise self.error(f"BN weights must have 4 blobs (PSPNet: slope, bias, mean, "
+                                 f"variance) or 2 (SegNet: scale, shift), got {count}")
+            self.segnet = count == 2
+            for i, b in enumerate(self.blobs):
+                if b.count() != self.channels:
+                    raise self.error(f"loaded blob {i} has shape {b.shape}, expected {shape} for "
+                                     f"{self.channels} channels")
+                if b.dtype != self.dtype or b.shape != shape:
+                    converted = Blob(shape, dtype=self.dtype, name=b.name)
+                    converted.data[...] = b.data.reshape(shape)
+                    self.blobs[i] = converted
+        else:
+            self.segnet = any(self._has(f) for f in self._SEGNET_FIELDS)
+            names = ("scale_filler", "shift_filler") if self.segnet else ("slope_filler", "bias_filler")
+            self.blobs = []
+            for name in names:
+                blob = Blob(shape, dtype=self.dtype)
+                filler = self._param(name)
+                if filler is not None and self._has(name):
+                    fill(blob, filler, what=f"layer {self.name!r} bn_param.{name}")
+                else:   # Caffe's default filler is constant 0; a BN is useless with slope 0
+                    blob.data[...] = 1.0 if name in ("scale_filler", "slope_filler") else 0.0
+                self.blobs.append(blob)
+            if not self.segnet:
+                self.blobs.append(Blob(shape, dtype=self.dtype))       # moving mean: 0
+                variance = Blob(shape, dtype=self.dtype)
+                variance.data[...] = 1.0 if self._param("frozen", False) else 0.0
+                self.blobs.append(variance)
+        if self.segnet:
+            self.frozen = False
+            self.inference = self._param("bn_mode", 0) == 1
+            self.eps = 1e-9
+            self.momentum = None
+            self.use_global_stats = self.inference
+        else:
+            self.frozen = bool(self._param("frozen", False))
+            self.eps = float(self._param("eps", 1e-5)) if self._has("eps") else 1e-5
+            self.momentum = float(self._param("momentum", 0.9)) if self._has("momentum") else 0.9
+            self.use_global_stats = self.frozen or self.phase == caffe_pb2.TEST
+            while len(self.layer_param.param) < 4:
+                self.layer_param.param.add()
+            for i in (2, 3) + ((0, 1) if self.frozen else ()):
+                self.layer_param.param[i].lr_mult = 0
+                self.layer_param.param[i].decay_mult = 0
+        self.param_propagate_down = [not self.frozen] * 2 + [False] * (len(self.blobs) - 2)
+        self._x_norm = None
+
+    def reshape(self, bottom, top):
+        if bottom[0].num_axes != 4 or bottom[0].shape[1] != self.channels:
+            raise self.error(f"bottom must be (N, {self.channels}, H, W), got {bottom[0].shape}")
+        top[0].reshape(bottom[0].shape)
+        self._x_norm = _buffer(self._x_norm, bottom[0].shape, bottom[0].dtype)
+
+    def _channel(self, i):
+        return self.blobs[i].data.reshape(1, self.channels, 1, 1)
+
+    def forward(self, bottom, top):
+        x, y = bottom[0].data, top[0].data
+        dtype = x.dtype.type
+        scale, shift = self._channel(0), self._channel(1)
+        if self.segnet and self.inference:
+            self._x_norm[...] = x
+            np.multiply(x, scale, out=y)
+            y += shift
+            return
+        if self.use_global_stats:
+            mean, var = self._channel(2), self._channel(3)
+        else:
+            mean = x.mean(axis=(0, 2, 3), keepdims=True)
+            var = np.square(x - mean).mean(axis=(0, 2, 3), keepdims=True)
+            if not self.segnet and self.phase == caffe_pb2.TRAIN:
+                for blob, batch in ((self.blobs[2], mean), (self.blobs[3], var)):
+                    blob.data *= dtype(self.momentum)
+                    blob.data += dtype(1 - self.momentum) * batch.reshape(blob.shape)
+        self._inv_std = 1 / np.sqrt(var + dtype(self.eps))
+        np.subtract(x, mean, out=self._x_norm)
+        self._x_norm *= self._inv_std
+        np.multiply(self._x_norm, scale, out=y)
+        y += shift
+
+    def backward(self, top, propagate_down, bottom):
+        dy = top[0].diff
+        xn = self._x_norm   # x itself for SegNet INFERENCE, whose "normalization" is the identity
+        if self.param_propagate_down[0]:
+            self.blobs[0].diff.reshape(-1)[...] += np.einsum("nchw,nchw->c", dy, xn)
+        if self.param_propagate_down[1]:
+            self.blobs[1].diff.reshape(-1)[...] += dy.sum(axis=(0, 2, 3))
+        if not propagate_down[0]:
+            return
+        dx = bottom[0].diff
+        scale = self._channel(0)
+        if self.segnet and self.inference:
+            np.multiply(dy, scale, out=dx)
+            return
+        if self.use_global_stats:
+            np.multiply(dy, scale * self._inv_std, out=dx)
+            return
+        # dx = scale / std * (dy - mean(dy) - xn * mean(dy * xn)), means over N, H, W.
+        mean_dy = dy.mean(axis=(0, 2, 3), keepdims=True)
+        mean_dy_xn = (dy * xn).mean(axis=(0, 2, 3), keepdims=True)
+        grad = xn * mean_dy_xn
+        grad += mean_dy
+        np.subtract(dy, grad, out=dx)
+        dx *= scale * self._inv_std

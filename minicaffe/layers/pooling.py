@@ -191,8 +191,19 @@ class PoolingLayer(Layer):
             if self.pad_h >= self.kernel_h or self.pad_w >= self.kernel_w:
                 raise self.error(f"pad ({self.pad_h}, {self.pad_w}) must be smaller than the kernel "
                                  f"({self.kernel_h}, {self.kernel_w})")
-        self.ceil_mode = p.round_mode == _PP.CEIL
+        self.ceil_mode = self._ceil_mode(p)
         self.windows = None
+
+    def _ceil_mode(self, p):
+        """Round the output size up (Caffe) or down: BVLC's round_mode or the forks' ceil_mode."""
+        ceil = p.round_mode == _PP.CEIL
+        if "ceil_mode" in _PP.DESCRIPTOR.fields_by_name and p.HasField("ceil_mode"):
+            if p.HasField("round_mode") and p.ceil_mode != ceil:
+                raise self.error(f"pooling_param has ceil_mode: {str(p.ceil_mode).lower()} and "
+                                 f"round_mode: {_PP.RoundMode.Name(p.round_mode)}, which disagree; "
+                                 f"give one of them")
+            ceil = p.ceil_mode
+        return ceil
 
     def reshape(self, bottom, top):
         if bottom[0].num_axes != 4:

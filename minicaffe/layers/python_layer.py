@@ -33,6 +33,7 @@ import importlib.machinery
 import os
 import sys
 
+from ..proto import caffe_pb2
 from ..layer import (BlobVec, Layer, LayerError, current_model_dir, register_layer,
                      uses_pycaffe_setup)
 
@@ -129,6 +130,17 @@ def load_layer_class(python_param, layer_label="Python layer"):
     return cls
 
 
+class Phase(int):
+    """A phase as pycaffe's Python layers see it: equal to caffe.TRAIN / caffe.TEST, and
+    str() gives the name, as Boost.Python's enum does (py-faster-rcnn keys its config
+    by str(self.phase))."""
+
+    def __str__(self):
+        return caffe_pb2.Phase.Name(int(self))
+
+    __repr__ = __str__
+
+
 @register_layer("Python")
 class PythonLayer(Layer):
     """Runs a user's layer object: tops = forward(bottoms) as its class computes them.
@@ -157,7 +169,8 @@ class PythonLayer(Layer):
             raise self.error(f"constructing class {layer_class.__module__}."
                              f"{layer_class.__qualname__} failed: {type(exc).__name__}: {exc}") from exc
         impl.param_str = self.layer_param.python_param.param_str
-        impl.phase = self.phase
+        impl.param_str_ = impl.param_str      # pycaffe's older name (py-faster-rcnn's layers)
+        impl.phase = Phase(self.phase)
         if not isinstance(impl, Layer):
             impl.name = self.name
             impl.layer_param = self.layer_param

@@ -13,10 +13,13 @@ whatever running averages it needs in `self.history`. The history is stored in
 Caffe's order (one blob per learnable param; AdaDelta and Adam append a second
 set), so .solverstate files move between Caffe and minicaffe.
 """
+import hashlib
 import io
+import json
 import logging
 import math
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -26,12 +29,12 @@ from ..errors import MinicaffeError
 from ..layer import LayerError, building_model
 from ..net import Net
 from ..proto import caffe_pb2
-from ..proto_io import ProtoFileError, atomic_write, field_location, read_net_param, read_proto, read_solver_param, \
-    write_binary
-from ..rng import set_random_seed
+from ..proto_io import TEMP_PREFIX, ProtoFileError, field_location, read_net_param, read_proto, \
+    read_solver_param, stage_file
+from ..rng import get_rng_state, set_random_seed, set_rng_state
 from .lr_policies import check_lr_policy, learning_rate
 
-__all__ = ["Solver", "SolverError", "register_solver", "solver_registry", "get_solver",
+__all__ = ["Solver", "SolverError", "DivergenceError", "SnapshotError", "register_solver", "solver_registry", "get_solver",
            "load_solver_param", "NONE", "STOP", "SNAPSHOT", "SOLVER_ACTIONS"]
 
 log = logging.getLogger("minicaffe.solver")
@@ -45,6 +48,20 @@ _SOLVERS = {}
 
 class SolverError(MinicaffeError, ValueError):
     """A solver file or solver state that cannot be used as given."""
+
+
+class DivergenceError(MinicaffeError, ArithmeticError):
+    """Training produced a non-finite loss or parameter; the text says where it started."""
+
+
+class SnapshotError(MinicaffeError, OSError):
+    """A snapshot could not be written; the previous snapshot files are untouched."""
+
+
+# Next to each .solverstate: what Caffe's SolverState cannot hold (data cursors, random
+# generator states), so that a resume continues exactly. Caffe ignores the extra file.
+RESUME_SUFFIX = ".resume.json"
+RESUME_FORMAT = "minicaffe resume state"
 
 
 def register_solver(type_name):
@@ -128,6 +145,8 @@ class Solver:
         self.check_param()
         self.snapshot_prefix = self._snapshot_prefix()
         self._check_snapshot_writable()
+        self._remove_stale_temporaries()
+        self.last_snapshot = None   # the .solverstate of the newest complete snapshot
         if param.random_seed >= 0:
             set_random_seed(param.random_seed)
         self.net = self._init_train_net()
@@ -185,15 +204,46 @@ class Solver:
         return prefix
 
     def _check_snapshot_writable(self):
+        """Create (and remove) a file where snapshots go: os.access misjudges some filesystems
+        (read-only mounts, ACLs, network and FUSE filesystems)."""
         if not self.param.snapshot:
             return
         if not self.snapshot_prefix:
             raise SolverError(self._where("snapshot is set but snapshot_prefix is not"))
         folder = os.path.dirname(os.path.abspath(self.snapshot_prefix))
-        if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        problem = None
+        if not os.path.isdir(folder):
+            problem = "it does not exist"
+        else:
+            try:
+                fd, probe = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix="-write-check")
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as exc:
+                problem = exc.strerror or str(exc)
+        if problem:
             raise SolverError(self._where(
-                f"cannot write to snapshot prefix {self.snapshot_prefix!r}: make sure the "
-                f"directory {folder} exists and is writable"))
+                f"cannot write to snapshot prefix {self.snapshot_prefix!r}: the directory "
+                f"{folder} must exist and be writable ({problem})"))
+
+    def _remove_stale_temporaries(self):
+        """Delete the temporary files of snapshots that a killed run was writing."""
+        if not self.snapshot_prefix:
+            return
+        folder = os.path.dirname(os.path.abspath(self.snapshot_prefix))
+        marker = f"-{os.path.basename(self.snapshot_prefix)}_iter_"
+        try:
+            names = [n for n in os.listdir(folder) if n.startswith(TEMP_PREFIX) and marker in n]
+        except OSError:
+            return
+        for name in names:
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+        if names:
+            log.info("Removed %d temporary snapshot file%s left in %s by an interrupted run",
+                     len(names), "s" if len(names) != 1 else "", folder)
 
     # -- nets ----------------------------------------------------------------------
     def _read_net(self, path, field):
@@ -269,6 +319,7 @@ class Solver:
             state = p.test_state[i] if len(p.test_state) else None
             net = self._build_net(net_param, caffe_pb2.TEST, state, f"test net #{i} ({label})", source)
             net.share_with(self.net)   # Caffe shares before each test; sharing now keeps them in step
+            net.debug_info = p.debug_info
             nets.append(net)
         return nets
 
@@ -383,10 +434,18 @@ class Solver:
             self._losses[idx] = loss
 
     def step(self, iters):
-        """Run `iters` training iterations (fewer if stopped)."""
+        """Run `iters` training iterations (fewer if stopped).
+
+        Stops with DivergenceError when the loss or a parameter is no longer finite.
+        numpy's floating-point warnings are silenced meanwhile: that check reports it.
+        """
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            self._step(int(iters))
+
+    def _step(self, iters):
         p = self.param
         start_iter = self.iter
-        stop_iter = self.iter + int(iters)
+        stop_iter = self.iter + iters
         self._losses = []
         self.smoothed_loss = 0.0
         timer = time.perf_counter()
@@ -400,6 +459,7 @@ class Solver:
                     break
             self._run("on_start")
             display = p.display and self.iter % p.display == 0
+            self.net.debug_info = bool(display and p.debug_info)
             loss = 0.0
             for _ in range(p.iter_size):
                 loss += self.net.forward_backward()
@@ -413,8 +473,13 @@ class Solver:
                 timer = time.perf_counter()
                 iterations_last = self.iter
                 self._log_outputs(self.net, "Train", lambda name: self.net.blobs[name].data.ravel())
+            if not math.isfinite(loss):
+                self._diverged(self.iter, f"the loss is {_g(loss)}")   # weights not updated yet
             self._run("on_gradients_ready")
             self.apply_update()
+            if not self.net.params_finite():
+                self._diverged(self.iter - 1, f"the update (lr = {_g(self.learning_rate)}) made parameters "
+                               "non-finite")
             request = self.requested_action()
             if (p.snapshot and self.iter % p.snapshot == 0) or request == SNAPSHOT:
                 self.snapshot()
@@ -422,6 +487,17 @@ class Solver:
             if request == STOP:
                 self.requested_early_exit = True
                 break
+
+    def _diverged(self, iteration, what):
+        where = self.net.non_finite_report()
+        if self.last_snapshot:
+            kept = f"the last snapshot, {self.last_snapshot}, was written before it"
+        else:
+            kept = "no snapshot was written"
+        raise DivergenceError(
+            f"training diverged at iteration {iteration}: {what}"
+            + (f"; the first non-finite values: {where}" if where else "")
+            + f". Lower base_lr (now {_g(self.param.base_lr)}) or check the input data; {kept}")
 
     def solve(self, resume_file=None):
         """Train to max_iter (resuming from a .solverstate if given), snapshot, final test."""
@@ -509,21 +585,60 @@ class Solver:
         return f"{self.snapshot_prefix}_iter_{self.iter}{extension}"
 
     def snapshot(self):
-        """Write <prefix>_iter_N.caffemodel (or .caffemodel.h5) and the matching .solverstate."""
+        """Write <prefix>_iter_N.caffemodel (or .caffemodel.h5), the matching .solverstate and,
+        next to it, the resume state (.solverstate.resume.json: data cursors, random states).
+
+        All three are written to temporaries first and then renamed, the .solverstate last,
+        so a .solverstate on disk always has its weights and resume state. If writing fails
+        (disk full, permissions) SnapshotError names the file and nothing on disk changes.
+        """
         hdf5 = self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5
+        kind = "HDF5" if hdf5 else "binary proto"
         model = self.snapshot_filename(".caffemodel.h5" if hdf5 else ".caffemodel")
-        log.info("Snapshotting to %s file %s", "HDF5" if hdf5 else "binary proto", model)
-        if hdf5:
-            self.net.save_hdf5(model, self.param.snapshot_diff)
-        else:
-            self.net.save(model, self.param.snapshot_diff)
         state = self.snapshot_filename(".solverstate.h5" if hdf5 else ".solverstate")
-        log.info("Snapshotting solver state to %s file %s", "HDF5" if hdf5 else "binary proto", state)
-        if hdf5:
-            self._write_state_hdf5(state, model)
-        else:
-            write_binary(self.solver_state(model), state)
+        log.info("Snapshotting to %s file %s", kind, model)
+        diff = self.param.snapshot_diff
+        model_bytes = (self.net.hdf5_bytes(diff) if hdf5
+                       else self.net.to_proto(diff).SerializeToString())
+        log.info("Snapshotting solver state to %s file %s", kind, state)
+        state_bytes = (self._state_hdf5_bytes(model) if hdf5
+                       else self.solver_state(model).SerializeToString())
+        resume_bytes = json.dumps(self.resume_state(state_bytes)).encode()
+        self._publish([(model, model_bytes), (state + RESUME_SUFFIX, resume_bytes),
+                       (state, state_bytes)])
+        self.last_snapshot = state
         return model, state
+
+    def _publish(self, files):
+        """Stage every (path, bytes) in a temporary, then rename them in order."""
+        staged = []
+        current = None
+        try:
+            for current, data in files:
+                staged.append((stage_file(current, data), current))
+            for tmp, current in staged:
+                os.replace(tmp, current)
+        except BaseException as exc:
+            for tmp, _ in staged:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            if not isinstance(exc, OSError):
+                raise
+            kept = (f"the last complete snapshot is {self.last_snapshot}" if self.last_snapshot
+                    else "no earlier snapshot of this run to keep")
+            raise SnapshotError(f"cannot write snapshot file {current}: "
+                                f"{exc.strerror or exc}; {kept}") from None
+
+    def resume_state(self, state_bytes=b""):
+        """What the resume state file holds: the generator states and each data layer's
+        position, tied (by checksum) to the .solverstate bytes it was written with."""
+        return {
+            "format": RESUME_FORMAT, "version": 1, "iter": self.iter,
+            "solverstate_sha256": hashlib.sha256(state_bytes).hexdigest(),
+            "rng": get_rng_state(),
+            "train_net": self.net.snapshot_state(),
+            "test_nets": [net.snapshot_state() for net in self.test_nets],
+        }
 
     def solver_state(self, model_filename=""):
         """A caffe_pb2.SolverState: iter, learned_net, history, current_step."""
@@ -534,7 +649,7 @@ class Solver:
             h.to_proto(False, state.history.add())
         return state
 
-    def _write_state_hdf5(self, path, model_filename):
+    def _state_hdf5_bytes(self, model_filename):
         import h5py
         buf = io.BytesIO()
         with h5py.File(buf, "w") as f:
@@ -544,7 +659,7 @@ class Solver:
             group = f.create_group("history")
             for i, h in enumerate(self.history):
                 group.create_dataset(str(i), data=h.data)
-        atomic_write(path, buf.getvalue())
+        return buf.getvalue()
 
     def restore(self, path):
         """Continue from a .solverstate (or .solverstate.h5): iter, weights, history, lr step."""
@@ -575,7 +690,45 @@ class Solver:
                     raise SolverError(str(exc)) from None
         self.iter = int(iter_)
         self.current_step = int(current_step)
+        self._restore_resume_state(path)
+        self.last_snapshot = path
         log.info("%s: restored iteration %d from %s", self.type, self.iter, path)
+
+    def _restore_resume_state(self, path):
+        """Continue data cursors and random generators from the file next to the state, if it
+        belongs to it; without one (a state written by Caffe) they start afresh, as in Caffe."""
+        resume_path = path + RESUME_SUFFIX
+        if not os.path.exists(resume_path):
+            log.info("No %s next to %s: data layers start from their first record and random "
+                     "draws start afresh (as in Caffe)", os.path.basename(resume_path), path)
+            return
+        try:
+            with open(resume_path, "rb") as f:
+                saved = json.loads(f.read())
+            with open(path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            if not isinstance(saved, dict) or saved.get("format") != RESUME_FORMAT:
+                raise ValueError("not a minicaffe resume state")
+        except (OSError, ValueError) as exc:
+            raise SolverError(f"{resume_path}: cannot read it ({exc}); delete it to resume "
+                              "without data positions") from None
+        if saved.get("solverstate_sha256") != digest:
+            log.warning("Ignoring %s: it was written with another version of %s", resume_path, path)
+            return
+        try:
+            set_rng_state(saved["rng"])
+            unknown = self.net.restore_state(saved.get("train_net", {}))
+            for net, states in zip(self.test_nets, saved.get("test_nets", [])):
+                unknown += net.restore_state(states)
+        except LayerError as exc:
+            raise SolverError(f"{resume_path}: {exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SolverError(f"{resume_path}: malformed resume state ({exc}); delete it to "
+                              "resume without data positions") from None
+        if unknown:
+            log.warning("%s: no layer named %s in this net; their saved positions are ignored",
+                        resume_path, ", ".join(repr(n) for n in unknown))
+        log.info("Restored data positions and random states from %s", resume_path)
 
     @staticmethod
     def _find_learned_net(learned_net, state_path):

@@ -70,8 +70,8 @@ def test_train_writes_snapshots_and_caffe_log_lines(tmp_path, capsys):
     status, out, err = run_cli(capsys, "train", "--solver", str(solver))
     assert status == 0
     assert sorted(os.listdir(tmp_path / "snap")) == [
-        "lsq_iter_3.caffemodel", "lsq_iter_3.solverstate",
-        "lsq_iter_6.caffemodel", "lsq_iter_6.solverstate"]
+        "lsq_iter_3.caffemodel", "lsq_iter_3.solverstate", "lsq_iter_3.solverstate.resume.json",
+        "lsq_iter_6.caffemodel", "lsq_iter_6.solverstate", "lsq_iter_6.solverstate.resume.json"]
     lines = err.strip().splitlines()
     assert all(GLOG_LINE.match(line) for line in lines), [l for l in lines if not GLOG_LINE.match(l)]
     assert "Use CPU." in err and "Solving TestNetwork" in err
@@ -205,10 +205,10 @@ def test_ctrl_c_stops_after_the_iteration_and_leaves_a_snapshot(tmp_path, capsys
     SignalLayer.signum, SignalLayer.at, SignalLayer.calls = signal.SIGINT, 3, 0
     previous = signal.getsignal(signal.SIGINT)
     status, _, err = run_cli(capsys, "train", "--solver", str(solver))
-    assert status == 0 and signal.getsignal(signal.SIGINT) is previous
+    assert status == 130 and signal.getsignal(signal.SIGINT) is previous
     assert "Optimization stopped early." in err
-    assert sorted(os.listdir(tmp_path / "snap")) == ["lsq_iter_3.caffemodel",
-                                                     "lsq_iter_3.solverstate"]
+    assert sorted(os.listdir(tmp_path / "snap")) == [
+        "lsq_iter_3.caffemodel", "lsq_iter_3.solverstate", "lsq_iter_3.solverstate.resume.json"]
 
 
 def test_sighup_snapshots_and_continues(tmp_path, capsys):
@@ -220,8 +220,8 @@ def test_sighup_snapshots_and_continues(tmp_path, capsys):
     status, _, err = run_cli(capsys, "train", "--solver", str(solver))
     assert status == 0
     assert sorted(os.listdir(tmp_path / "snap")) == [
-        "lsq_iter_2.caffemodel", "lsq_iter_2.solverstate",
-        "lsq_iter_5.caffemodel", "lsq_iter_5.solverstate"]
+        "lsq_iter_2.caffemodel", "lsq_iter_2.solverstate", "lsq_iter_2.solverstate.resume.json",
+        "lsq_iter_5.caffemodel", "lsq_iter_5.solverstate", "lsq_iter_5.solverstate.resume.json"]
 
 
 def test_sigint_effect_snapshot(tmp_path, capsys):
@@ -231,8 +231,8 @@ def test_sigint_effect_snapshot(tmp_path, capsys):
     SignalLayer.signum, SignalLayer.at, SignalLayer.calls = signal.SIGINT, 1, 0
     status, _, _ = run_cli(capsys, "train", "--solver", str(solver), "--sigint_effect", "snapshot")
     assert status == 0
-    assert sorted(os.listdir(tmp_path / "snap")) == ["lsq_iter_1.caffemodel",
-                                                     "lsq_iter_1.solverstate"]
+    assert sorted(os.listdir(tmp_path / "snap")) == [
+        "lsq_iter_1.caffemodel", "lsq_iter_1.solverstate", "lsq_iter_1.solverstate.resume.json"]
 
 
 def test_progress_bar_shows_loss_and_lr(tmp_path):

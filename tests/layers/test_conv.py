@@ -418,7 +418,26 @@ def test_buffers_are_reused_across_calls():
         layer.reshape(bottom, top)
         layer.forward(bottom, top)
         layer.backward(top, [True], bottom)
-    assert layer.gemm._cols is buffers[0] and layer.gemm._padded is buffers[1]
+    assert np.shares_memory(layer.gemm._cols, buffers[0]) and np.shares_memory(layer.gemm._padded, buffers[1])
+
+
+def test_convolutions_share_one_column_workspace_and_stay_exact():
+    """Columns die when a layer's call returns, so every convolution of a thread uses one buffer."""
+    fillers = 'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" }'
+    small = make_layer("Convolution", "num_output: 4 kernel_size: 3 pad: 1 " + fillers)
+    big = make_layer("Convolution", "num_output: 2 kernel_size: 5 pad: 2 stride: 2 " + fillers)
+    x = gaussian(2, 3, 9, 9)
+    bottom_s, top_s = setup(small, [x], dtype=np.float64)
+    bottom_b, top_b = setup(big, [x], dtype=np.float64)
+    expected_small = reference_conv(x, small.blobs[0].data, small.blobs[1].data, (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    expected_big = reference_conv(x, big.blobs[0].data, big.blobs[1].data, (5, 5), (2, 2), (2, 2), (1, 1), 1)
+    for _ in range(2):   # interleaved: each call finds the other's columns in the buffer
+        small.forward(bottom_s, top_s)
+        big.forward(bottom_b, top_b)
+        np.testing.assert_allclose(top_s[0].data, expected_small, rtol=1e-10)
+        np.testing.assert_allclose(top_b[0].data, expected_big, rtol=1e-10)
+    assert np.abs(expected_small).max() > 0.1 and np.abs(expected_big).max() > 0.1   # non-trivial weights
+    assert np.shares_memory(small.gemm._cols, big.gemm._cols)
 
 
 def test_loaded_weights_skip_the_filler():

@@ -597,7 +597,7 @@ def test_bvlc_pyloss_runs_unchanged(tmp_path, caffe_alias):
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("pyloss", None)
-    np.testing.assert_allclose(bvlc, builtin, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(bvlc, builtin, rtol=1e-6, atol=1e-6)  # float32 summation order
 
 
 def test_python_layer_class_is_the_adapter():

@@ -128,9 +128,8 @@ def test_snapshot_files_and_solverstate_contents(tmp_path):
     solver = get_solver(p)
     solver.solve()
     names = sorted(os.listdir(tmp_path))
-    assert names == ["snap_iter_2.caffemodel", "snap_iter_2.solverstate",
-                     "snap_iter_4.caffemodel", "snap_iter_4.solverstate",
-                     "snap_iter_5.caffemodel", "snap_iter_5.solverstate"]
+    assert names == [f"snap_iter_{i}{ext}" for i in (2, 4, 5)
+                     for ext in (".caffemodel", ".solverstate", ".solverstate.resume.json")]
     state = read_state(tmp_path / "snap_iter_5.solverstate")
     assert state.iter == 5 and state.learned_net == prefix + "_iter_5.caffemodel"
     assert len(state.history) == 4 and tuple(state.history[0].shape.dim) == (1, 6)
@@ -214,8 +213,9 @@ def test_action_function_stop_and_snapshot(tmp_path):
     solver.set_action_function(lambda: next(actions, "none"))
     solver.solve()
     assert solver.iter == 4 and solver.requested_early_exit
-    assert sorted(os.listdir(tmp_path)) == ["x_iter_2.caffemodel", "x_iter_2.solverstate",
-                                           "x_iter_4.caffemodel", "x_iter_4.solverstate"]
+    assert sorted(os.listdir(tmp_path)) == [
+        f"x_iter_{i}{ext}" for i in (2, 4)
+        for ext in (".caffemodel", ".solverstate", ".solverstate.resume.json")]
 
 
 def test_files_relative_to_the_solver_file_and_default_prefix(tmp_path, monkeypatch):
@@ -230,7 +230,8 @@ def test_files_relative_to_the_solver_file_and_default_prefix(tmp_path, monkeypa
     solver = minicaffe.get_solver(str(folder / "solver.prototxt"))
     solver.solve()       # snapshot_after_train defaults to true
     assert sorted(os.listdir(folder)) == ["net.prototxt", "solver.prototxt",
-                                          "solver_iter_2.caffemodel", "solver_iter_2.solverstate"]
+                                          "solver_iter_2.caffemodel", "solver_iter_2.solverstate",
+                                          "solver_iter_2.solverstate.resume.json"]
     assert os.listdir(elsewhere) == []
 
 
@@ -242,8 +243,9 @@ def test_snapshot_prefix_directory_gets_the_solver_name(tmp_path):
         f"snapshot_prefix: {tmp_path / 'snaps'}\n")
     solver = minicaffe.get_solver(str(tmp_path / "lenet_solver.yaml"))
     solver.solve()
-    assert sorted(os.listdir(tmp_path / "snaps")) == ["lenet_solver_iter_1.caffemodel",
-                                                     "lenet_solver_iter_1.solverstate"]
+    assert sorted(os.listdir(tmp_path / "snaps")) == [
+        "lenet_solver_iter_1.caffemodel", "lenet_solver_iter_1.solverstate",
+        "lenet_solver_iter_1.solverstate.resume.json"]
 
 
 def test_weights_field_finetunes_train_and_test_nets(tmp_path):

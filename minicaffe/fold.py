@@ -1,0 +1,93 @@
+"""Folding per-channel affine layers into the Convolution / InnerProduct before them (inference).
+
+At TEST a BatchNorm with global statistics is y = (x - mean) / sqrt(var + eps), and a one-bottom
+Scale or Bias is y = gamma * x + beta: both are y = a * x + c per channel. Applied in place to the
+output of W * x + b, the chain is one product with W' = a * W (row by output channel) and
+b' = a * b + c, so the folded layers' passes over memory disappear. The net's own parameters are
+not touched: the product runs from a copy of the layer that holds W' and b'.
+"""
+import copy
+
+import numpy as np
+
+from .blob import Blob
+from .layer import BlobVec
+
+__all__ = ["fold_affine_chains"]
+
+_PRODUCTS = ("Convolution", "InnerProduct")
+
+
+def _affine(layer):
+    """(a, c) of a foldable per-channel layer, or None when it cannot be folded."""
+    if layer.type == "BatchNorm":
+        if not layer.use_global_stats:
+            return None
+        mean, var, normalizer = (b.data for b in layer.blobs)
+        factor = 0.0 if normalizer[0] == 0 else 1.0 / float(normalizer[0])
+        inv_std = 1.0 / np.sqrt(var * factor + layer.eps)
+        return inv_std, -mean * factor * inv_std
+    if layer.type in ("Scale", "Bias") and len(layer.layer_param.bottom) == 1:
+        param = layer.layer_param.scale_param if layer.type == "Scale" else layer.layer_param.bias_param
+        if param.axis != 1 or param.num_axes != 1:
+            return None
+        if layer.type == "Bias":
+            beta = layer.blobs[0].data
+            return np.ones_like(beta), beta
+        gamma = layer.blobs[0].data
+        beta = layer.blobs[layer.bias_index].data if layer.bias_index is not None else np.zeros_like(gamma)
+        return gamma, beta
+    return None
+
+
+def _product_weight(layer):
+    """The product's weight as (out_channels, rest) rows, and whether it may be folded at all."""
+    if layer.type == "Convolution":
+        return layer.blobs[0].data.reshape(layer.num_output, -1), layer.channel_axis == 1
+    w = layer.blobs[0].data
+    # InnerProduct's channel axis is its output axis; BatchNorm's is axis 1.
+    return (w.T if layer.transpose else w), layer.axis == 1
+
+
+def fold_affine_chains(layers, bottom_ids, top_ids):
+    """Plan the folding of every in-place affine chain straight after a product.
+
+    Returns {product index: (a copy of the layer with folded params, the indices of the affine
+    layers that copy now computes)}.
+    """
+    folds = {}
+    for i, layer in enumerate(layers):
+        if layer.type not in _PRODUCTS or len(top_ids[i]) != 1 or len(bottom_ids[i]) != 1:
+            continue
+        rows, foldable = _product_weight(layer)
+        if not foldable:
+            continue
+        out = top_ids[i][0]
+        scale = np.ones(rows.shape[0], dtype=np.float64)
+        shift = np.zeros(rows.shape[0], dtype=np.float64)
+        chain = []
+        for j in range(i + 1, len(layers)):
+            if bottom_ids[j] != [out] or top_ids[j] != [out]:
+                break
+            affine = _affine(layers[j])
+            if affine is None or np.shape(affine[0]) != scale.shape:
+                break
+            a, c = (np.asarray(v, dtype=np.float64) for v in affine)
+            scale, shift = a * scale, a * shift + c
+            chain.append(j)
+        if not chain:
+            continue
+        bias = layer.blobs[1].data if layer.bias_term else 0.0
+        folded_rows = (rows * scale[:, None]).astype(rows.dtype)
+        weight = Blob(layer.blobs[0].shape, dtype=layer.blobs[0].dtype)
+        if layer.type == "InnerProduct" and layer.transpose:
+            weight.data[...] = folded_rows.T
+        else:
+            weight.data[...] = folded_rows.reshape(weight.shape)
+        folded_bias = Blob((rows.shape[0],), dtype=layer.blobs[0].dtype)
+        folded_bias.data[...] = scale * bias + shift
+        product = copy.copy(layer)
+        product.blobs = BlobVec([weight, folded_bias], dtype=weight.dtype)
+        product.bias_term = True
+        folds[i] = (product, chain)
+    return folds

@@ -1,0 +1,1 @@
+"""Specialised compute kernels that layers pick instead of their general path."""

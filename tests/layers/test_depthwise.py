@@ -1,0 +1,148 @@
+"""Depthwise convolution: the direct kernel equals the grouped-GEMM path, loops, gradients,
+and the forks' DepthwiseConvolution / ConvolutionDepthwise types."""
+import numpy as np
+import pytest
+
+from minicaffe.blob import Blob
+from minicaffe.kernels.depthwise import DepthwiseConv
+from minicaffe.layer import LayerError
+from minicaffe.layers.conv import ConvGemm
+from tests.gradient_check import check_gradient, make_blobs
+from tests.layers.test_conv import make_layer, reference_conv
+
+CONFIGS = [
+    # (channels, multiplier, conv_text)
+    (4, 1, "kernel_size: 3 pad: 1"),
+    (4, 1, "kernel_size: 3 stride: 2 pad: 1"),
+    (3, 1, "kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 0 pad_w: 1"),
+    (4, 1, "kernel_size: 3 pad: 2 dilation: 2"),
+    (3, 2, "kernel_size: 3 stride: 2 pad: 1"),
+    (2, 3, "kernel_size: 5 pad: 2 bias_term: false"),
+    (5, 1, "kernel_size: 1"),
+]
+
+
+def conv_text(channels, multiplier, text):
+    return f"num_output: {channels * multiplier} group: {channels} {text}"
+
+
+def run(layer, x, dtype, use_depthwise=True, top_diff=None):
+    layer.use_depthwise_kernel = use_depthwise
+    bottom = make_blobs(x, dtype=dtype)
+    top = [Blob(dtype=dtype)]
+    layer.setup(bottom, top)
+    layer.forward(bottom, top)
+    result = {"top": top[0].data.copy()}
+    if top_diff is not None:
+        top[0].diff[...] = top_diff
+        for b in layer.blobs:
+            b.diff[...] = 0
+        layer.backward(top, [True], bottom)
+        result["bottom_diff"] = bottom[0].diff.copy()
+        result.update({f"param{i}": b.diff.copy() for i, b in enumerate(layer.blobs)})
+    return layer, result
+
+
+@pytest.mark.parametrize("channels,multiplier,text", CONFIGS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_direct_kernel_equals_grouped_gemm(channels, multiplier, text, dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, channels, 9, 8))
+    text = conv_text(channels, multiplier, text)
+    ref, _ = run(make_layer("Convolution", text), x, dtype)
+    top_diff = rng.standard_normal((2, channels * multiplier) + ref.top_spatial)
+    fast, a = run(make_layer("Convolution", text, fillers=False, blobs=ref.blobs), x, dtype, True,
+                  top_diff)
+    plain, b = run(make_layer("Convolution", text, fillers=False, blobs=ref.blobs), x, dtype, False,
+                   top_diff)
+    assert isinstance(fast.gemm, DepthwiseConv) and isinstance(plain.gemm, ConvGemm)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for key in a:
+        assert a[key].dtype == dtype
+        np.testing.assert_allclose(a[key], b[key], rtol=tol, atol=tol, err_msg=key)
+
+
+@pytest.mark.parametrize("channels,multiplier,text", CONFIGS[:5])
+def test_forward_matches_loops(channels, multiplier, text):
+    x = np.random.default_rng(0).standard_normal((2, channels, 7, 6))
+    layer, out = run(make_layer("Convolution", conv_text(channels, multiplier, text)), x, np.float64)
+    bias = layer.blobs[1].data if layer.bias_term else None
+    expected = reference_conv(x, layer.blobs[0].data, bias, layer.kernel, layer.pad, layer.stride,
+                              layer.dilation, channels)
+    np.testing.assert_allclose(out["top"], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels,multiplier,text", [CONFIGS[1], CONFIGS[3], CONFIGS[4]])
+def test_gradients(channels, multiplier, text):
+    layer = make_layer("Convolution", conv_text(channels, multiplier, text))
+    bottom = make_blobs(np.random.default_rng(1).standard_normal((2, channels, 6, 5)))
+    check_gradient(layer, bottom, [Blob(dtype=np.float64)])
+    assert isinstance(layer.gemm, DepthwiseConv)
+
+
+def test_grouped_but_not_depthwise_keeps_the_gemm_path():
+    layer, _ = run(make_layer("Convolution", "num_output: 4 group: 2 kernel_size: 3"),
+                   np.zeros((1, 4, 5, 5)), np.float32)
+    assert isinstance(layer.gemm, ConvGemm)
+
+
+def test_param_diffs_accumulate():
+    x = np.random.default_rng(2).standard_normal((1, 3, 5, 5))
+    layer = make_layer("Convolution", conv_text(3, 1, "kernel_size: 3"))
+    bottom, top = make_blobs(x), [Blob(dtype=np.float64)]
+    layer.setup(bottom, top)
+    layer.forward(bottom, top)
+    top[0].diff[...] = 1
+    for b in layer.blobs:
+        b.diff[...] = 0
+    layer.backward(top, [True], bottom)
+    once = [b.diff.copy() for b in layer.blobs]
+    layer.backward(top, [True], bottom)
+    for b, first in zip(layer.blobs, once):
+        np.testing.assert_allclose(b.diff, 2 * first)
+
+
+def test_fork_types_equal_plain_convolution():
+    x = np.random.default_rng(4).standard_normal((1, 6, 8, 8)).astype(np.float32)
+    ref, expected = run(make_layer("Convolution", conv_text(6, 1, "kernel_size: 3 stride: 2 pad: 1")),
+                        x, np.float32)
+    a = make_layer("DepthwiseConvolution", conv_text(6, 1, "kernel_size: 3 stride: 2 pad: 1"),
+                   fillers=False, blobs=ref.blobs)
+    b = make_layer("ConvolutionDepthwise", "num_output: 6 kernel_size: 3 stride: 2 pad: 1",
+                   fillers=False, blobs=ref.blobs)
+    for layer in (a, b):
+        layer, out = run(layer, x, np.float32)
+        assert isinstance(layer.gemm, DepthwiseConv)
+        np.testing.assert_array_equal(out["top"], expected["top"])
+
+
+def test_convolution_depthwise_without_num_output_has_one_output_per_channel():
+    layer, out = run(make_layer("ConvolutionDepthwise", "kernel_size: 3"),
+                     np.ones((1, 5, 4, 4)), np.float32)
+    assert out["top"].shape == (1, 5, 2, 2)
+    assert layer.blobs[0].shape == (5, 1, 3, 3)
+
+
+@pytest.mark.parametrize("text", ["num_output: 8 kernel_size: 3", "group: 2 kernel_size: 3"])
+def test_convolution_depthwise_rejects_other_shapes(text):
+    layer = make_layer("ConvolutionDepthwise", text)
+    with pytest.raises(LayerError, match=r"layer 'conv' \(ConvolutionDepthwise\).*one output per input"):
+        run(layer, np.ones((1, 4, 5, 5)), np.float32)
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_channel_blocks_match_one_block(monkeypatch, multiplier):
+    import minicaffe.kernels.depthwise as depthwise
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 5, 7, 7))
+    text = conv_text(5, multiplier, "kernel_size: 3 pad: 1")
+    ref, whole = run(make_layer("Convolution", text), x, np.float64)
+    top_diff = rng.standard_normal((2, 5 * multiplier, 7, 7))
+    _, whole = run(make_layer("Convolution", text, fillers=False, blobs=ref.blobs), x, np.float64,
+                   True, top_diff)
+    monkeypatch.setattr(depthwise, "WORKING_SET_BYTES", 1)
+    blocked_layer, blocked = run(make_layer("Convolution", text, fillers=False, blobs=ref.blobs), x,
+                                 np.float64, True, top_diff)
+    assert blocked_layer.gemm.block == 1
+    for key in whole:
+        np.testing.assert_allclose(blocked[key], whole[key], rtol=1e-12, atol=1e-12)

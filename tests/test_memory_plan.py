@@ -1,0 +1,142 @@
+"""Net(..., inference=True): blobs share buffers once dead, and outputs stay exactly the plain net's."""
+import pathlib
+
+import numpy as np
+import pytest
+
+import minicaffe
+from minicaffe.memory_plan import share_dead_buffers
+
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "models"
+
+# Every kind of memory sharing a planner must respect: in place (ReLU, Dropout), views of a
+# bottom (Flatten, Reshape), Split fan-out (conv1 feeds two branches), Concat, Slice, Eltwise.
+BRANCHY = """
+name: "branchy"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 12 dim: 12 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 8 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.3 }
+                            bias_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "a" type: "Convolution" bottom: "conv1" top: "a"
+        convolution_param { num_output: 4 kernel_size: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "b" type: "Pooling" bottom: "conv1" top: "b" pooling_param { pool: MAX kernel_size: 3 stride: 1 pad: 1 } }
+layer { name: "slice" type: "Slice" bottom: "b" top: "b1" top: "b2" slice_param { slice_point: 4 } }
+layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b1" top: "sum" eltwise_param { coeff: 1 coeff: -0.5 } }
+layer { name: "cat" type: "Concat" bottom: "sum" bottom: "b2" top: "cat" }
+layer { name: "drop" type: "Dropout" bottom: "cat" top: "cat" }
+layer { name: "pool" type: "Pooling" bottom: "cat" top: "pool" pooling_param { pool: AVE kernel_size: 2 stride: 2 } }
+layer { name: "flat" type: "Flatten" bottom: "pool" top: "flat" }
+layer { name: "ip" type: "InnerProduct" bottom: "flat" top: "ip"
+        inner_product_param { num_output: 10 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "shape" type: "Reshape" bottom: "ip" top: "ip2" reshape_param { shape { dim: 0 dim: 2 dim: 5 } } }
+layer { name: "prob" type: "Softmax" bottom: "ip2" top: "prob" softmax_param { axis: 2 } }
+"""
+
+
+def _randomize(net, seed=0):
+    rng = np.random.default_rng(seed)
+    for name, blobs in net.params.items():
+        for blob in blobs:
+            if net.layer_dict[name].type == "BatchNorm":
+                blob.data[...] = 1.0
+            else:
+                blob.data[...] = rng.normal(0, 0.05, blob.shape)
+
+
+def _pair(tmp_path, model, batch=None, **kwargs):
+    plain = minicaffe.Net(str(model), minicaffe.TEST)
+    _randomize(plain)
+    lean = minicaffe.Net(str(model), minicaffe.TEST, inference=True, **kwargs)
+    for name, blobs in plain.params.items():
+        for mine, theirs in zip(lean.params[name], blobs):
+            mine.data[...] = theirs.data
+    lean.fold_params()
+    data = plain.inputs[0]
+    shape = plain.blobs[data].shape if batch is None else (batch,) + plain.blobs[data].shape[1:]
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    return plain, lean, {data: x}
+
+
+def _distinct_buffers(net):
+    return len({id(blob._data) for blob in net.blobs.values()})
+
+
+def test_branchy_net_outputs_equal_and_buffers_are_shared(tmp_path):
+    model = tmp_path / "branchy.prototxt"
+    model.write_text(BRANCHY)
+    plain, lean, feed = _pair(tmp_path, model)
+    expected = plain.forward(**feed)["prob"].copy()
+    for _ in range(2):   # the second pass runs on buffers dirtied by the first
+        np.testing.assert_array_equal(lean.forward(**feed)["prob"], expected)
+    assert _distinct_buffers(lean) < _distinct_buffers(plain)
+
+
+def test_kept_blob_stays_readable(tmp_path):
+    model = tmp_path / "branchy.prototxt"
+    model.write_text(BRANCHY)
+    plain, lean, feed = _pair(tmp_path, model, keep_blobs=["sum"])
+    plain.forward(**feed)
+    out = lean.forward(blobs=["sum"], **feed)
+    np.testing.assert_array_equal(out["sum"], plain.blobs["sum"].data)
+    np.testing.assert_array_equal(lean.blobs["data"].data, feed["data"])   # inputs are kept too
+
+
+@pytest.mark.parametrize("model, batch", [
+    ("bench/squeezenet_v1.1_deploy.prototxt", 1),
+    ("bench/mobilenet_v1_deploy.prototxt", 1),
+    ("bench/googlenet_deploy.prototxt", 1),
+])
+def test_deploy_nets_match_the_plain_net(tmp_path, model, batch):
+    path = SHARED / model
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    plain, lean, feed = _pair(tmp_path, path, batch=batch)
+    expected = {k: v.copy() for k, v in plain.forward(**feed).items()}
+    for _ in range(2):
+        got = lean.forward(**feed)
+        for name, value in expected.items():   # folded BatchNorm/Scale round differently
+            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-4 * np.abs(value).max())
+    assert _distinct_buffers(lean) * 3 < _distinct_buffers(plain)
+
+
+def test_inference_net_refuses_backward_and_unkept_blobs(tmp_path):
+    model = tmp_path / "branchy.prototxt"
+    model.write_text(BRANCHY)
+    _, lean, feed = _pair(tmp_path, model)
+    with pytest.raises(RuntimeError, match="inference=True.*no backward pass"):
+        lean.backward()
+    with pytest.raises(KeyError, match="'conv1'.*keep_blobs"):
+        lean.forward(blobs=["conv1"], **feed)
+    with pytest.raises(KeyError, match="no blob named 'nope'"):
+        minicaffe.Net(str(model), minicaffe.TEST, inference=True, keep_blobs=["nope"])
+    with pytest.raises(ValueError, match="only applies to .*inference=True"):
+        minicaffe.Net(str(model), minicaffe.TEST, keep_blobs=["sum"])
+
+
+def test_planner_never_gives_overlapping_lifetimes_one_buffer():
+    """A chain a -> b -> c -> d: a and c may share, b and d may share, neighbours never."""
+    from minicaffe.blob import Blob
+
+    class _Layer:
+        blobs = []
+
+    a, b, c, d = (Blob((4, 5), name=n) for n in "abcd")
+    layers = [_Layer(), _Layer(), _Layer()]
+    bottoms, tops = [[a], [b], [c]], [[b], [c], [d]]
+    buffers = share_dead_buffers(layers, bottoms, tops, keep_blobs=[d])
+    assert not a.shares_data_with(b) and not b.shares_data_with(c)
+    assert a.shares_data_with(c)
+    assert buffers == 2        # a/c and b; d is kept with its own
+
+
+def test_time_and_test_commands_take_inference(tmp_path, capsys):
+    from minicaffe.cli import main
+
+    model = tmp_path / "branchy.prototxt"
+    model.write_text(BRANCHY)
+    assert main(["time", "--model", str(model), "--phase", "TEST", "--iterations", "2", "--inference"]) == 0
+    plain = minicaffe.Net(str(model), minicaffe.TEST)
+    plain.save(str(tmp_path / "w.caffemodel"))
+    assert main(["test", "--model", str(model), "--weights", str(tmp_path / "w.caffemodel"),
+                 "--iterations", "2", "--inference"]) == 0
