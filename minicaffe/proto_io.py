@@ -189,7 +189,7 @@ def _parse_yaml(text, message, path):
         # "foo"'); find that key in the YAML to give its line.
         names = re.findall(r'Failed to parse (\w+) field|no field named "(\w+)"', msg)
         line = None
-        for groups in names:
+        for groups in reversed(names):  # the innermost field is named last
             for name in groups:
                 if name and line is None:
                     line = _yaml_key_line(text, name)
