@@ -710,7 +710,10 @@ class Net:
                 raise ProtoFileError(f"{label}: no such weights file") from None
             except Exception as exc:
                 raise ProtoFileError(f"{label}: not a binary .caffemodel ({exc})") from None
-            param = read_net_param(param)
+            try:
+                param = read_net_param(param)
+            except ValueError as exc:  # an upgrade that does not apply, or a non-UTF-8 name
+                raise ProtoFileError(f"{label}: {exc}") from None
         for src in param.layer:
             layer = self.layer_dict.get(src.name)
             if layer is None or not len(src.blobs):
