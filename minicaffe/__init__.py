@@ -16,11 +16,16 @@ from . import layers as _builtin_layers  # noqa: F401  (registers the built-in l
 from .net_spec import NetSpec, layers, params, to_proto
 from . import io  # noqa: F401  (pycaffe's caffe.io)
 from .classifier import Classifier  # noqa: F401
+from .detector import Detector  # noqa: F401
 from .solvers import (get_solver, Solver, SGDSolver, NesterovSolver, AdaGradSolver,  # noqa: F401
                       RMSPropSolver, AdaDeltaSolver, AdamSolver)
-from .logging_util import init_log  # noqa: F401  (pycaffe's caffe.init_log)
+from .logging_util import init_log, log, Timer  # noqa: F401  (pycaffe's caffe.init_log, log, Timer)
 from . import plugins, testing  # noqa: F401  (custom layers: load_plugin, check_gradient)
 from .plugins import load_plugin  # noqa: F401
+
+from . import parallel  # noqa: F401  (data-parallel training on MPI; mpi4py imported on use)
+from .parallel import (NCCL, set_multiprocess, set_solver_count, set_solver_rank,  # noqa: F401
+                       solver_count, solver_rank)
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
@@ -34,6 +39,11 @@ def set_mode_cpu():
 
 def set_device(device_id):
     """pycaffe compatibility: there is only the CPU."""
+
+
+def has_nccl():
+    """pycaffe compatibility: no NCCL (multi-GPU) here; minicaffe.parallel runs on processes."""
+    return False
 
 
 def set_mode_gpu():

@@ -326,6 +326,40 @@ class _LevelDBCursor:
         self.it.close()
 
 
+class ShardedCursor:
+    """Every `count`-th record of a looping cursor from record `rank` on (Caffe's DataLayer::Skip
+    for multi-solver training): `count` such cursors read disjoint shares of every epoch."""
+
+    def __init__(self, cursor, rank, count):
+        self.cursor = cursor
+        self.rank = rank
+        self.count = count
+        cursor.skip(rank)
+
+    def skip(self, n):
+        self.cursor.skip(n * self.count)
+
+    def key(self):
+        """The key of this shard's next record (a saved position)."""
+        return self.cursor.key()
+
+    def seek(self, key):
+        """Continue from a key rank 0's key() returned: every rank has read as many records of
+        its share, so this rank's next record is `rank` records further."""
+        self.cursor.seek(key)
+        self.cursor.skip(self.rank)
+
+    def next_records(self, n):
+        out = []
+        for _ in range(n):
+            out.extend(self.cursor.next_records(1))
+            self.cursor.skip(self.count - 1)
+        return out
+
+    def close(self):
+        self.cursor.close()
+
+
 # -- writing -------------------------------------------------------------------
 def open_writer(path, backend="lmdb", overwrite=False):
     """A new database at `path` (an error if it exists, unless overwrite)."""
@@ -416,8 +450,11 @@ class LevelDBWriter(_BatchedWriter):
 
 
 # -- Datum <-> numpy ---------------------------------------------------------------
-def array_to_datum(array, label=0):
-    """A Datum from a (C, H, W) array: uint8 goes to `data`, anything else to `float_data`."""
+def array_to_datum(array, label=None):
+    """A Datum from a (C, H, W) array: uint8 goes to `data`, anything else to `float_data`.
+
+    label=None leaves the label field unset (absent from the serialized record), as pycaffe does.
+    """
     array = np.asarray(array)
     if array.ndim != 3:
         raise ValueError(f"a Datum holds a (channels, height, width) array, got shape {array.shape}")
@@ -426,7 +463,8 @@ def array_to_datum(array, label=0):
         datum.data = array.tobytes()
     else:
         datum.float_data.extend(array.astype(np.float32).ravel().tolist())
-    datum.label = int(label)
+    if label is not None:
+        datum.label = int(label)
     return datum
 
 

@@ -50,7 +50,7 @@ def blobprotovector_str_to_arraylist(serialized):
 
 def array_to_datum(arr, label=None):
     """A Datum from a (C, H, W) array: uint8 arrays as bytes, others as float_data."""
-    return _db.array_to_datum(arr, 0 if label is None else label)
+    return _db.array_to_datum(arr, label)
 
 
 def datum_to_array(datum):

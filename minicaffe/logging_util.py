@@ -11,10 +11,11 @@ import contextlib
 import datetime
 import logging
 import sys
+import time
 
 from .proto_io import ProtoFileError, check_output_folder
 
-__all__ = ["GlogFormatter", "init_log", "close_log", "logging_to"]
+__all__ = ["GlogFormatter", "init_log", "close_log", "logging_to", "log", "Timer"]
 
 LOGGER_NAME = "minicaffe"
 _GLOG_LEVELS = {0: logging.INFO, 1: logging.WARNING, 2: logging.ERROR, 3: logging.CRITICAL}
@@ -103,3 +104,30 @@ def logging_to(log_file=None, level=logging.INFO):
         yield logging.getLogger(LOGGER_NAME)
     finally:
         close_log()
+
+
+def log(message):
+    """pycaffe's caffe.log: one INFO line (Caffe's LOG(INFO))."""
+    logging.getLogger(LOGGER_NAME).info("%s", message)
+
+
+class Timer:
+    """pycaffe's caffe.Timer: start(), stop(), and `ms`, the milliseconds between them
+    (or since start() while it runs), as Caffe's CPU Timer."""
+
+    def __init__(self):
+        self._start = self._stop = None
+
+    def start(self):
+        self._start, self._stop = time.perf_counter(), None
+
+    def stop(self):
+        if self._start is not None and self._stop is None:
+            self._stop = time.perf_counter()
+
+    @property
+    def ms(self):
+        if self._start is None:
+            return 0.0
+        end = self._stop if self._stop is not None else time.perf_counter()
+        return (end - self._start) * 1000.0

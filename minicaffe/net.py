@@ -9,6 +9,7 @@ import collections
 import logging
 import math
 import os
+import warnings
 
 import numpy as np
 
@@ -19,7 +20,26 @@ from .memory_plan import share_dead_buffers
 from .proto import caffe_pb2
 from .proto_io import ProtoFileError, check_regular_file, read_net_param, read_proto, write_binary
 
-__all__ = ["Net", "filter_net", "insert_splits", "state_meets_rule"]
+__all__ = ["Net", "filter_net", "insert_splits", "state_meets_rule", "is_hdf5_file"]
+
+log = logging.getLogger("minicaffe.net")
+
+# HDF5's signature; it sits at offset 0 or, after a user block, at 512, 1024, 2048, ...
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def is_hdf5_file(path):
+    """Does the file at `path` hold HDF5 (by its signature, as Caffe's H5Fis_hdf5)?"""
+    with open(path, "rb") as f:
+        offset = 0
+        while True:
+            f.seek(offset)
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            if head == _HDF5_MAGIC:
+                return True
+            offset = 512 if offset == 0 else offset * 2
 
 log = logging.getLogger("minicaffe.net")
 
@@ -223,6 +243,8 @@ class Net:
             raise LayerError(_empty_net_message(param, self.state))
         param = insert_splits(filtered)
         self.net_param = param
+        self._hooks = {"before_forward": [], "after_forward": [],
+                       "before_backward": [], "after_backward": []}
 
         self.layers = []
         self.layer_names = []
@@ -300,6 +322,7 @@ class Net:
             self.bottom_need_backward.append(need_down)
             self.layer_need_backward.append(need_backward)
 
+        _check_unique_param_layer_names(self.layers)
         self._prune_backward(blob_need_backward)
         # Caffe collects the leftover blobs in a std::set, so net outputs come sorted by name
         # (this is the order `caffe test` and the solver's test lines print them in).
@@ -326,7 +349,8 @@ class Net:
         for j, blob in enumerate(layer.blobs):
             spec = specs[j] if j < len(specs) else caffe_pb2.ParamSpec()
             learn = spec.lr_mult != 0
-            layer.param_propagate_down[j] = learn
+            # Caffe's Net: force_backward computes every param diff, lr_mult 0 or not.
+            layer.param_propagate_down[j] = learn or bool(self.force_backward)
             needs |= learn
             display = spec.name or f"{layer.name}[{j}]"
             if spec.name and spec.name in param_names:
@@ -408,6 +432,40 @@ class Net:
     def bottom_names(self):
         return collections.OrderedDict(zip(self.layer_names, self.bottom_ids))
 
+    # pycaffe's underscore views, indexed as in Caffe's Net (blobs in creation order).
+    @property
+    def _layer_names(self):
+        return list(self.layer_names)
+
+    @property
+    def _blob_names(self):
+        return list(self.blobs)
+
+    @property
+    def _blobs(self):
+        return list(self.blobs.values())
+
+    def _blob_index(self):
+        return {name: i for i, name in enumerate(self.blobs)}
+
+    @property
+    def _inputs(self):
+        index = self._blob_index()
+        return [index[name] for name in self.input_names]
+
+    @property
+    def _outputs(self):
+        index = self._blob_index()
+        return [index[name] for name in self.output_names]
+
+    def _bottom_ids(self, i):
+        index = self._blob_index()
+        return [index[name] for name in self.bottom_ids[i]]
+
+    def _top_ids(self, i):
+        index = self._blob_index()
+        return [index[name] for name in self.top_ids[i]]
+
     @property
     def blob_loss_weights(self):
         return {name: self._blob_loss_weights.get(name, 0.0) for name in self.blobs}
@@ -437,6 +495,8 @@ class Net:
         """Run layers start..end (inclusive) and return their summed weighted loss."""
         loss = 0.0
         for i, layer, bottom, top in self.forward_plan(start, end):
+            for hook in self._hooks["before_forward"]:
+                hook(i)
             try:
                 layer.reshape(bottom, top)
                 loss += layer.run_forward(bottom, top)
@@ -448,6 +508,8 @@ class Net:
                 if isinstance(exc, (KeyboardInterrupt, MemoryError)):
                     raise
                 raise type(exc)(f"layer {layer.name!r} ({layer.type}) forward: {exc}") from exc
+            for hook in self._hooks["after_forward"]:
+                hook(i)
         return loss
 
     def backward_from_to(self, start=None, end=0):
@@ -456,7 +518,11 @@ class Net:
                                f"buffers, so it has no backward pass; build it without inference=True")
         start = len(self.layers) - 1 if start is None else start
         for i in range(start, end - 1, -1):
+            for hook in self._hooks["before_backward"]:
+                hook(i)
             if not self.layer_need_backward[i]:
+                for hook in self._hooks["after_backward"]:
+                    hook(i)
                 continue
             layer = self.layers[i]
             try:
@@ -470,6 +536,28 @@ class Net:
                 if isinstance(exc, (KeyboardInterrupt, MemoryError)):
                     raise
                 raise type(exc)(f"layer {layer.name!r} ({layer.type}) backward: {exc}") from exc
+            for hook in self._hooks["after_backward"]:
+                hook(i)
+
+    # pycaffe's _forward/_backward: Net::ForwardFromTo / BackwardFromTo by layer index.
+    def _forward(self, start, end):
+        return self.forward_from_to(start, end)
+
+    def _backward(self, start, end):
+        self.backward_from_to(start, end)
+
+    # pycaffe's hooks: `fn(layer_index)` around every layer's forward/backward (Net::Callback).
+    def before_forward(self, fn):
+        self._hooks["before_forward"].append(fn)
+
+    def after_forward(self, fn):
+        self._hooks["after_forward"].append(fn)
+
+    def before_backward(self, fn):
+        self._hooks["before_backward"].append(fn)
+
+    def after_backward(self, fn):
+        self._hooks["after_backward"].append(fn)
 
     def forward_loss(self):
         """Forward through the whole net; the total weighted loss (Caffe's Net::Forward)."""
@@ -531,8 +619,50 @@ class Net:
                 chunk[name] = piece
             for name, value in self.forward(blobs=blobs, **chunk).items():
                 parts.setdefault(name, []).append(value.copy())
-        return {name: np.concatenate(values)[:total] if values[0].ndim else np.stack(values)
-                for name, values in parts.items()}
+        return _joined(parts, total)
+
+    def forward_backward_all(self, blobs=None, diffs=None, **kwargs):
+        """pycaffe's forward_backward_all: kwargs hold input arrays (fed forward) and output
+        diffs (fed backward) of any length, run in batches of the net's batch size;
+        returns ({blob: data over all items}, {blob: diff over all items})."""
+        inputs = {k: np.asarray(v) for k, v in kwargs.items() if k in self.input_names}
+        outputs = {k: np.asarray(v) for k, v in kwargs.items() if k in self.output_names}
+        unknown = sorted(set(kwargs) - set(inputs) - set(outputs))
+        if unknown:
+            raise KeyError(f"forward_backward_all(): {unknown} are neither inputs "
+                           f"{self.input_names} nor outputs {self.output_names} of net {self.name!r}")
+        if not kwargs:
+            raise ValueError("forward_backward_all() needs input or output arrays as keyword "
+                             "arguments")
+        total = len(next(iter(kwargs.values())))
+        lengths = {k: len(v) for k, v in kwargs.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"forward_backward_all(): arrays have different lengths {lengths}")
+        batch = next(iter(self.blobs.values())).shape[0]
+        all_outs, all_diffs = {}, {}
+        for first in range(0, total, batch):
+            fwd = {k: _padded(v[first:first + batch], batch) for k, v in inputs.items()}
+            bwd = {k: _padded(v[first:first + batch], batch) for k, v in outputs.items()}
+            for name, value in self.forward(blobs=blobs, **fwd).items():
+                all_outs.setdefault(name, []).append(value.copy())
+            for name, value in self.backward(diffs=diffs, **bwd).items():
+                all_diffs.setdefault(name, []).append(value.copy())
+        return _joined(all_outs, total), _joined(all_diffs, total)
+
+    def set_input_arrays(self, data, labels):
+        """pycaffe's set_input_arrays: feed (N, C, H, W) data and N labels to the MemoryData
+        layer that must come first in the net (N a multiple of its batch size)."""
+        labels = np.asarray(labels)
+        if labels.ndim == 1:
+            labels = np.ascontiguousarray(labels[:, np.newaxis, np.newaxis, np.newaxis])
+        return self._set_input_arrays(data, labels)
+
+    def _set_input_arrays(self, data, labels):
+        first = self.layers[0] if self.layers else None
+        if first is None or first.type != "MemoryData":
+            raise RuntimeError("set_input_arrays may only be called if the first layer is a "
+                               "MemoryDataLayer")
+        first.set_input_arrays(data, labels)
 
     def forward_backward(self):
         loss = self.forward_loss()
@@ -693,30 +823,49 @@ class Net:
     share_trained_layers_with = share_with
 
     def copy_from(self, source):
-        """Load weights by layer name from a .caffemodel (binary NetParameter), .h5, or a NetParameter."""
+        """Load weights by layer name from a weights file or a NetParameter (Caffe's
+        CopyTrainedLayersFrom). A file is HDF5 or binary protobuf by its content, whatever
+        its extension; layers of the file the net lacks are logged and skipped."""
         self._fold_stale = self.inference   # folded weights are recomputed at the next forward
         if isinstance(source, caffe_pb2.NetParameter):
-            param, label = source, "NetParameter"
-        else:
-            label = os.fspath(source)
-            if label.endswith((".h5", ".hdf5")):
-                return self._copy_from_hdf5(label)
-            check_regular_file(label, "weights file")
-            param = caffe_pb2.NetParameter()
-            try:
-                with open(label, "rb") as f:
-                    param.ParseFromString(f.read())
-            except FileNotFoundError:
-                raise ProtoFileError(f"{label}: no such weights file") from None
-            except Exception as exc:
-                raise ProtoFileError(f"{label}: not a binary .caffemodel ({exc})") from None
-            try:
-                param = read_net_param(param)
-            except ValueError as exc:  # an upgrade that does not apply, or a non-UTF-8 name
-                raise ProtoFileError(f"{label}: {exc}") from None
+            return self._copy_from_param(source, "NetParameter")
+        label = os.fspath(source)
+        check_regular_file(label, "weights file")  # a FIFO or device must not hang the read
+        try:
+            size = os.path.getsize(label)
+        except FileNotFoundError:
+            raise ProtoFileError(f"{label}: no such weights file") from None
+        if os.path.isdir(label):
+            raise ProtoFileError(f"{label}: is a directory, not a weights file")
+        if size == 0:
+            raise ProtoFileError(f"{label}: the weights file is empty (0 bytes); an unfinished "
+                                 f"download or snapshot?")
+        if is_hdf5_file(label):
+            return self._copy_from_hdf5(label)
+        param = caffe_pb2.NetParameter()
+        try:
+            with open(label, "rb") as f:
+                param.ParseFromString(f.read())
+        except Exception as exc:
+            raise ProtoFileError(f"{label}: neither HDF5 nor a binary .caffemodel ({exc})") from None
+        if not len(param.layer) and not len(param.layers):
+            raise ProtoFileError(f"{label}: the weights file holds no layers (is it a "
+                                 f"binary .caffemodel?)")
+        try:
+            param = read_net_param(param)
+        except ValueError as exc:  # an upgrade that does not apply, or a non-UTF-8 name
+            raise ProtoFileError(f"{label}: {exc}") from None
+        return self._copy_from_param(param, label)
+
+    def _copy_from_param(self, param, label):
+        copied, names = 0, []
         for src in param.layer:
+            names.append(src.name)
             layer = self.layer_dict.get(src.name)
-            if layer is None or not len(src.blobs):
+            if layer is None:
+                log.info("Ignoring source layer %s", src.name)
+                continue
+            if not len(src.blobs):
                 continue
             if len(src.blobs) != len(layer.blobs):
                 raise LayerError(f"{label}: layer {src.name!r} has {len(src.blobs)} parameter blobs "
@@ -727,26 +876,55 @@ class Net:
                     raise LayerError(f"{label}: layer {src.name!r} param {j}: the file has shape "
                                      f"{shape} but the net expects {blob.shape}")
                 blob.from_proto(proto, reshape=False, what=f"{label}: layer {src.name!r} param {j}")
+            copied += 1
+        self._warn_if_nothing_matched(label, names, copied)
         return self
+
+    def _warn_if_nothing_matched(self, label, names, copied):
+        if copied or not any(layer.blobs for layer in self.layers):
+            return
+        matching = [n for n in names if n in self.layer_dict]
+        message = (f"{label}: copied weights for 0 layers: none of its {len(names)} layers "
+                   + ("has parameters for" if matching else "is named like")
+                   + f" a layer of net {self.name!r} (weights are matched by layer name); "
+                   f"the net keeps its initial weights")
+        log.warning("%s", message)
+        warnings.warn(message, stacklevel=3)
 
     def _copy_from_hdf5(self, path):
         try:
             import h5py
         except ImportError:
             raise ImportError(f"{path}: reading HDF5 weights needs h5py: pip install 'minicaffe[hdf5]'") from None
+        copied, names = 0, []
         with h5py.File(path, "r") as f:
+            if "data" not in f:
+                raise ProtoFileError(f"{path}: an HDF5 file without the 'data' group of Caffe's "
+                                     f"HDF5 weights")
             group = f["data"]
             for name in group:
+                names.append(name)
                 layer = self.layer_dict.get(name)
                 if layer is None:
+                    log.info("Ignoring source layer %s", name)
                     continue
+                if len(group[name]) != len(layer.blobs):
+                    raise LayerError(f"{path}: layer {name!r} has {len(group[name])} parameter "
+                                     f"blobs in the file but {len(layer.blobs)} in the net")
                 for j, blob in enumerate(layer.blobs):
                     values = np.asarray(group[name][str(j)])
                     if values.size != blob.count():
                         raise LayerError(f"{path}: layer {name!r} param {j}: the file has shape "
                                          f"{values.shape} but the net expects {blob.shape}")
                     blob.data[...] = values.reshape(blob.shape)
+                copied += bool(layer.blobs)
+        self._warn_if_nothing_matched(path, names, copied)
         return self
+
+    def load_hdf5(self, path):
+        """pycaffe's load_hdf5: weights from Caffe's HDF5 layout (data/<layer>/<index>)."""
+        self._fold_stale = self.inference
+        return self._copy_from_hdf5(os.fspath(path))
 
     def to_proto(self, write_diff=False):
         """A NetParameter with every layer's definition and its parameter blobs."""
@@ -763,11 +941,9 @@ class Net:
         return out
 
     def save(self, path, write_diff=False):
-        """Write the weights as a binary .caffemodel (atomically), or HDF5 for .h5 paths."""
-        path = os.fspath(path)
-        if path.endswith((".h5", ".hdf5")):
-            return self.save_hdf5(path, write_diff)
-        write_binary(self.to_proto(write_diff), path)
+        """Write the weights as a binary .caffemodel (atomically), whatever the extension,
+        as pycaffe's Net.save does; save_hdf5 writes HDF5."""
+        write_binary(self.to_proto(write_diff), os.fspath(path))
 
     def save_hdf5(self, path, write_diff=False):
         from .proto_io import atomic_write
@@ -802,6 +978,36 @@ class Net:
     def __repr__(self):
         return f"<Net {self.name!r} phase={'TRAIN' if self.phase == caffe_pb2.TRAIN else 'TEST'} " \
                f"layers={len(self.layers)}>"
+
+
+def _joined(parts, total):
+    """Per-batch arrays joined over the items (padding dropped); scalars (a loss) stacked."""
+    return {name: np.concatenate(values)[:total] if values[0].ndim else np.stack(values)
+            for name, values in parts.items()}
+
+
+def _padded(values, batch):
+    """`values` zero-padded along axis 0 to `batch` items."""
+    if len(values) == batch:
+        return values
+    padding = np.zeros((batch - len(values),) + values.shape[1:], dtype=values.dtype)
+    return np.concatenate([values, padding])
+
+
+def _check_unique_param_layer_names(layers):
+    """Weights are saved and loaded by layer name, so a name shared by two layers, one of them
+    with parameters, would make the net's own snapshot load wrongly. Caffe lets parameterless
+    layers share a name (BVLC's mnist_autoencoder has two losses named "loss"), so do we."""
+    first = {}
+    for i, layer in enumerate(layers):
+        if layer.name in first:
+            j, other = first[layer.name]
+            if layer.blobs or other.blobs:
+                raise LayerError(f"layer {j} ({other.type}) and layer {i} ({layer.type}) are both "
+                                 f"named {layer.name!r}; a layer with parameters needs a unique "
+                                 f"name (weights are saved and loaded by layer name)")
+        else:
+            first[layer.name] = (i, layer)
 
 
 def _g(x):

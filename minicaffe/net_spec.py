@@ -78,7 +78,7 @@ class Function:
     def __init__(self, type_name, inputs, params):
         for i, inp in enumerate(inputs):
             if not isinstance(inp, Top):
-                raise TypeError(f"{type_name} input {i} is not a Top (it is a {type(inp).__name__})")
+                raise TypeError(f"{type_name} input {i} is not a Top (type is {type(inp)})")  # pycaffe's text
         self.type_name = type_name
         self.inputs = inputs
         self.params = dict(params)

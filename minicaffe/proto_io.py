@@ -404,6 +404,12 @@ def _upgrade_inputs(param):
             shapes.append(shape)
     if len(shapes) not in (len(param.input), 1) and shapes:
         raise ValueError(f"{len(param.input)} inputs but {len(shapes)} input_shape entries")
+    if not shapes:
+        # An input without any shape is a legacy .caffemodel's record of its inputs; Caffe's
+        # UpgradeNetInput strips it rather than make a shapeless Input layer.
+        for field in ("input", "input_shape", "input_dim"):
+            param.ClearField(field)
+        return
     layer = caffe_pb2.LayerParameter(name="input", type="Input")
     layer.top.extend(param.input)
     for s in shapes:

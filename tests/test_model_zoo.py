@@ -12,13 +12,14 @@ import minicaffe as caffe
 from minicaffe.proto import caffe_pb2
 from minicaffe.proto_io import read_net_param
 
-DATA = pathlib.Path(__file__).with_name("data")
+# BVLC example prototxts, read from the shared tree rather than copied into this project
+BVLC = pathlib.Path(__file__).resolve().parents[2] / "shared" / "models" / "bvlc"
 DATA_TYPES = ("Data", "HDF5Data", "ImageData")
 
 
 def with_inputs(path, shapes):
     """The net at `path` with its data layers replaced by one Input layer of `shapes`."""
-    param = read_net_param(DATA / path)
+    param = read_net_param(BVLC / path)
     layers = [l for l in param.layer if l.type not in DATA_TYPES]
     inp = caffe_pb2.LayerParameter(name="input", type="Input", top=list(shapes))
     for shape in shapes.values():
@@ -83,7 +84,7 @@ def test_siamese_shares_weights_between_towers():
                                           ("bvlc_googlenet__deploy.prototxt", 1000)])
 def test_imagenet_deploy_nets_run_forward(path, classes):
     caffe.set_random_seed(2)
-    net = caffe.Net(str(DATA / path), caffe.TEST)
+    net = caffe.Net(str(BVLC / path), caffe.TEST)
     out = net.forward(data=np.random.default_rng(0).random((1,) + net.blobs["data"].shape[1:]))
     prob = out["prob"]
     assert prob.shape == (1, classes) and prob.dtype == np.float32

@@ -11,7 +11,8 @@ from minicaffe.proto import caffe_pb2
 from minicaffe.proto_io import ProtoFileError
 from minicaffe.testing import check_gradient_net
 
-DATA = pathlib.Path(__file__).with_name("data")
+# BVLC example prototxts, read from the shared tree rather than copied into this project
+BVLC = pathlib.Path(__file__).resolve().parents[2] / "shared" / "models" / "bvlc"
 
 
 def net_param(text):
@@ -20,7 +21,7 @@ def net_param(text):
 
 def lenet_with_inputs(batch=2):
     """BVLC's LeNet train/test net with its two Data layers swapped for one Input layer."""
-    param = caffe.proto_io.read_net_param(DATA / "mnist__lenet_train_test.prototxt")
+    param = caffe.proto_io.read_net_param(BVLC / "mnist__lenet_train_test.prototxt")
     layers = [l for l in param.layer if l.type != "Data"]
     inp = caffe_pb2.LayerParameter(name="mnist", type="Input", top=["data", "label"])
     inp.input_param.shape.add().dim.extend([batch, 1, 28, 28])
@@ -141,7 +142,7 @@ layer { name: "unstaged" type: "Softmax" bottom: "x" top: "u" include { not_stag
 
 
 def test_bvlc_autoencoder_stages():
-    path = DATA / "mnist__mnist_autoencoder.prototxt"
+    path = BVLC / "mnist__mnist_autoencoder.prototxt"
     param = caffe.proto_io.read_net_param(path)
     on_test = caffe.net.filter_net(param, caffe_pb2.NetState(phase=caffe.TEST, stage=["test-on-test"]))
     on_train = caffe.net.filter_net(param, caffe_pb2.NetState(phase=caffe.TEST, stage=["test-on-train"]))

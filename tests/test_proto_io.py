@@ -5,9 +5,10 @@ import pytest
 from minicaffe.proto import caffe_pb2
 from minicaffe.proto_io import (ProtoFileError, atomic_write, read_net_param, read_solver_param)
 
-DATA = pathlib.Path(__file__).with_name("data")
-NETS = sorted(p for p in DATA.glob("*.prototxt") if "solver" not in p.name)
-SOLVERS = sorted(DATA.glob("*solver*.prototxt"))
+# BVLC example prototxts, read from the shared tree rather than copied into this project
+BVLC = pathlib.Path(__file__).resolve().parents[2] / "shared" / "models" / "bvlc"
+NETS = sorted(p for p in BVLC.glob("*.prototxt") if "solver" not in p.name)
+SOLVERS = sorted(BVLC.glob("*solver*.prototxt"))
 
 
 @pytest.mark.parametrize("path", NETS, ids=lambda p: p.name)

@@ -50,9 +50,6 @@ def run(args):
     if args.check:
         mo.require("onnxruntime")
     batch = _batch(args.batch)
-    # Two positionals given: they are NET and OUT (no weights).
-    if args.output is None:
-        args.output, args.weights = args.weights, None
     net = Net(args.model, caffe_pb2.TEST, weights=args.weights)
     mo.export(net, args.output, opset=args.opset or mo.DEFAULT_OPSET, batch=batch)
     print(f"wrote {args.output}: {len(net.layers)} layers, opset {args.opset or mo.DEFAULT_OPSET}")

@@ -112,8 +112,7 @@ def progress_bar(solver, enabled, file=None):
 
 def run(args):
     from ..logging_util import logging_to
-    from ..solvers import get_solver, load_solver_param
-    from ..solvers.signals import SignalHandler
+    from ..solvers import load_solver_param
 
     with logging_to(args.log):
         if not args.solver:
@@ -132,20 +131,46 @@ def run(args):
         elif args.weights:
             param.ClearField("weights")
             param.weights.append(args.weights)
+        comm = _start_parallel()
         note_gpu(args)
-        solver = get_solver(param, source=args.solver)
-        show_bar = not args.no_progress and sys.stdout.isatty()
-        with SignalHandler(args.sigint_effect, args.sighup_effect,
-                           args.sigterm_effect) as signals:
-            solver.set_action_function(signals.check)
-            if args.snapshot:
-                log.info("Resuming from %s", args.snapshot)
-                solver.restore(args.snapshot)
-            with progress_bar(solver, show_bar):
-                log.info("Starting Optimization")
-                solver.solve()
-        status = signals.exit_status() if solver.requested_early_exit else 0
-        if status:
-            log.warning("Stopped by %s at iteration %d of %d; exit status %d", signals.stopped_by,
-                        solver.iter, solver.param.max_iter, status)
+        try:
+            return _train(args, param, comm)
+        except BaseException as exc:
+            if comm is not None and not isinstance(exc, SystemExit):
+                from ..parallel.mpi import abort
+                abort(exc)   # the other ranks would wait for this one's gradients forever
+            raise
+
+
+def _start_parallel():
+    """The MPI communicator when started by mpirun with several processes, else None."""
+    from ..parallel import context
+    if context.launched_size() <= 1:
+        return None
+    from ..parallel import init
+    comm = init()
+    return comm if comm.Get_size() > 1 else None
+
+
+def _train(args, param, comm):
+    from ..solvers import get_solver
+    from ..solvers.signals import SignalHandler
+    solver = get_solver(param, source=args.solver)
+    if comm is not None:
+        from ..parallel import data_parallel
+        data_parallel(solver, comm=comm)
+    show_bar = not args.no_progress and sys.stdout.isatty() and comm is None
+    with SignalHandler(args.sigint_effect, args.sighup_effect,
+                       args.sigterm_effect) as signals:
+        solver.set_action_function(signals.check)
+        if args.snapshot:
+            log.info("Resuming from %s", args.snapshot)
+            solver.restore(args.snapshot)
+        with progress_bar(solver, show_bar):
+            log.info("Starting Optimization")
+            solver.solve()
+    status = signals.exit_status() if solver.requested_early_exit else 0
+    if status:
+        log.warning("Stopped by %s at iteration %d of %d; exit status %d", signals.stopped_by,
+                    solver.iter, solver.param.max_iter, status)
     return status

@@ -28,8 +28,10 @@ import numpy as np
 from ..blob import Blob
 from ..fillers import fill
 from ..im2col import col2im, conv_output_shape, deconv_output_shape, im2col
+from ..kernels import winograd
 from ..kernels.depthwise import DepthwiseConv, is_depthwise
 from ..layer import Layer, register_layer
+from ..proto import caffe_pb2
 
 __all__ = ["ConvolutionLayer", "DeconvolutionLayer", "Im2colLayer", "ConvGemm",
            "COL_BUFFER_BYTES", "parse_conv_geometry"]
@@ -423,7 +425,8 @@ class _BaseConvolution(Layer):
 
     def _make_kernel(self, conv_in, conv_out):
         """The one place that picks the convolution machinery: a depthwise convolution
-        (group == channels, 2-D) gets DepthwiseConv, everything else ConvGemm."""
+        (group == channels, 2-D) gets DepthwiseConv, everything else ConvGemm. (A Convolution's
+        forward may instead run Winograd, picked per input shape in ConvolutionLayer.reshape.)"""
         if (self.use_depthwise_kernel and not self.reverse_dimensions
                 and is_depthwise(conv_in, conv_out, self.group, self.num_spatial)):
             return DepthwiseConv(conv_in, conv_out, self.kernel, self.pad, self.stride, self.dilation)
@@ -479,13 +482,43 @@ class ConvolutionLayer(_BaseConvolution):
     """top = W * bottom + b: (N, C, *S) -> (N, num_output, *O), W (num_output, C/group, *kernel),
     O_d = (S_d + 2*pad_d - (dilation_d*(kernel_d - 1) + 1)) // stride_d + 1."""
 
+    # Winograd forward for 3x3 stride-1 convolutions (minicaffe/kernels/winograd.py): "auto"
+    # uses winograd.choose_tile on float32 TEST-phase layers; False never, 2 or 4 forces that
+    # tile size wherever the geometry allows (tests, benchmarks). Backward always uses im2col.
+    winograd = "auto"
+    _winograd = None
+
     def compute_output_shape(self, spatial):
         return conv_output_shape(spatial, self.kernel, self.pad, self.stride, self.dilation)
+
+    def reshape(self, bottom, top):
+        super().reshape(bottom, top)
+        tile = None
+        if (self.kernel == (3, 3) and self.stride == (1, 1) and self.dilation == (1, 1)
+                and self.group == 1 and self.winograd is not False):
+            if self.winograd == "auto":
+                if self.phase == caffe_pb2.TEST and self.dtype == np.float32:
+                    tile = winograd.choose_tile(self.channels, self.num_output, self.top_spatial,
+                                                self.num)
+            else:
+                tile = self.winograd
+        self._winograd = None
+        if tile is not None:
+            # Kept per tile size: each holds its transformed weights.
+            kernels = self.__dict__.setdefault("_winograd_kernels", {})
+            if tile not in kernels:
+                kernels[tile] = winograd.WinogradConv(self.channels, self.num_output, self.pad,
+                                                      tile, scratch=_WORKSPACE.get)
+            self._winograd = kernels[tile]
+            self._winograd.reshape(self.num, self.bottom_spatial, self.dtype)
 
     def forward(self, bottom, top):
         weight = self.blobs[0].data
         for b, t in zip(bottom, top):
-            self.gemm.conv(self._bottom(b.data), weight, out=self._top(t.data), bias=self._bias())
+            if self._winograd is not None:
+                self._winograd.conv(self._bottom(b.data), weight, self._top(t.data), bias=self._bias())
+            else:
+                self.gemm.conv(self._bottom(b.data), weight, out=self._top(t.data), bias=self._bias())
 
     def backward(self, top, propagate_down, bottom):
         weight = self.blobs[0]

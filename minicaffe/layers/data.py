@@ -18,8 +18,9 @@ import weakref
 import numpy as np
 
 from ..data_transformer import DataTransformer, TransformError
-from ..db import DBError, decode_batch, open_reader
+from ..db import DBError, ShardedCursor, decode_batch, open_reader
 from ..layer import Layer, register_layer
+from ..parallel.context import shard_bounds_ok, solver_count
 from ..proto import caffe_pb2
 from .. import rng as _rng
 
@@ -184,6 +185,24 @@ class _BaseDataLayer(Layer):
             top[1].data[...] = batch.label
         self._prefetcher.release(batch)
 
+    def _seek_prefetched(self, state, depth):
+        """Stop prefetching, move the loader to a saved position, prefetch again from there."""
+        prefetcher = self._prefetcher
+        self._finalizer.detach()   # stop the thread but keep the cursor and database open
+        prefetcher.stop()
+        if prefetcher.thread is not None and prefetcher.thread.is_alive():
+            raise self.error("the prefetch thread did not stop; cannot move to the saved position")
+        consumed = self._position
+        try:
+            self._loader.seek(state)
+        except (DBError, KeyError, TypeError, ValueError) as exc:
+            self._loader.seek(consumed)   # back to the batch after the last one served
+            message = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise self.error(f"cannot resume from the saved position: {message}") from None
+        finally:
+            self._position = self._loader.position()
+            self._start_prefetch(self._loader, depth, resources=self._resources)
+
     def close(self):
         """Stop the prefetch thread and close the source (also done on garbage collection)."""
         finalizer = getattr(self, "_finalizer", None)
@@ -274,6 +293,8 @@ class DataLayer(_BaseDataLayer):
         if self.output_labels:
             top[1].reshape(self.batch_size)
         cursor = self.reader.cursor()
+        if self.phase == TRAIN and solver_count() > 1:
+            cursor = ShardedCursor(cursor, *shard_bounds_ok())
         if p.rand_skip and self.phase == TRAIN:
             # Different solvers/runs start at different records, as with Caffe's rand_skip.
             cursor.skip(int(_rng.get_rng().integers(p.rand_skip)))
@@ -292,24 +313,7 @@ class DataLayer(_BaseDataLayer):
 
     def restore_state(self, state):
         """Continue from `snapshot_state()`'s position: batches already prefetched are dropped."""
-        try:
-            key, rng = state["key"], state["transform_rng"]
-        except (KeyError, TypeError):
-            raise self.error(f"resume state {state!r} lacks the record key or random state") from None
-        prefetcher = self._prefetcher
-        self._finalizer.detach()   # stop the thread but keep the cursor and database open
-        prefetcher.stop()
-        if prefetcher.thread is not None and prefetcher.thread.is_alive():
-            raise self.error("the prefetch thread did not stop; cannot move the database cursor")
-        try:
-            self._loader.seek({"key": key, "transform_rng": rng})
-        except (DBError, ValueError, TypeError) as exc:
-            self._start_prefetch(self._loader, self.layer_param.data_param.prefetch,
-                                 resources=self._resources)
-            raise self.error(str(exc)) from None
-        self._position = self._loader.position()
-        self._start_prefetch(self._loader, self.layer_param.data_param.prefetch,
-                             resources=self._resources)
+        self._seek_prefetched(state, self.layer_param.data_param.prefetch)
 
 
 # -- ImageData ------------------------------------------------------------------------------
@@ -325,6 +329,9 @@ class _ImageLoader:
         self.dtype = dtype
         self.rng = rng
         self.pos = start
+        self.listed = list(entries)                  # the list file's order
+        self.first_rng = rng.bit_generator.state     # before any shuffle
+        self.shuffles = 0
 
     def path(self, name):
         return self.root + name
@@ -350,11 +357,33 @@ class _ImageLoader:
                 self.pos = 0
                 if self.param.shuffle:
                     self.shuffle()
-        return _transformed_batch(self.transformer, np.stack(images), labels, buffer, self.dtype)
+        buffer = _transformed_batch(self.transformer, np.stack(images), labels, buffer, self.dtype)
+        buffer.resume = self.position()
+        return buffer
 
     def shuffle(self):
         order = self.rng.permutation(len(self.entries))
         self.entries = [self.entries[i] for i in order]
+        self.shuffles += 1
+
+    def position(self):
+        """The next image and, instead of the (long) shuffled order, how to redo it: the
+        generator's first state and the number of shuffles since."""
+        return {"pos": self.pos, "count": len(self.listed), "first_rng": self.first_rng,
+                "shuffles": self.shuffles, "transform_rng": self.transformer.rng.bit_generator.state}
+
+    def seek(self, position):
+        if position["count"] != len(self.listed) or not 0 <= position["pos"] < len(self.listed):
+            raise ValueError(f"the saved position is for a list of {position['count']} images, "
+                             f"this one has {len(self.listed)}")
+        self.entries = list(self.listed)
+        self.rng.bit_generator.state = position["first_rng"]
+        self.first_rng = position["first_rng"]
+        self.shuffles = 0
+        for _ in range(int(position["shuffles"])):
+            self.shuffle()
+        self.pos = int(position["pos"])
+        self.transformer.rng.bit_generator.state = position["transform_rng"]
 
 
 @register_layer("ImageData")
@@ -383,6 +412,7 @@ class ImageDataLayer(_BaseDataLayer):
             entries = read_image_list(p.source)
         except ImageError as exc:
             raise self.error(str(exc)) from None
+        entries = _shard(self, entries, f"{p.source!r} lists")
         rng = np.random.default_rng(int(_rng.get_rng().integers(2 ** 63 - 1)))
         loader = _ImageLoader(entries, root, p, self.transformer, self.batch_size, self.dtype, rng, 0)
         if p.shuffle:
@@ -400,10 +430,20 @@ class ImageDataLayer(_BaseDataLayer):
             raise self.error(str(exc)) from None
         top[0].reshape((self.batch_size,) + shape)
         top[1].reshape(self.batch_size)
+        self._loader = loader
+        self._position = loader.position()
+        self._resources = ()
         self._start_prefetch(loader, self.layer_param.data_param.prefetch)
 
     def forward(self, bottom, top):
         self._forward_prefetched(top)
+
+    def snapshot_state(self):
+        """The next image, the shuffles so far and the transform's random state."""
+        return {"source": self.layer_param.image_data_param.source, **self._position}
+
+    def restore_state(self, state):
+        self._seek_prefetched(state, self.layer_param.data_param.prefetch)
 
 
 # -- HDF5Data -------------------------------------------------------------------------------------
@@ -488,7 +528,10 @@ class HDF5DataLayer(Layer):
                     raise self.error(f"dataset {name!r} in {path!r} has rows of shape {a.shape[1:]} "
                                      f"but the first file's are {shape}")
         self.arrays = arrays
-        self.rows = self.rng.permutation(n) if self.shuffle else np.arange(n)
+        self._rows_rng = self.rng.bit_generator.state   # to redraw this file's order on resume
+        self.rows = _shard(self, np.arange(n), f"HDF5 file {path!r} has")
+        if self.shuffle:
+            self.rows = self.rng.permutation(self.rows)
         self.row_pos = 0
 
     def _next_file(self):
@@ -502,7 +545,34 @@ class HDF5DataLayer(Layer):
         else:
             self.row_pos = 0
             if self.shuffle:
-                self.rows = self.rng.permutation(len(self.rows))
+                self._rows_rng = self.rng.bit_generator.state
+                # From the sorted share, as _load draws it, so a resume redraws the same order.
+                self.rows = self.rng.permutation(np.sort(self.rows))
+
+    def snapshot_state(self):
+        """The current file and row, the file order, and the generator states from which the
+        current file's row order is redrawn (rather than saving a long permutation)."""
+        return {"files": len(self.files), "file_pos": self.file_pos,
+                "file_order": [int(i) for i in self.file_order], "row_pos": self.row_pos,
+                "rows_rng": self._rows_rng, "rng": self.rng.bit_generator.state}
+
+    def restore_state(self, state):
+        try:
+            if state["files"] != len(self.files):
+                raise ValueError(f"the saved position is for {state['files']} files, "
+                                 f"{self.layer_param.hdf5_data_param.source!r} lists {len(self.files)}")
+            file_order = np.asarray(state["file_order"], dtype=np.int64)
+            path = self.files[file_order[int(state["file_pos"])]]
+            self.rng.bit_generator.state = state["rows_rng"]
+            self._load(path)
+            if not 0 <= int(state["row_pos"]) < len(self.rows):
+                raise ValueError(f"row {state['row_pos']} is past the end of {path!r}")
+            self.file_order, self.file_pos = file_order, int(state["file_pos"])
+            self.row_pos = int(state["row_pos"])
+            self.rng.bit_generator.state = state["rng"]
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            message = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise self.error(f"cannot resume from the saved position: {message}") from None
 
     def reshape(self, bottom, top):
         for t, shape in zip(top, self.row_shapes):
@@ -574,6 +644,8 @@ class MemoryDataLayer(_BaseDataLayer):
         self.reset(data, labels)
 
     def reset(self, data, labels):
+        data = _shard(self, data, "the input arrays have")
+        labels = _shard(self, labels, "the input arrays have")
         n = len(data)
         if n == 0 or n % self.batch_size:
             raise self.error(f"the number of input rows ({n}) must be a positive multiple of "
@@ -623,6 +695,18 @@ class MemoryDataLayer(_BaseDataLayer):
         self.pos = (pos + b) % len(self.data_array)
         if self.pos == 0:
             self.has_new_data = False
+
+
+def _shard(layer, items, what):
+    """This rank's share (every solver_count()-th item from solver_rank()) in TRAIN, as each of
+    Caffe's multi-solver data layers reads only its own records; `items` whole otherwise."""
+    if layer.phase != TRAIN or solver_count() == 1:
+        return items
+    rank, count = shard_bounds_ok()
+    if len(items) < count:
+        raise layer.error(f"{what} {len(items)} records, fewer than the {count} data-parallel "
+                          f"solvers reading them")
+    return items[rank::count]
 
 
 def _fmt(shape):

@@ -17,12 +17,14 @@ __all__ = ["export", "check", "import_model", "OnnxError", "MissingExtraError", 
 DEFAULT_OPSET = 17
 
 
-def export(net, path, opset=DEFAULT_OPSET, batch=None):
+def export(net, path, opset=DEFAULT_OPSET, batch=None, extra_outputs=()):
+    """Write `net` to `path` as ONNX; extra_outputs also exposes those intermediate blobs."""
     from .exporter import export as _export
-    return _export(net, path, opset=opset, batch=batch)
+    return _export(net, path, opset=opset, batch=batch, extra_outputs=extra_outputs)
 
 
 def check(net, path, inputs=None, tolerance=1e-4, seed=0):
+    """Compare onnxruntime on the model at `path` with net's forward (see verify.check)."""
     from .verify import check as _check
     return _check(net, path, inputs=inputs, tolerance=tolerance, seed=seed)
 

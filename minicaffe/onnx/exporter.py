@@ -35,6 +35,7 @@ _ELT = caffe_pb2.EltwiseParameter
 _RED = caffe_pb2.ReductionParameter
 
 CONVERTERS = {}
+_DATA_TYPES = {"Data", "ImageData", "HDF5Data", "MemoryData", "DummyData", "WindowData"}
 
 
 def converter(*types):
@@ -208,11 +209,12 @@ def _batch_axes(net):
     return axes
 
 
-def to_model(net, opset=17, batch=None):
+def to_model(net, opset=17, batch=None, extra_outputs=()):
     """The onnx.ModelProto for `net` (a minicaffe Net at TEST phase).
 
     batch: None keeps the net's batch size, an int sets it (the net is reshaped),
-    "dynamic" gives the inputs a symbolic batch dimension N.
+    "dynamic" gives the inputs a symbolic batch dimension N. extra_outputs: names of
+    intermediate blobs to expose as graph outputs too (after the net's outputs).
     """
     onnx = require("onnx")
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -257,10 +259,17 @@ def to_model(net, opset=17, batch=None):
             cls = type(impl).__name__ if impl is not None else "?"
             ctx.fail(f"its class {cls} has no to_onnx(self, ctx) method (see "
                      f"minicaffe.onnx.exporter for the ctx helper API)")
+        elif layer.type in _DATA_TYPES:
+            ctx.fail("a data layer reads its own input; export a deploy net whose inputs are "
+                     "Input layers")
+        elif layer.is_loss or layer.type == "Accuracy":
+            ctx.fail("loss and accuracy layers are training/scoring only; export a deploy net")
         else:
             ctx.fail("no ONNX converter for this layer type")
     outputs = []
-    for name in net.outputs:
+    for name in list(net.outputs) + [n for n in extra_outputs if n not in net.outputs]:
+        if name not in b.current:
+            raise OnnxError(f"extra output {name!r} is not a blob the exported graph computes")
         blob = net.blobs[name]
         outputs.append(_value_info(onnx, b.current[name], blob.shape, onnx.TensorProto.FLOAT,
                                    dynamic, batch_axis.get(name, 0)))
@@ -272,10 +281,10 @@ def to_model(net, opset=17, batch=None):
     return model
 
 
-def export(net, path, opset=17, batch=None):
+def export(net, path, opset=17, batch=None, extra_outputs=()):
     """Write `net` as an ONNX model to `path` (checked by onnx.checker); return the model."""
     onnx = require("onnx")
-    model = to_model(net, opset=opset, batch=batch)
+    model = to_model(net, opset=opset, batch=batch, extra_outputs=extra_outputs)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
@@ -695,7 +704,6 @@ def _recurrent(ctx, lstm):
     onnx = require("onnx")
     helper, layer = onnx.helper, ctx.layer
     D = int(layer.num_output)
-    gates = 4 * D if lstm else D
     x, cont = ctx.input(0), ctx.input(1)
     x3 = ctx.one("Reshape", [x, ctx.const([0, 0, -1])])
     w_in = ctx.add_initializer(layer.param(layer.input_weight).data.T.astype(np.float32))

@@ -380,8 +380,11 @@ def _reshape(n):
         n.layer("Flatten")
         return
     layer = n.layer("Reshape", bottoms=n.inputs[:1])
-    # The inferred output shape, batch dim copied so other batch sizes still reshape.
-    layer.reshape_param.shape.dim.extend([0] + [int(d) for d in shape[1:]])
+    # The inferred output shape; a kept batch dim is copied so other batch sizes still reshape.
+    dims = [int(d) for d in shape]
+    if dims and dims[0] == n.shape()[0]:
+        dims[0] = 0
+    layer.reshape_param.shape.dim.extend(dims)
 
 
 @importer("Identity", "Dropout")
@@ -419,9 +422,13 @@ def _split(n):
 @importer("Slice")
 def _slice(n):
     shape = n.shape()
-    starts, ends = n.const(1), n.const(2)
-    axes = n.const(3, required=False)
-    steps = n.const(4, required=False)
+    if n.g.opset < 10:   # starts/ends/axes were attributes before opset 10
+        starts, ends = n.attr("starts"), n.attr("ends")
+        axes, steps = n.attr("axes"), None
+    else:
+        starts, ends = n.const(1), n.const(2)
+        axes = n.const(3, required=False)
+        steps = n.const(4, required=False)
     axes = list(range(len(starts))) if axes is None else list(axes)
     if steps is not None and any(int(s) != 1 for s in steps):
         n.fail("steps other than 1 are not expressible")

@@ -78,7 +78,7 @@ def check(net, path, inputs=None, tolerance=1e-4, seed=0):
     for name, array in feeds.items():
         net.blobs[name].data[...] = array
     net.forward()
-    expected = {name: net.blobs[name].data.copy() for name in net.outputs}
+    expected = {name: net.blobs[name].data.copy() for name in net.blobs}
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = 1
@@ -89,8 +89,12 @@ def check(net, path, inputs=None, tolerance=1e-4, seed=0):
         raise OnnxError(f"{os.fspath(path)}: onnxruntime cannot run the model: "
                         f"{str(exc).splitlines()[0]}") from None
     names = [o.name for o in session.get_outputs()]
+    # Graph outputs are the net's outputs, then any extra blobs exported (under their names).
+    blob_names = list(net.outputs) + [n for n in names[len(net.outputs):]]
     errors = {}
-    for caffe_name, (onnx_name, value) in zip(net.outputs, zip(names, got)):
+    for caffe_name, value in zip(blob_names, got):
+        if caffe_name not in expected:
+            raise OnnxError(f"{os.fspath(path)}: output {caffe_name!r} is not a blob of the net")
         errors[caffe_name] = relative_error(np.asarray(value), expected[caffe_name])
     result = CheckResult(errors, tolerance)
     if not result.ok:

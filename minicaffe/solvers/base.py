@@ -340,6 +340,16 @@ class Solver:
         rate, self.current_step = learning_rate(self.param, self.iter, self.current_step)
         return self._scalar(rate)
 
+    @property
+    def lr(self):
+        """pycaffe's SGDSolver.lr: the learning rate for the current iteration."""
+        return self._scalar(learning_rate(self.param, self.iter, self.current_step)[0])
+
+    def share_weights(self, net):
+        """pycaffe's Solver.share_weights: `net` uses this solver's trained weights
+        (Caffe's net->ShareTrainedLayersWith(solver->net()))."""
+        net.share_with(self.net)
+
     def local_rate(self, param_id, rate):
         return self._scalar(rate * self.net.params_lr[param_id])
 

@@ -35,6 +35,6 @@ def randomize(net, seed=0):
 def export_and_check(net, tmp_path, name="model.onnx", **kwargs):
     from minicaffe import onnx as mo
     path = tmp_path / name
-    opts = {k: kwargs.pop(k) for k in ("opset", "batch") if k in kwargs}
+    opts = {k: kwargs.pop(k) for k in ("opset", "batch", "extra_outputs") if k in kwargs}
     mo.export(net, path, **opts)
     return mo.check(net, path, **kwargs)

@@ -125,3 +125,11 @@ def test_missing_onnx_names_the_extra(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip() == ("minicaffe: error: the ONNX features need the 'onnx' package, from the "
                                 'minicaffe[onnx] extra: pip install "minicaffe[onnx]"')
+
+
+def test_net_to_onnx(tmp_path):
+    import onnx
+    net = randomize(net_from_text(HEAD + 'layer { name: "t" type: "TanH" bottom: "data" top: "out" }'))
+    net.to_onnx(tmp_path / "n.onnx", opset=13)
+    model = onnx.load(str(tmp_path / "n.onnx"))
+    assert model.opset_import[0].version == 13 and [o.name for o in model.graph.output] == ["out"]

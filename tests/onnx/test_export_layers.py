@@ -48,7 +48,7 @@ CASES = {
     # Pooling: ceil rounding, padding, the last window past the padded edge, global
     "max_ceil": (_input([2, 3, 10, 9]), "Pooling", "pooling_param { pool: MAX kernel_size: 3 stride: 2 }"),
     "max_pad_ceil": (_input([1, 2, 7, 8]), "Pooling", "pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 }"),
-    "max_pad_drop_last": (_input([1, 2, 6, 6]), "Pooling",
+    "max_pad_drop_last": (_input([1, 2, 5, 5]), "Pooling",
                           "pooling_param { pool: MAX kernel_size: 2 stride: 2 pad: 1 }"),
     "max_floor": (_input([1, 2, 10, 9]), "Pooling",
                   "pooling_param { pool: MAX kernel_size: 3 stride: 2 round_mode: FLOOR }"),
@@ -56,12 +56,16 @@ CASES = {
     "ave_pad": (_input([1, 2, 7, 7]), "Pooling", "pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }"),
     "ave_pad_past_edge": (_input([1, 2, 8, 9]), "Pooling",
                           "pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }"),
-    "ave_pad_drop_last": (_input([1, 2, 6, 6]), "Pooling",
+    "ave_pad_drop_last": (_input([1, 2, 5, 5]), "Pooling",
                           "pooling_param { pool: AVE kernel_size: 2 stride: 2 pad: 1 }"),
     "ave_rect": (_input([1, 2, 9, 11]), "Pooling",
                  "pooling_param { pool: AVE kernel_h: 3 kernel_w: 2 stride_h: 3 stride_w: 2 pad_h: 1 pad_w: 1 }"),
     "ave_stride1_pad2": (_input([1, 2, 5, 6]), "Pooling",
                          "pooling_param { pool: AVE kernel_size: 5 stride: 1 pad: 2 }"),
+    "max_stride_gt_kernel": (_input([1, 2, 8, 9]), "Pooling",
+                             "pooling_param { pool: MAX kernel_size: 2 stride: 3 pad: 1 }"),
+    "ave_stride_gt_kernel": (_input([1, 2, 8, 9]), "Pooling",
+                             "pooling_param { pool: AVE kernel_size: 2 stride: 3 pad: 1 }"),
     "global_max": (_input([2, 3, 5, 4]), "Pooling", "pooling_param { pool: MAX global_pooling: true }"),
     "global_ave": (_input([2, 3, 5, 4]), "Pooling", "pooling_param { pool: AVE global_pooling: true }"),
     # InnerProduct: axis, transpose, no bias
@@ -235,7 +239,11 @@ def test_fixed_batch(tmp_path):
 
 @pytest.mark.parametrize("text,match", [
     (_input([2, 3]) + _input([2], "label") + _layer("Accuracy", "", ["data", "label"]),
-     r"^layer 'L' \(Accuracy\): cannot export to ONNX: no ONNX converter"),
+     r"^layer 'L' \(Accuracy\): cannot export to ONNX: loss and accuracy layers"),
+    (_input([2, 3, 4, 4]) + _layer("Im2col", "convolution_param { kernel_size: 1 }"),
+     r"^layer 'L' \(Im2col\): cannot export to ONNX: no ONNX converter"),
+    ('layer { name: "d" type: "DummyData" top: "data" dummy_data_param { shape { dim: 2 dim: 3 } } }\n'
+     + _layer("ReLU", ""), r"^layer 'd' \(DummyData\): cannot export to ONNX: a data layer"),
     (_input([2, 3, 4, 4]) + _layer("Pooling", "pooling_param { pool: STOCHASTIC kernel_size: 2 }"),
      "STOCHASTIC"),
 ])

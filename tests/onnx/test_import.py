@@ -176,3 +176,9 @@ def test_average_pool_excluding_padding_is_refused(tmp_path):
     onnx.save(_model([node], [_vi("x", [1, 1, 5, 5])], [_vi("y", None)]), str(tmp_path / "a.onnx"))
     with pytest.raises(OnnxError, match="count_include_pad=0"):
         import_model(tmp_path / "a.onnx", tmp_path / "o.prototxt", tmp_path / "o.caffemodel")
+
+
+def test_import_flatten_axis2_and_opset9_slice(tmp_path):
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=2),
+             helper.make_node("Slice", ["f"], ["y"], starts=[1], ends=[3], axes=[1])]
+    _compare(_model(nodes, [_vi("x", [2, 3, 2, 2])], [_vi("y", None)], opset=9), tmp_path, (2, 3, 2, 2))

@@ -1,0 +1,211 @@
+"""Winograd convolution F(m x m, 3x3) for 3x3, stride-1, undilated convolutions (forward only).
+
+Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2015). The output is cut
+into m x m tiles; each tile needs an (m+2) x (m+2) = alpha x alpha patch d of the padded input:
+
+    Y = A^T [ sum_c (G g_kc G^T) . (B^T d_c B) ] A
+
+with g the 3x3 filter and "." the elementwise product. Summing over the channels c turns the
+alpha*alpha elementwise products into alpha*alpha matrix products, run as ONE batched matmul
+
+    M (alpha^2, K, T) = U (alpha^2, K, C) @ V (alpha^2, C, T),   T = tiles of the whole chunk,
+
+instead of im2col's (K, 9C) @ (9C, m*m*T): 2.25x (m=2) or 4x (m=4) fewer multiplications. The
+patches of all tiles are gathered with one strided view, and each of the four transform steps
+(B^T over rows, B over columns, then A^T and A) is one GEMM with a tiny alpha x alpha matrix on
+the left, over every tile at once (no per-tile Python loop). U is computed once per weight
+version (`weights` compares a kept copy of the weights, far cheaper than the product).
+
+Accuracy in float32 against im2col, max |diff| / max |plain| with well-scaled random weights
+(python -m pytest tests/kernels/test_winograd.py asserts the bounds in ACCURACY there): worst
+seen 8e-7 for F(2x2) and 1e-5 for F(4x4), whose transforms hold 1/6, 1/24 and 8.
+"""
+import numpy as np
+
+__all__ = ["WinogradConv", "TRANSFORMS"]
+
+# (B^T, G, A^T) for each tile size m; alpha = m + 2.
+TRANSFORMS = {
+    2: (np.array([[1, 0, -1, 0],
+                  [0, 1, 1, 0],
+                  [0, -1, 1, 0],
+                  [0, 1, 0, -1]], dtype=np.float64),
+        np.array([[1, 0, 0],
+                  [0.5, 0.5, 0.5],
+                  [0.5, -0.5, 0.5],
+                  [0, 0, 1]], dtype=np.float64),
+        np.array([[1, 1, 1, 0],
+                  [0, 1, -1, -1]], dtype=np.float64)),
+    4: (np.array([[4, 0, -5, 0, 1, 0],
+                  [0, -4, -4, 1, 1, 0],
+                  [0, 4, -4, -1, 1, 0],
+                  [0, -2, -1, 2, 1, 0],
+                  [0, 2, -1, -2, 1, 0],
+                  [0, 4, 0, -5, 0, 1]], dtype=np.float64),
+        np.array([[1 / 4, 0, 0],
+                  [-1 / 6, -1 / 6, -1 / 6],
+                  [-1 / 6, 1 / 6, -1 / 6],
+                  [1 / 24, 1 / 12, 1 / 6],
+                  [1 / 24, -1 / 12, 1 / 6],
+                  [0, 0, 1]], dtype=np.float64),
+        np.array([[1, 1, 1, 1, 1, 0],
+                  [0, 1, -1, 2, -2, 0],
+                  [0, 1, 1, 4, 4, 0],
+                  [0, 1, -1, 8, -8, 1]], dtype=np.float64)),
+}
+
+# Bound on one chunk's transformed input V (each of the three scratch buffers is about this
+# size); batches are cut into chunks of whole images to stay near it.
+WINOGRAD_BUFFER_BYTES = 16 << 20
+
+
+def _fresh(role, size, dtype):
+    return np.empty(int(size), dtype=dtype)
+
+
+class WinogradConv:
+    """Forward 3x3 stride-1 convolution of (N, C, H, W) images with (K, C, 3, 3) weights, group 1.
+
+    `reshape(num, (H, W), dtype)` sizes the scratch; `conv(im, w, out, bias)` writes
+    out (N, K, H + 2*pad_h - 2, W + 2*pad_w - 2). `scratch(role, size, dtype)` returns flat
+    scratch arrays for each role (the convolution layers pass their shared per-thread workspace;
+    by default every call allocates its own).
+    """
+
+    def __init__(self, in_channels, out_channels, pad, tile=2, scratch=None):
+        if tile not in TRANSFORMS:
+            raise ValueError(f"Winograd tile size must be one of {sorted(TRANSFORMS)}, got {tile}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.pad = tuple(pad)
+        self.m = tile
+        self.alpha = tile + 2
+        self.scratch = scratch or _fresh
+        self._weight_seen = None
+        self._key = None
+        self._bt = self._at = None
+
+    # -- weights ---------------------------------------------------------------
+    def weights(self, w):
+        """U = G g G^T, (alpha^2, K, C), recomputed only when w differs from the last one seen."""
+        # Compared by value: a Blob hands out a new view at every access, and weights are
+        # edited in place (solvers, fold.py, net.params[...] = ...).
+        seen = self._weight_seen
+        if seen is not None and seen.shape == w.shape and seen.dtype == w.dtype \
+                and np.array_equal(seen, w):
+            return self._u
+        bt, g, at = TRANSFORMS[self.m]
+        a = self.alpha
+        # float64 for the transform itself: U is computed once, and rounding it once keeps the
+        # float32 error of F(4x4) (1/6, 1/24) at its unavoidable part.
+        u = (g @ w.astype(np.float64) @ g.T).transpose(2, 3, 0, 1)       # (alpha, alpha, K, C)
+        self._u = np.ascontiguousarray(u.reshape(a * a, self.out_channels, self.in_channels),
+                                       dtype=w.dtype)
+        self._weight_seen = w.copy()
+        return self._u
+
+    # -- geometry -------------------------------------------------------------
+    def reshape(self, num, im_spatial, dtype):
+        key = (num, tuple(im_spatial), np.dtype(dtype))
+        if key == self._key:
+            return
+        self._key = key
+        self.num, self.dtype = num, np.dtype(dtype)
+        bt, _, at = TRANSFORMS[self.m]
+        self._bt, self._at = bt.astype(self.dtype), at.astype(self.dtype)
+        h, w = im_spatial
+        m, a = self.m, self.alpha
+        self.out_spatial = (h + 2 * self.pad[0] - 2, w + 2 * self.pad[1] - 2)
+        oh, ow = self.out_spatial
+        if oh < 1 or ow < 1:
+            raise ValueError(f"output size {self.out_spatial} is empty")
+        self.tiles = (-(-oh // m), -(-ow // m))
+        th, tw = self.tiles
+        # Padded up to whole tiles: the extra rows/columns are zeros and their outputs dropped.
+        self.padded_spatial = (th * m + 2, tw * m + 2)
+        per_image_v = a * a * self.in_channels * th * tw * self.dtype.itemsize
+        self.chunk = max(1, min(num, WINOGRAD_BUFFER_BYTES // per_image_v))
+        c, k, n = self.in_channels, self.out_channels, self.chunk
+        self._sizes = dict(
+            padded=n * c * self.padded_spatial[0] * self.padded_spatial[1],
+            d=max(a * a * c, m * m * k) * n * th * tw,   # the patches, V, the output tiles
+            rows=max(a * c, m * k) * a * n * th * tw,    # B^T d, then A^T M
+            m=a * a * k * n * th * tw)
+
+    def _buf(self, role, shape):
+        size = int(np.prod(shape, dtype=np.int64))
+        return self.scratch("winograd_" + role, self._sizes[role], self.dtype)[:size].reshape(shape)
+
+    # -- forward --------------------------------------------------------------
+    def conv(self, im, w, out, bias=None):
+        u = self.weights(w)
+        for start in range(0, self.num, self.chunk):
+            stop = min(self.num, start + self.chunk)
+            self._conv_chunk(im[start:stop], u, out[start:stop], bias)
+        return out
+
+    def _conv_chunk(self, im, u, out, bias):
+        bt, at = self._bt, self._at
+        m, a = self.m, self.alpha
+        n, c = im.shape[:2]
+        k = self.out_channels
+        th, tw = self.tiles
+        (ph, pw), (hp, wp) = self.pad, self.padded_spatial
+        h, wd = im.shape[2:]
+        tiles = n * th * tw
+
+        padded = self._buf("padded", (n, c, hp, wp))
+        padded[:, :, :ph].fill(0)
+        padded[:, :, ph + h:].fill(0)
+        padded[:, :, ph:ph + h, :pw].fill(0)
+        padded[:, :, ph:ph + h, pw + wd:].fill(0)
+        padded[:, :, ph:ph + h, pw:pw + wd] = im
+
+        # Every tile's patch d, element (x, y) outermost and channels before images, so each
+        # transform below is one GEMM with a tiny (alpha x alpha) left matrix, and V comes out
+        # as (alpha^2, C, tiles) for the batched product.
+        sn, sc, sh, sw = padded.strides
+        patches = np.lib.stride_tricks.as_strided(
+            padded, shape=(a, a, c, n, th, tw), strides=(sh, sw, sc, sn, m * sh, m * sw),
+            writeable=False)
+        d = self._buf("d", (a, a, c, n, th, tw))
+        d[...] = patches
+        rows = self._buf("rows", (a, a * c * tiles))                 # B^T d over x
+        np.matmul(bt, d.reshape(a, a * c * tiles), out=rows)
+        v = self._buf("d", (a, a, c * tiles))                        # (B^T d) B over y; d is dead
+        np.matmul(bt, rows.reshape(a, a, c * tiles), out=v)
+
+        prod = self._buf("m", (a * a, k, tiles))
+        np.matmul(u, v.reshape(a * a, c, tiles), out=prod)
+
+        half = self._buf("rows", (m, a * k * tiles))                 # A^T M over i
+        np.matmul(at, prod.reshape(a, a * k * tiles), out=half)
+        res = self._buf("d", (m, m, k, n, th, tw))                   # (A^T M) A over j; V is dead
+        np.matmul(at, half.reshape(m, a, k * tiles), out=res.reshape(m, m, k * tiles))
+        for r in range(m):
+            for s in range(m):
+                # Output pixel (r, s) of every tile; tiles past the edge were padding.
+                dest = out[:, :, r::m, s::m]
+                src = res[r, s].transpose(1, 0, 2, 3)[:, :, :dest.shape[2], :dest.shape[3]]
+                if bias is not None:
+                    np.add(src, bias.reshape(-1, 1, 1), out=dest)
+                else:
+                    dest[...] = src
+
+
+# The rule for choosing Winograd per layer (benchmarks/winograd_bench.py, OMP_NUM_THREADS=1):
+# F(4x4) beats im2col + GEMM once each batched product has enough tiles and channels
+# (56x56 and 28x28 ResNet/VGG layers: 1.3-2x); on 14x14 single images (16 tiles) the 36 small
+# products lose to one big GEMM. F(2x2) was slower than F(4x4) at every size where F(4x4) won,
+# and at 14x14 batch 1 its gain over im2col (0.9-1.2x) did not repeat across runs.
+MIN_CHANNELS = 16
+MIN_TILES = 32
+
+
+def choose_tile(in_channels, out_channels, out_spatial, num):
+    """Tile size m for F(m x m, 3x3) on a 3x3 stride-1 undilated group-1 convolution, or None."""
+    oh, ow = out_spatial
+    if min(in_channels, out_channels) < MIN_CHANNELS or oh < 4 or ow < 4:
+        return None
+    if num * -(-oh // 4) * -(-ow // 4) < MIN_TILES:
+        return None
+    return 4
