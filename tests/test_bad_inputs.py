@@ -253,7 +253,7 @@ CASES = [
      ProtoFileError, r"/dev/zero: is a device"),
     ("weights-garbage", {"net.prototxt": NET, "w.caffemodel": b"\xff\xff\xff\xff garbage"},
      lambda tmp: minicaffe.Net(str(tmp / "net.prototxt"), minicaffe.TEST).copy_from(str(tmp / "w.caffemodel")),
-     ProtoFileError, r"w\.caffemodel: not a binary \.caffemodel"),
+     ProtoFileError, r"w\.caffemodel: neither HDF5 nor a binary \.caffemodel"),
     ("weights-shape", {"net.prototxt": NET, "setup": lambda tmp: weights_file(tmp, (5, 5))},
      lambda tmp: minicaffe.Net(str(tmp / "net.prototxt"), minicaffe.TEST).copy_from(str(tmp / "w.caffemodel")),
      LayerError, r"w\.caffemodel: layer 'ip' "),
