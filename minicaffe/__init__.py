@@ -4,6 +4,7 @@
     net = caffe.Net("deploy.prototxt", caffe.TEST, weights="model.caffemodel")
 """
 from .proto import caffe_pb2
+from .errors import MinicaffeError  # noqa: F401
 from .blob import Blob
 from .layer import (Layer, LayerError, register_layer, create_layer, layer_registry,  # noqa: F401
                     layer_source, layer_type_list)

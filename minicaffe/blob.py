@@ -7,10 +7,15 @@ keep seeing each other's writes.
 """
 import numpy as np
 
+from .errors import MinicaffeError
 from .proto import caffe_pb2
 
-__all__ = ["Blob"]
+__all__ = ["Blob", "BlobError"]
 
+
+
+class BlobError(MinicaffeError, ValueError):
+    """A blob shape or BlobProto that does not fit; the text names the blob."""
 
 class _Memory:
     """A growable flat buffer that several blobs can point to."""
@@ -80,7 +85,7 @@ class Blob:
         # Caffe's LegacyShape: num/channels/height/width of a blob with at most 4 axes,
         # where missing axes count as 1.
         if len(self._shape) > 4:
-            raise ValueError(f"blob {self._label()} has {len(self._shape)} axes; num/channels/"
+            raise BlobError(f"blob {self._label()} has {len(self._shape)} axes; num/channels/"
                              f"height/width only describe blobs with at most 4, use .shape")
         return self._shape[index] if index < len(self._shape) else 1
 
@@ -103,7 +108,7 @@ class Blob:
             return self
         shape = tuple(int(d) for d in shape)
         if any(d < 0 for d in shape):
-            raise ValueError(f"blob {self._label()}: negative dimension in shape {shape}")
+            raise BlobError(f"blob {self._label()}: negative dimension in shape {shape}")
         self._shape = shape
         self._count = int(np.prod(shape, dtype=np.int64))
         self._data.ensure(self._count)
@@ -133,7 +138,7 @@ class Blob:
     def _assign(self, view, value, what):
         value = np.asarray(value)
         if value.shape != view.shape and value.size != view.size:
-            raise ValueError(f"cannot set {what} of blob {self._label()}: shape {value.shape} "
+            raise BlobError(f"cannot set {what} of blob {self._label()}: shape {value.shape} "
                              f"does not match the blob's shape {view.shape}")
         view[...] = value.reshape(view.shape)
 
@@ -144,13 +149,13 @@ class Blob:
     def share_data(self, other):
         """Make this blob's data the same memory as `other`'s (shapes must hold the same count)."""
         if other._count != self._count:
-            raise ValueError(f"share_data: blob {self._label()} has {self._count} elements but "
+            raise BlobError(f"share_data: blob {self._label()} has {self._count} elements but "
                              f"{other._label()} has {other._count}")
         self._data = other._data
 
     def share_diff(self, other):
         if other._count != self._count:
-            raise ValueError(f"share_diff: blob {self._label()} has {self._count} elements but "
+            raise BlobError(f"share_diff: blob {self._label()} has {self._count} elements but "
                              f"{other._label()} has {other._count}")
         self._diff = other._diff
 
@@ -212,11 +217,11 @@ class Blob:
             self.reshape(shape)
         elif int(np.prod(shape, dtype=np.int64)) != self._count or (
                 len(shape) == len(self._shape) and shape != self._shape):
-            raise ValueError(f"{what or 'blob ' + self._label()}: shape mismatch, "
+            raise BlobError(f"{what or 'blob ' + self._label()}: shape mismatch, "
                              f"expected {self._shape} but the file has {shape}")
         values = proto.double_data if len(proto.double_data) else proto.data
         if len(values) != self._count:
-            raise ValueError(f"{what or 'blob ' + self._label()}: BlobProto holds {len(values)} "
+            raise BlobError(f"{what or 'blob ' + self._label()}: BlobProto holds {len(values)} "
                              f"values but its shape {shape} needs {self._count}")
         self.data[...] = np.asarray(values, dtype=self.dtype).reshape(self._shape)
         diffs = proto.double_diff if len(proto.double_diff) else proto.diff

@@ -17,13 +17,14 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .blob import Blob
+from .errors import MinicaffeError
 from .proto import caffe_pb2
 from . import rng as _rng
 
 __all__ = ["DataTransformer", "TransformError", "load_mean_file"]
 
 
-class TransformError(ValueError):
+class TransformError(MinicaffeError, ValueError):
     """Bad transform_param, or an input the transform cannot handle."""
 
 

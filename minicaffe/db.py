@@ -15,20 +15,22 @@ LMDB comes with the `lmdb` package (a core dependency); LevelDB needs the
 optional `plyvel` package (`pip install plyvel`).
 """
 import os
+import struct
 import threading
 
 import numpy as np
 
+from .errors import MinicaffeError
 from .proto import caffe_pb2
 
 __all__ = ["DBError", "open_reader", "open_writer", "backend_name", "array_to_datum",
-           "datum_to_array", "decode_batch", "parse_datum", "LMDB_MAP_SIZE"]
+           "datum_to_array", "decode_batch", "parse_datum", "check_lmdb_file", "LMDB_MAP_SIZE"]
 
 # Start small and double on demand: LMDB maps the whole size into virtual memory.
 LMDB_MAP_SIZE = 1 << 30
 
 
-class DBError(ValueError):
+class DBError(MinicaffeError, ValueError):
     """A dataset database that is missing, corrupt or holds unexpected records."""
 
 
@@ -82,9 +84,55 @@ _shared_envs = {}  # (st_dev, st_ino) of the data file -> [Environment, number o
 _shared_envs_lock = threading.Lock()
 
 
+# The two meta pages at the start of an LMDB data file (lmdb's MDB_meta, 64-bit layout):
+# page header 16 bytes, then magic u32, version u32, address u64, map size u64, two MDB_db
+# records of 48 bytes (the first one's md_pad holds the page size), last page number u64,
+# transaction id u64.
+_LMDB_MAGIC = 0xBEEFC0DE
+_META = struct.Struct("<16xII8xQI92xQQ")
+
+
+def check_lmdb_file(data_path):
+    """Raise DBError unless the LMDB data file is as long as its newest meta page says.
+
+    LMDB maps the file into memory; reading a page past the end of a truncated file
+    kills the process with SIGBUS, so truncation must be caught before the mapping.
+    """
+    try:
+        size = os.path.getsize(data_path)
+        with open(data_path, "rb") as f:
+            first = f.read(_META.size)
+            if len(first) < _META.size:
+                if size == 0:
+                    return  # lmdb says MDB_INVALID for an empty file
+                raise DBError(f"LMDB data file {data_path!r} is truncated: {size} bytes, shorter "
+                              f"than its header")
+            magic, _, _, page_size, last_pg, txnid = _META.unpack(first)
+            if magic != _LMDB_MAGIC or page_size < 512 or page_size & (page_size - 1):
+                return  # not a meta page we know: lmdb itself reports what is wrong (MDB_INVALID)
+            f.seek(page_size)
+            second = f.read(_META.size)
+    except OSError as exc:
+        raise DBError(f"cannot read LMDB data file {data_path!r}: {exc.strerror or exc}") from None
+    metas = [(txnid, last_pg)]
+    if len(second) == _META.size:
+        magic2, _, _, _, last_pg2, txnid2 = _META.unpack(second)
+        if magic2 == _LMDB_MAGIC:
+            metas.append((txnid2, last_pg2))
+    _, last_pg = max(metas)
+    need = (last_pg + 1) * page_size
+    if size < need:
+        raise DBError(f"LMDB data file {data_path!r} is truncated: {size} bytes, but its header "
+                      f"says the data runs to page {last_pg} ({need} bytes); copy the database "
+                      f"again or rebuild it")
+
+
 def _acquire_lmdb(path):
     import lmdb
     subdir = os.path.isdir(path)
+    data_file = os.path.join(path, "data.mdb") if subdir else path
+    if os.path.isfile(data_file):
+        check_lmdb_file(data_file)
     try:
         st = os.stat(os.path.join(path, "data.mdb") if subdir else path)
         key = (st.st_dev, st.st_ino)
@@ -437,7 +485,7 @@ def datum_to_array(datum, force_color=False, force_gray=False):
     Encoded Datums (a PNG/JPEG file in `data`) are decoded with Pillow, in BGR order.
     """
     if datum.encoded:
-        from .datasets.imageset import decode_image
+        from .image_codec import decode_image
         return decode_image(datum.data, force_color=force_color, force_gray=force_gray)
     shape = (datum.channels, datum.height, datum.width)
     if len(datum.data):

@@ -19,6 +19,7 @@ import warnings
 
 import numpy as np
 
+from .errors import MinicaffeError
 from .proto import caffe_pb2, extension, known_forks
 
 __all__ = ["Layer", "register_layer", "create_layer", "layer_registry", "layer_source",
@@ -28,7 +29,7 @@ TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
 
 
-class LayerError(ValueError):
+class LayerError(MinicaffeError, ValueError):
     """Bad layer parameters or blob shapes, named after the layer at fault."""
 
 

@@ -13,6 +13,8 @@ import logging
 import sys
 import time
 
+from .proto_io import ProtoFileError, check_output_folder
+
 __all__ = ["GlogFormatter", "init_log", "close_log", "logging_to", "log", "Timer"]
 
 LOGGER_NAME = "minicaffe"
@@ -71,7 +73,12 @@ def init_log(level=logging.INFO, log_file=None, stream=None):
     formatter = GlogFormatter()
     handlers = [_StderrHandler(stream)]
     if log_file:
-        handlers.append(logging.FileHandler(log_file, mode="w", encoding="utf-8"))
+        check_output_folder(log_file, "log file")
+        try:
+            handlers.append(logging.FileHandler(log_file, mode="w", encoding="utf-8"))
+        except OSError as exc:
+            raise ProtoFileError(f"{log_file}: cannot write the log file: "
+                                 f"{exc.strerror or exc}") from None
     for h in handlers:
         h.setFormatter(formatter)
         h._minicaffe_handler = True

@@ -18,7 +18,7 @@ from .layer import LayerError, building_model, create_layer
 from .fold import fold_affine_chains
 from .memory_plan import share_dead_buffers
 from .proto import caffe_pb2
-from .proto_io import ProtoFileError, read_net_param, read_proto, write_binary
+from .proto_io import ProtoFileError, check_regular_file, read_net_param, read_proto, write_binary
 
 __all__ = ["Net", "filter_net", "insert_splits", "state_meets_rule", "is_hdf5_file"]
 
@@ -77,6 +77,18 @@ def filter_net(param, state):
         if keep:
             out.layer.add().CopyFrom(layer)
     return out
+
+
+def _empty_net_message(param, state):
+    """Why a net has nothing to run: no layers at all, or none that admit `state`."""
+    phase = caffe_pb2.Phase.Name(state.phase)
+    if not len(param.layer):
+        return ("the net has no layers (an empty or comment-only file, or not a net file at "
+                "all); a net needs at least one `layer { ... }`")
+    rest = f", level {state.level}" if state.level else ""
+    rest += f", stages {list(state.stage)}" if len(state.stage) else ""
+    return (f"none of the net's {len(param.layer)} layers is included in phase {phase}{rest}: "
+            f"their include/exclude rules filter them all out")
 
 
 def _split_layer_name(layer_name, blob_name, top_index):
@@ -188,7 +200,8 @@ class Net:
                 self._init(param)
         except (LayerError, ProtoFileError) as exc:
             if self.source is not None and not str(exc).startswith(os.fspath(self.source)):
-                raise type(exc)(f"{os.fspath(self.source)}: {exc}") from None
+                # Keep what the error itself was chained to (a Python layer's own exception).
+                raise type(exc)(f"{os.fspath(self.source)}: {exc}") from exc.__cause__
             raise
         self.inference = bool(inference)
         self._forward_plan, self._fold_stale = None, False
@@ -225,7 +238,10 @@ class Net:
         self.name = param.name
         self.force_backward = param.force_backward
         self.debug_info = param.debug_info
-        param = insert_splits(filter_net(param, self.state))
+        filtered = filter_net(param, self.state)
+        if not len(filtered.layer):
+            raise LayerError(_empty_net_message(param, self.state))
+        param = insert_splits(filtered)
         self.net_param = param
         self._hooks = {"before_forward": [], "after_forward": [],
                        "before_backward": [], "after_backward": []}
@@ -814,6 +830,7 @@ class Net:
         if isinstance(source, caffe_pb2.NetParameter):
             return self._copy_from_param(source, "NetParameter")
         label = os.fspath(source)
+        check_regular_file(label, "weights file")  # a FIFO or device must not hang the read
         try:
             size = os.path.getsize(label)
         except FileNotFoundError:
@@ -834,7 +851,11 @@ class Net:
         if not len(param.layer) and not len(param.layers):
             raise ProtoFileError(f"{label}: the weights file holds no layers (is it a "
                                  f"binary .caffemodel?)")
-        return self._copy_from_param(read_net_param(param), label)
+        try:
+            param = read_net_param(param)
+        except ValueError as exc:  # an upgrade that does not apply, or a non-UTF-8 name
+            raise ProtoFileError(f"{label}: {exc}") from None
+        return self._copy_from_param(param, label)
 
     def _copy_from_param(self, param, label):
         copied, names = 0, []

@@ -31,6 +31,7 @@ import sys
 import warnings
 
 from .argv_options import take_option
+from .errors import MinicaffeError
 from .layer import Layer, layer_registry, register_layer, registering_from
 
 __all__ = ["load_plugin", "load_plugins", "load_entry_points", "load_default_plugins",
@@ -41,7 +42,7 @@ ENV_VAR = "MINICAFFE_PLUGINS"
 ENTRY_POINT_GROUP = "minicaffe.layers"
 
 
-class PluginError(ImportError):
+class PluginError(MinicaffeError, ImportError):
     """A plugin named by the user could not be loaded."""
 
 
@@ -203,15 +204,31 @@ def load_entry_points(group=ENTRY_POINT_GROUP):
     return loaded
 
 
-def load_default_plugins(force=False):
-    """Load MINICAFFE_PLUGINS and the installed entry points (once per process unless force)."""
+_env_failures = []  # PluginError of each MINICAFFE_PLUGINS entry that did not load
+
+
+def load_default_plugins(force=False, strict=True):
+    """Load MINICAFFE_PLUGINS and the installed entry points (once per process unless force).
+
+    Every MINICAFFE_PLUGINS entry is tried. With strict (the default, used when a net is
+    built) an entry that failed raises its PluginError, now and on later calls; with
+    strict=False the failures are returned, so `minicaffe --help` and `minicaffe layers`
+    can warn about a stale entry instead of refusing to run.
+    """
     global _defaults_done
-    if _defaults_done and not force:
-        return
-    _defaults_done = True
-    importlib.import_module("minicaffe.layers")
-    load_entry_points()
-    load_plugins(plugins_from_env(), origin=ENV_VAR)
+    if not _defaults_done or force:
+        _defaults_done = True
+        _env_failures.clear()
+        importlib.import_module("minicaffe.layers")
+        load_entry_points()
+        for spec in plugins_from_env():
+            try:
+                load_plugin(spec, origin=ENV_VAR)
+            except PluginError as exc:
+                _env_failures.append(exc)
+    if strict and _env_failures:
+        raise PluginError(f"{_env_failures[0]} (remove it from {ENV_VAR} or fix it)")
+    return list(_env_failures)
 
 
 def extract_plugin_args(argv):

@@ -5,6 +5,8 @@ transformation fields and the solver's `solver_type` enum are upgraded the way
 Caffe's upgrade_proto does, so old files keep working.
 """
 import os
+import re
+import stat
 import tempfile
 
 from google.protobuf import json_format, text_format
@@ -14,7 +16,8 @@ from .proto import caffe_pb2, extension, known_forks
 from .proto.errors import ProtoFileError
 
 __all__ = ["ProtoFileError", "read_net_param", "read_solver_param", "read_proto",
-           "write_binary", "atomic_write", "stage_file", "upgrade_net_param", "upgrade_solver_param"]
+           "write_binary", "atomic_write", "stage_file", "check_regular_file", "check_output_folder",
+           "field_location", "upgrade_net_param", "upgrade_solver_param"]
 
 
 TEMP_PREFIX = ".tmp-"
@@ -55,9 +58,23 @@ def stage_file(path, data):
     return tmp
 
 
+def check_output_folder(path, what="output file"):
+    """Raise ProtoFileError naming `path` unless its folder exists and `path` is not a folder.
+
+    Run before writing, so the error names the user's path rather than a temporary file.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ProtoFileError(f"{path}: cannot write the {what}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise ProtoFileError(f"{path}: cannot write the {what}: it is a directory")
+
+
 def atomic_write(path, data):
     """Write bytes to `path` through a temporary file in the same folder, then rename."""
     path = os.fspath(path)
+    check_output_folder(path)
     tmp = stage_file(path, data)
     try:
         os.replace(tmp, path)
@@ -69,6 +86,45 @@ def atomic_write(path, data):
 
 def write_binary(message, path):
     atomic_write(path, message.SerializeToString())
+
+
+def field_location(path, field):
+    """`path:line` of the first line that sets `field` (text prototxt or YAML), else `path`.
+
+    Used to point value errors found after parsing (an unknown solver type, a negative
+    max_iter) at the line the user wrote. A top-level field is what callers ask
+    about, so the first match is the right one in practice.
+    """
+    path = os.fspath(path)
+    pattern = re.compile(rf"^\s*{re.escape(field)}\s*:")
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if pattern.match(line):
+                    return f"{path}:{number}"
+    except (OSError, UnicodeDecodeError):
+        pass
+    return path
+
+
+def _yaml_key_line(text, name):
+    """1-based line of the first mapping key `name` in a YAML text, or None."""
+    import yaml
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    stack = [root] if root is not None else []
+    while stack:
+        node = stack.pop(0)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value == name:
+                    return key.start_mark.line + 1
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return None
 
 
 def _extended(message):
@@ -122,25 +178,65 @@ def _parse_yaml(text, message, path):
         raise ProtoFileError(f"{where}: {getattr(exc, 'problem', exc)}") from None
     cls = _extended(message)
     target = cls() if cls else message
+    if not isinstance(tree, dict):
+        raise ProtoFileError(f"{path}: expected a mapping of {message.DESCRIPTOR.name} fields at the "
+                             f"top level, got a {type(tree).__name__}")
     try:
         json_format.ParseDict(tree, target)
     except json_format.ParseError as exc:
-        raise ProtoFileError(f"{path}: {exc}") from None
+        msg = str(exc).splitlines()[0]
+        # json_format names the field ('Failed to parse base_lr field', 'has no field named
+        # "foo"'); find that key in the YAML to give its line.
+        names = re.findall(r'Failed to parse (\w+) field|no field named "(\w+)"', msg)
+        line = None
+        for groups in reversed(names):  # the innermost field is named last
+            for name in groups:
+                if name and line is None:
+                    line = _yaml_key_line(text, name)
+        where = f"{path}:{line}" if line else path
+        raise ProtoFileError(f"{where}: {msg}") from None
     if cls:
         message.ParseFromString(target.SerializeToString())
     return message
 
 
+def check_regular_file(path, what="file"):
+    """Raise ProtoFileError unless `path` is an existing regular file (not a folder, FIFO, device).
+
+    Checked with stat() before any open(): opening a FIFO would block until a writer
+    appears, and /dev/zero would be read forever.
+    """
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ProtoFileError(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise ProtoFileError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        kind = "a directory"
+    elif stat.S_ISFIFO(mode):
+        kind = "a FIFO (named pipe)"
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        kind = "a device"
+    elif stat.S_ISSOCK(mode):
+        kind = "a socket"
+    else:
+        kind = "a special file"
+    raise ProtoFileError(f"{path}: is {kind}, expected a regular {what}")
+
+
 def read_proto(path, message):
     """Fill `message` from a text prototxt, a YAML file (.yaml/.yml) or a binary file."""
     path = os.fspath(path)
+    check_regular_file(path)
     try:
         with open(path, "rb") as f:
             raw = f.read()
-    except FileNotFoundError:
-        raise ProtoFileError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ProtoFileError(f"{path}: is a directory, expected a file") from None
+    except OSError as exc:
+        raise ProtoFileError(f"{path}: cannot read the file: {exc.strerror or exc}") from None
     if path.endswith((".yaml", ".yml")):
         return _parse_yaml(raw.decode("utf-8"), message, path)
     if path.endswith((".caffemodel", ".solverstate", ".binaryproto")):

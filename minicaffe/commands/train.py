@@ -16,8 +16,7 @@ log = logging.getLogger("minicaffe.train")
 SIGNAL_EFFECTS = ("stop", "snapshot", "none")
 
 
-class CommandError(ValueError):
-    """A bad combination of flags; printed as one line by the CLI."""
+from ..errors import CommandError  # noqa: E402  (other commands import it from here)
 
 
 def add_flag(parser, name, **kwargs):

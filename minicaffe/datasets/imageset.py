@@ -1,35 +1,22 @@
-"""Image files to Caffe data: list files, image loading, convert_imageset, compute_image_mean.
+"""Image files to Caffe data: list files, convert_imageset, compute_image_mean.
 
 Images are arrays of shape (C, H, W), uint8, with colour channels in BGR order
-as Caffe (through OpenCV) stores them. Decoding uses Pillow, an optional
-dependency (`pip install minicaffe[image]`); resizing is bilinear with OpenCV's
-pixel-centre convention, done in numpy (results can differ from OpenCV's
-fixed-point arithmetic by one grey level).
+as Caffe (through OpenCV) stores them; loading and resizing live in
+minicaffe.image_codec (re-exported here).
 """
-import io
 import os
+import shutil
 import warnings
 
 import numpy as np
 
 from ..db import DBError, array_to_datum, decode_batch, open_reader, open_writer
+from ..image_codec import (ImageError, decode_image, encode_image, load_image,  # noqa: F401
+                           require_pillow, resize_bilinear)
 from ..proto import caffe_pb2
 
 __all__ = ["read_image_list", "load_image", "decode_image", "resize_bilinear", "encode_image",
            "convert_imageset", "compute_image_mean", "write_mean_file", "ImageError"]
-
-
-class ImageError(ValueError):
-    """An image list or image file that cannot be used."""
-
-
-def _pil():
-    try:
-        from PIL import Image
-    except ImportError:
-        raise ImageError("reading images needs Pillow: pip install minicaffe[image] "
-                         "(or pip install Pillow)") from None
-    return Image
 
 
 def read_image_list(path):
@@ -56,88 +43,15 @@ def read_image_list(path):
     return entries
 
 
-def _to_caffe_array(img, is_color):
-    """A PIL image as a (C, H, W) uint8 BGR (or 1-channel) array."""
-    if is_color:
-        hwc = np.asarray(img.convert("RGB"))[:, :, ::-1]
-    else:
-        hwc = np.asarray(img.convert("L"))[:, :, None]
-    return np.ascontiguousarray(hwc.transpose(2, 0, 1))
-
-
-def load_image(path, new_height=0, new_width=0, is_color=True):
-    """Read an image file as (C, H, W) uint8 BGR, resized when both sizes are given."""
-    Image = _pil()
-    try:
-        with Image.open(path) as img:
-            array = _to_caffe_array(img, is_color)
-    except (OSError, ValueError) as exc:
-        raise ImageError(f"could not load image {os.fspath(path)!r}: {exc}") from None
-    if new_height > 0 and new_width > 0:
-        array = resize_bilinear(array, new_height, new_width)
-    return array
-
-
-def decode_image(data, force_color=False, force_gray=False):
-    """Decode an encoded Datum's bytes to (C, H, W): native channel count unless forced."""
-    Image = _pil()
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if force_color or force_gray:
-                is_color = force_color
-            else:
-                is_color = img.mode not in ("1", "L", "LA", "I", "I;16", "F")
-            return _to_caffe_array(img, is_color)
-    except (OSError, ValueError) as exc:
-        raise ImageError(f"could not decode an encoded Datum: {exc}") from None
-
-
-def encode_image(array, fmt):
-    """Encode a (C, H, W) uint8 BGR/gray array as image file bytes ('png', 'jpg', ...)."""
-    Image = _pil()
-    hwc = array.transpose(1, 2, 0)
-    img = Image.fromarray(hwc[:, :, 0]) if hwc.shape[2] == 1 else Image.fromarray(
-        np.ascontiguousarray(hwc[:, :, ::-1]))
-    name = Image.registered_extensions().get("." + fmt.lower())
-    if name is None:
-        raise ImageError(f"unknown image encoding {fmt!r}")
-    buf = io.BytesIO()
-    img.save(buf, format=name)
-    return buf.getvalue()
-
-
-def _axis_weights(size_in, size_out):
-    """Source indices (i0, i1) and weight of i1 for each output position (OpenCV's INTER_LINEAR)."""
-    pos = (np.arange(size_out, dtype=np.float64) + 0.5) * (size_in / size_out) - 0.5
-    i0 = np.floor(pos).astype(np.int64)
-    frac = pos - i0
-    frac[i0 < 0] = 0.0
-    i0 = np.clip(i0, 0, size_in - 1)
-    frac[i0 >= size_in - 1] = 0.0
-    i1 = np.minimum(i0 + 1, size_in - 1)
-    return i0, i1, frac.astype(np.float32)
-
-
-def resize_bilinear(array, height, width):
-    """Resize a (C, H, W) uint8 array to (C, height, width) bilinearly, rounding to uint8."""
-    c, h, w = array.shape
-    if (h, w) == (height, width):
-        return array.copy()
-    y0, y1, fy = _axis_weights(h, height)
-    x0, x1, fx = _axis_weights(w, width)
-    src = array.astype(np.float32)
-    rows = src[:, y0, :] * (1 - fy)[:, None] + src[:, y1, :] * fy[:, None]
-    out = rows[:, :, x0] * (1 - fx) + rows[:, :, x1] * fx
-    return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
-
-
 def convert_imageset(root, list_file, db_path, gray=False, shuffle=False, resize_height=0,
                      resize_width=0, backend="lmdb", check_size=False, encoded=False,
                      encode_type="", rng=None, progress=None, overwrite=False):
     """Caffe's convert_imageset: images listed in `list_file` (under `root`) into a new database.
 
     Keys are `%08d_<filename>`, values Datums (raw BGR bytes, or the encoded file
-    with `encoded`/`encode_type`). Unreadable images are skipped with a warning.
+    with `encoded`/`encode_type`). Unreadable images are skipped with a warning, as in
+    Caffe; when none can be read it is an ImageError and nothing is written. The
+    database is built under a temporary name and renamed when complete.
     Returns the number of records written.
     """
     entries = read_image_list(list_file)
@@ -148,14 +62,48 @@ def convert_imageset(root, list_file, db_path, gray=False, shuffle=False, resize
     encoded = encoded or bool(encode_type)
     resize_height, resize_width = max(0, resize_height), max(0, resize_width)
     is_color = not gray
+    require_pillow()  # before anything is written: without Pillow every image would be skipped
+    db_path = os.fspath(db_path)
+    if os.path.exists(db_path) and not overwrite:
+        raise DBError(f"{db_path!r} already exists; remove it first (Caffe's tools refuse "
+                      f"to write into an existing database)")
+    # Written next to the target and renamed when complete, so a failure leaves no
+    # half-written database and an existing one (with overwrite) survives until then.
+    parent = os.path.dirname(os.path.abspath(db_path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{os.getpid()}-{os.path.basename(os.path.abspath(db_path))}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    skipped = []
+    try:
+        count = _write_imageset(entries, root, tmp, backend, is_color, resize_height,
+                                resize_width, encoded, encode_type, check_size, progress, skipped)
+        if not count:
+            raise ImageError(f"no image of {os.fspath(list_file)!r} could be read (the first, "
+                             f"{skipped[0]!r}, failed: {skipped[1]}); nothing was written to "
+                             f"{db_path!r}")
+        if os.path.exists(db_path):
+            shutil.rmtree(db_path) if os.path.isdir(db_path) else os.remove(db_path)
+        os.replace(tmp, db_path)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return count
+
+
+def _write_imageset(entries, root, db_path, backend, is_color, resize_height, resize_width,
+                    encoded, encode_type, check_size, progress, skipped):
     size = None
-    with open_writer(db_path, backend, overwrite=overwrite) as db:
+    with open_writer(db_path, backend) as db:
         for line_id, (name, label) in enumerate(entries):
             path = os.path.join(root, name) if root else name
             try:
                 array = load_image(path, resize_height, resize_width, is_color)
             except ImageError as exc:
-                warnings.warn(f"skipping: {exc}")
+                # Caffe's convert_imageset logs unreadable images and goes on.
+                if not skipped:
+                    skipped.extend([path, exc])
+                warnings.warn(f"skipping: {exc}", stacklevel=3)
                 continue
             if encoded:
                 fmt = encode_type or os.path.splitext(name)[1].lstrip(".").lower()
@@ -176,8 +124,7 @@ def convert_imageset(root, list_file, db_path, gray=False, shuffle=False, resize
             db.put(f"{line_id:08d}_{name}", datum.SerializeToString())
             if progress is not None:
                 progress(1)
-        count = db.count + len(db.pending)
-    return count
+        return db.count + len(db.pending)
 
 
 def _same_file_ok(name, fmt, array, is_color, resize_height, resize_width):

@@ -19,6 +19,7 @@ import urllib.request
 
 import numpy as np
 
+from ..errors import MinicaffeError
 from ..db import DBError, open_reader, open_writer
 from ..proto import caffe_pb2
 
@@ -39,7 +40,7 @@ MNIST_MIRRORS = [
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 
 
-class MnistError(ValueError):
+class MnistError(MinicaffeError, ValueError):
     pass
 
 

@@ -375,6 +375,10 @@ class _BaseConvolution(Layer):
         self.dilation, self.force_nd = geo["dilation"], geo["force_nd"]
         self.num_spatial = len(self.kernel)
         self.channels = bottom[0].shape[self.channel_axis]
+        if self.channels <= 0:
+            # A weight matrix with no input columns: refuse it here rather than in the GEMM.
+            raise self.error(f"bottom {self.layer_param.bottom[0]!r} has shape {bottom[0].shape}: "
+                             f"no input channels to convolve")
         self.num_output, self.group = self._output_and_group(param)
         if self.num_output <= 0:
             raise self.error("convolution_param.num_output must be set to a positive number")

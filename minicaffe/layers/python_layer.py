@@ -15,7 +15,13 @@ solvers, snapshots, lr_mult/decay_mult and sharing like any layer's.
 
 `import caffe` inside the module finds minicaffe (see minicaffe.compat). The
 module is imported from sys.path (PYTHONPATH); failing that, from the folder of
-the prototxt and then the current directory.
+the prototxt and then the current directory. A prototxt with a Python layer
+therefore runs code: MINICAFFE_PYTHON_LAYERS=0 in the environment (or the CLI's
+`--no-python-layers`) refuses every Python layer, for serving untrusted files.
+
+Any exception from importing the module or from the class's setup becomes a
+LayerError naming the layer (and, through the Net, the prototxt), chained to the
+original; exceptions in forward/backward keep their type, with a note.
 
 The same adapter runs pycaffe-style classes registered with
 `@register_layer("MyType")`: the Net drives `setup` for its own bookkeeping, so a
@@ -31,7 +37,15 @@ from ..proto import caffe_pb2
 from ..layer import (BlobVec, Layer, LayerError, current_model_dir, register_layer,
                      uses_pycaffe_setup)
 
-__all__ = ["PythonLayer", "load_layer_class"]
+__all__ = ["PythonLayer", "load_layer_class", "python_layers_allowed", "PYTHON_LAYERS_ENV"]
+
+PYTHON_LAYERS_ENV = "MINICAFFE_PYTHON_LAYERS"
+
+
+def python_layers_allowed(environ=None):
+    """False when MINICAFFE_PYTHON_LAYERS is 0/false/no/off (set by --no-python-layers)."""
+    value = (os.environ if environ is None else environ).get(PYTHON_LAYERS_ENV, "1")
+    return value.strip().lower() not in ("0", "false", "no", "off")
 
 # Attributes a user class may set to describe itself, as minicaffe.Layer subclasses do.
 _CLASS_FLAGS = ("exact_num_bottom", "min_num_bottom", "max_num_bottom", "exact_num_top",
@@ -39,13 +53,22 @@ _CLASS_FLAGS = ("exact_num_bottom", "min_num_bottom", "max_num_bottom", "exact_n
                 "is_loss", "allows_in_place")
 
 
+def _import_failed(module_name, layer_label, exc):
+    where = ""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = f" ({exc.filename}:{exc.lineno})"
+    return LayerError(f"{layer_label}: python_param.module {module_name!r} was found but importing "
+                      f"it failed{where}: {type(exc).__name__}: {exc}")
+
+
 def _import_layer_module(module_name, layer_label):
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name != module_name and not module_name.startswith(f"{exc.name}."):
-            raise LayerError(f"{layer_label}: python_param.module {module_name!r} was found but "
-                             f"importing it failed: {exc}") from exc
+            raise _import_failed(module_name, layer_label, exc) from exc
+    except Exception as exc:  # the module's own code failed: any type
+        raise _import_failed(module_name, layer_label, exc) from exc
     folders = []
     for folder in (current_model_dir(), os.getcwd()):
         if folder and folder not in folders:
@@ -58,7 +81,10 @@ def _import_layer_module(module_name, layer_label):
             if folder not in sys.path:
                 sys.path.append(folder)
             importlib.invalidate_caches()
-            return importlib.import_module(module_name)
+            try:
+                return importlib.import_module(module_name)
+            except Exception as exc:
+                raise _import_failed(module_name, layer_label, exc) from exc
     looked = " or ".join(folders)
     raise LayerError(f"{layer_label}: cannot import python_param.module {module_name!r}: it is "
                      f"not on sys.path (PYTHONPATH) nor in {looked}. Put {top}.py next to the "
@@ -70,6 +96,10 @@ def load_layer_class(python_param, layer_label="Python layer"):
     if not python_param.module or not python_param.layer:
         raise LayerError(f"{layer_label}: type \"Python\" needs python_param {{ module: "
                          f"\"file_name_without_py\" layer: \"ClassName\" }}")
+    if not python_layers_allowed():
+        raise LayerError(f"{layer_label}: Python layers are disabled ({PYTHON_LAYERS_ENV}=0 or "
+                         f"--no-python-layers); this one would import and run module "
+                         f"{python_param.module!r}")
     from .. import compat
     # The module's `import caffe` must give minicaffe, so its classes subclass our Layer.
     compat.install_if_absent()
@@ -133,7 +163,11 @@ class PythonLayer(Layer):
         self.pycaffe_style = (uses_pycaffe_setup(layer_class)
                               or not callable(getattr(layer_class, "layer_setup", None)))
         # pycaffe constructs the class with the LayerParameter only.
-        impl = layer_class(self.layer_param)
+        try:
+            impl = layer_class(self.layer_param)
+        except Exception as exc:
+            raise self.error(f"constructing class {layer_class.__module__}."
+                             f"{layer_class.__qualname__} failed: {type(exc).__name__}: {exc}") from exc
         impl.param_str = self.layer_param.python_param.param_str
         impl.param_str_ = impl.param_str      # pycaffe's older name (py-faster-rcnn's layers)
         impl.phase = Phase(self.phase)
@@ -171,9 +205,15 @@ class PythonLayer(Layer):
                 impl.setup(bottom, top)
             else:
                 impl.layer_setup(bottom, top)
+        except LayerError as exc:
+            if repr(self.name) in str(exc):
+                raise
+            raise self.error(f"class {self.class_name} failed in setup: {exc}") from exc
         except Exception as exc:
-            self._note(exc, "setup")
-            raise
+            # setup failures are almost always about the prototxt (param_str, bottoms), so
+            # they become one line naming the layer; the original stays chained for --debug.
+            raise self.error(f"class {self.class_name} failed in setup: "
+                             f"{type(exc).__name__}: {exc}") from exc
         self.blobs = impl.blobs  # setup may have replaced the list
 
     def reshape(self, bottom, top):

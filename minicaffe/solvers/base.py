@@ -25,10 +25,11 @@ import time
 import numpy as np
 
 from ..blob import Blob
+from ..errors import MinicaffeError
 from ..layer import LayerError, building_model
 from ..net import Net
 from ..proto import caffe_pb2
-from ..proto_io import TEMP_PREFIX, ProtoFileError, read_net_param, read_proto, \
+from ..proto_io import TEMP_PREFIX, ProtoFileError, field_location, read_net_param, read_proto, \
     read_solver_param, stage_file
 from ..rng import get_rng_state, set_random_seed, set_rng_state
 from .lr_policies import check_lr_policy, learning_rate
@@ -45,15 +46,15 @@ SOLVER_ACTIONS = (STOP, SNAPSHOT, NONE)
 _SOLVERS = {}
 
 
-class SolverError(ValueError):
+class SolverError(MinicaffeError, ValueError):
     """A solver file or solver state that cannot be used as given."""
 
 
-class DivergenceError(ArithmeticError):
+class DivergenceError(MinicaffeError, ArithmeticError):
     """Training produced a non-finite loss or parameter; the text says where it started."""
 
 
-class SnapshotError(OSError):
+class SnapshotError(MinicaffeError, OSError):
     """A snapshot could not be written; the previous snapshot files are untouched."""
 
 
@@ -92,7 +93,8 @@ def get_solver(param, **kwargs):
         param = read_solver_param(param)
     cls = _SOLVERS.get(param.type)
     if cls is None:
-        raise SolverError(f"unknown solver type {param.type!r}; known types: "
+        where = f"{field_location(source, 'type')}: " if source else ""
+        raise SolverError(f"{where}unknown solver type {param.type!r}; known types: "
                           f"{', '.join(sorted(_SOLVERS))}")
     return cls(param, source=source, **kwargs)
 
@@ -159,15 +161,17 @@ class Solver:
             check_lr_policy(p)
         except ValueError as exc:
             raise SolverError(self._where(str(exc))) from None
+        if p.max_iter < 0:
+            raise SolverError(self._where(f"max_iter must be >= 0, got {p.max_iter}", "max_iter"))
         if p.average_loss < 1:
-            raise SolverError(self._where(f"average_loss must be at least 1, got {p.average_loss}"))
+            raise SolverError(self._where(f"average_loss must be at least 1, got {p.average_loss}", "average_loss"))
         if p.iter_size < 1:
-            raise SolverError(self._where(f"iter_size must be at least 1, got {p.iter_size}"))
+            raise SolverError(self._where(f"iter_size must be at least 1, got {p.iter_size}", "iter_size"))
         if p.weight_decay and p.regularization_type not in ("L2", "L1"):
             raise SolverError(self._where(f"unknown regularization_type {p.regularization_type!r}; "
                                           "use L2 or L1"))
         if p.snapshot < 0:
-            raise SolverError(self._where(f"snapshot must be >= 0, got {p.snapshot}"))
+            raise SolverError(self._where(f"snapshot must be >= 0, got {p.snapshot}", "snapshot"))
         if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
             try:
                 import h5py  # noqa: F401
@@ -176,8 +180,12 @@ class Solver:
                     "snapshot_format: HDF5 needs h5py (pip install 'minicaffe[hdf5]'), or use "
                     "snapshot_format: BINARYPROTO")) from None
 
-    def _where(self, message):
-        return f"{self.source}: {message}" if self.source else message
+    def _where(self, message, field=None):
+        """`message` prefixed with the solver file (and the line setting `field`, if given)."""
+        if not self.source:
+            return message
+        where = field_location(self.source, field) if field else self.source
+        return f"{where}: {message}"
 
     def _snapshot_prefix(self):
         """snapshot_prefix as Caffe's upgrade leaves it: unset -> the solver file's path minus its
