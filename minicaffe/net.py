@@ -41,8 +41,6 @@ def is_hdf5_file(path):
                 return True
             offset = 512 if offset == 0 else offset * 2
 
-log = logging.getLogger("minicaffe.net")
-
 
 # -- NetParameter passes ---------------------------------------------------------
 def state_meets_rule(state, rule):
