@@ -8,6 +8,24 @@ from .proto import caffe_pb2
 __all__ = ["Classifier"]
 
 
+def input_transformer(net, who, model_file, mean, input_scale, raw_scale, channel_swap):
+    """pycaffe's preprocessing for (H, W, K) images fed to the net's first input."""
+    if not net.inputs:
+        raise ValueError(f"{who}: the net in {model_file} has no Input layer to feed")
+    name = net.inputs[0]
+    transformer = io.Transformer({name: net.blobs[name].data.shape})
+    transformer.set_transpose(name, (2, 0, 1))
+    if mean is not None:
+        transformer.set_mean(name, mean)
+    if input_scale is not None:
+        transformer.set_input_scale(name, input_scale)
+    if raw_scale is not None:
+        transformer.set_raw_scale(name, raw_scale)
+    if channel_swap is not None:
+        transformer.set_channel_swap(name, channel_swap)
+    return transformer
+
+
 class Classifier(Net):
     """`Classifier(model, weights, image_dims=None, mean=None, input_scale=None, raw_scale=None,
     channel_swap=None)`; `predict(images, oversample=True)` -> (N, classes).
@@ -20,20 +38,9 @@ class Classifier(Net):
     def __init__(self, model_file, pretrained_file, image_dims=None, mean=None, input_scale=None,
                  raw_scale=None, channel_swap=None):
         super().__init__(model_file, caffe_pb2.TEST, weights=pretrained_file)
-        if not self.inputs:
-            raise ValueError(f"Classifier: the net in {model_file} has no Input layer to feed")
-        name = self.inputs[0]
-        self.transformer = io.Transformer({name: self.blobs[name].data.shape})
-        self.transformer.set_transpose(name, (2, 0, 1))
-        if mean is not None:
-            self.transformer.set_mean(name, mean)
-        if input_scale is not None:
-            self.transformer.set_input_scale(name, input_scale)
-        if raw_scale is not None:
-            self.transformer.set_raw_scale(name, raw_scale)
-        if channel_swap is not None:
-            self.transformer.set_channel_swap(name, channel_swap)
-        self.crop_dims = np.array(self.blobs[name].data.shape[2:])
+        self.transformer = input_transformer(self, "Classifier", model_file, mean, input_scale,
+                                             raw_scale, channel_swap)
+        self.crop_dims = np.array(self.blobs[self.inputs[0]].data.shape[2:])
         self.image_dims = self.crop_dims if image_dims is None else np.array(image_dims)
 
     def predict(self, inputs, oversample=True):

@@ -10,6 +10,7 @@ import os
 import numpy as np
 
 from . import io
+from .classifier import input_transformer
 from .net import Net
 from .proto import caffe_pb2
 
@@ -23,19 +24,8 @@ class Detector(Net):
     def __init__(self, model_file, pretrained_file, mean=None, input_scale=None, raw_scale=None,
                  channel_swap=None, context_pad=None):
         super().__init__(model_file, caffe_pb2.TEST, weights=pretrained_file)
-        if not self.inputs:
-            raise ValueError(f"Detector: the net in {model_file} has no Input layer to feed")
-        name = self.inputs[0]
-        self.transformer = io.Transformer({name: self.blobs[name].data.shape})
-        self.transformer.set_transpose(name, (2, 0, 1))
-        if mean is not None:
-            self.transformer.set_mean(name, mean)
-        if input_scale is not None:
-            self.transformer.set_input_scale(name, input_scale)
-        if raw_scale is not None:
-            self.transformer.set_raw_scale(name, raw_scale)
-        if channel_swap is not None:
-            self.transformer.set_channel_swap(name, channel_swap)
+        self.transformer = input_transformer(self, "Detector", model_file, mean, input_scale,
+                                             raw_scale, channel_swap)
         self.configure_crop(context_pad)
 
     def detect_windows(self, images_windows):
