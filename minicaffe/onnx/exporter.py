@@ -12,6 +12,7 @@ ONNX nodes computing the layer's tops from its bottoms. `ExportContext`, the `ct
     ctx.const(values, dtype=np.int64) -> name        a small constant (shapes, axes, ...)
     ctx.add_node(op_type, inputs, outputs=None, **attrs) -> list of output names
     ctx.tmp(hint) -> name          a fresh intermediate name
+    ctx.constant_tops()           the layer's tops computed now, for shape-only layers
     ctx.opset                      the target opset
     ctx.fail(reason)               raise the one-line error naming this layer
 
@@ -60,6 +61,7 @@ class ExportContext:
         self._outputs = [builder.new_name(t) for t in net.top_ids[index]]
         self._bottom_shapes = [tuple(b.shape) for b in net._bottom_vecs[index]]
         self._top_shapes = [tuple(t.shape) for t in net._top_vecs[index]]
+        self._blobs = (net._bottom_vecs[index], net._top_vecs[index])
         self.num_bottom, self.num_top = len(self._inputs), len(self._outputs)
 
     def fail(self, reason):
@@ -82,6 +84,14 @@ class ExportContext:
         if i >= len(self.layer.blobs):
             self.fail(f"it has no parameter blob {i}")
         return np.asarray(self.layer.blobs[i].data, dtype=np.float32)
+
+    def constant_tops(self):
+        """Run the layer on the net's blobs and return copies of its tops, for layers whose
+        output depends only on shapes and parameters (SSD's PriorBox)."""
+        bottom, top = self._blobs
+        self.layer.reshape(bottom, top)
+        self.layer.forward(bottom, top)
+        return [np.array(t.data, dtype=np.float32) for t in top]
 
     def tmp(self, hint="t"):
         return self._b.fresh(f"{self.layer.name}/{hint}")
@@ -313,7 +323,7 @@ def _conv(ctx):
     inputs = [ctx.input(), ctx.add_initializer(ctx.weight(0))]
     if ctx.layer.bias_term:
         inputs.append(ctx.add_initializer(ctx.weight(1).reshape(-1)))
-    op = "Conv" if ctx.layer.type == "Convolution" else "ConvTranspose"
+    op = "ConvTranspose" if ctx.layer.type == "Deconvolution" else "Conv"
     ctx.one(op, inputs, ctx.output(), **attrs)
 
 
@@ -776,3 +786,6 @@ def _lstm(ctx):
 @converter("RNN")
 def _rnn(ctx):
     _recurrent(ctx, False)
+
+
+from . import fork_layers  # noqa: E402,F401  (registers the forks' converters)
