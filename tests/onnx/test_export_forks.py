@@ -70,3 +70,24 @@ def test_inexpressible_fork_layer_is_named(tmp_path):
     with pytest.raises(OnnxError, match="'reorg' \\(Reorg\\)"):
         mo.export(net, tmp_path / "m.onnx")
     np.testing.assert_equal(os.path.exists(tmp_path / "m.onnx"), False)
+
+
+def test_mobilenet_ssd_without_detection_output(tmp_path):
+    """Everything before SSD's DetectionOutput (PriorBox, Permute, Flatten, Concat) exports."""
+    from minicaffe.proto import caffe_pb2
+    from minicaffe.proto_io import read_net_param
+
+    path = os.path.join(FORKS, "mobilenet_ssd_deploy.prototxt")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is not in ../shared/models/forks")
+    param = read_net_param(path)
+    kept = [layer for layer in param.layer if layer.type != "DetectionOutput"]
+    assert len(kept) == len(param.layer) - 1
+    del param.layer[:]
+    param.layer.extend(kept)
+    for layer in param.layer:
+        if layer.type == "Input":
+            layer.input_param.shape[0].dim[0] = 1
+    net = randomize(minicaffe.Net(param, caffe_pb2.TEST))
+    result = export_and_check(net, tmp_path, batch=1)
+    assert result.ok and result.worst <= 1e-4, str(result)
