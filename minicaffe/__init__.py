@@ -6,8 +6,8 @@
 from .proto import caffe_pb2
 from .errors import MinicaffeError  # noqa: F401
 from .blob import Blob
-from .layer import (Layer, LayerError, register_layer, create_layer, layer_registry,  # noqa: F401
-                    layer_source, layer_type_list)
+from .layer import Layer, LayerError, register_layer, layer_registry, layer_source  # noqa: F401
+from .layer_factory import create_layer, layer_type_list  # noqa: F401
 from .rng import set_random_seed
 from .net import Net
 from . import layers as _builtin_layers  # noqa: F401  (registers the built-in layer types)

@@ -11,8 +11,6 @@ writes, or a blob reshaped behind the Net's back is reported naming the layer.
 """
 import contextlib
 import contextvars
-import difflib
-import importlib
 import os
 import sys
 import warnings
@@ -20,10 +18,9 @@ import warnings
 import numpy as np
 
 from .errors import MinicaffeError
-from .proto import caffe_pb2, extension, known_forks
+from .proto import caffe_pb2
 
-__all__ = ["Layer", "register_layer", "create_layer", "layer_registry", "layer_source",
-           "layer_type_list", "LayerError", "BlobVec"]
+__all__ = ["Layer", "register_layer", "layer_registry", "layer_source", "LayerError", "BlobVec"]
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
@@ -319,12 +316,6 @@ def layer_registry():
     return dict(_REGISTRY)
 
 
-def layer_type_list():
-    """Sorted registered type names (pycaffe's caffe.layer_type_list())."""
-    importlib.import_module("minicaffe.layers")
-    return sorted(_REGISTRY)
-
-
 def layer_source(type_name):
     """Where a registered type comes from: 'built-in (module)', a plugin, a module and file."""
     return _SOURCES.get(type_name)
@@ -405,38 +396,3 @@ def register_layer(type_name, override=False, source=None):
         return cls
 
     return decorate
-
-
-def unknown_type_message(type_name):
-    known = sorted(_REGISTRY)
-    close = difflib.get_close_matches(type_name, known, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    from . import plugins
-    failed = "".join(f" (Note: {what} failed to load: {why}.)" for what, why in plugins.failed_plugins())
-    # A known fork layer is not a typo of a built-in one.
-    hint = known_forks.layer_type_hint(type_name) or hint
-    return (f"unknown layer type {type_name!r}.{hint} Known types: {', '.join(known)}. "
-            f"To add one, subclass minicaffe.Layer, decorate the class with "
-            f"@minicaffe.register_layer({type_name!r}) and load its module with "
-            f"`--plugin MODULE_OR_FILE.py` (or the MINICAFFE_PLUGINS variable, or a "
-            f"'minicaffe.layers' entry point); or use type: \"Python\" with python_param "
-            f"{{ module: ... layer: ... }}. `minicaffe layers` lists the known types.{failed}")
-
-
-def create_layer(layer_param, phase=None):
-    """Instantiate the registered class for `layer_param.type`."""
-    importlib.import_module("minicaffe.layers")  # registers the built-in layers
-    from . import plugins
-    plugins.load_default_plugins()  # MINICAFFE_PLUGINS and installed entry points, once
-    cls = _REGISTRY.get(layer_param.type)
-    if cls is None:
-        raise LayerError(f"layer {layer_param.name!r}: " + unknown_type_message(layer_param.type))
-    if uses_pycaffe_setup(cls):
-        from .layers.python_layer import PythonLayer
-        return PythonLayer(layer_param, phase, layer_class=cls)
-    layer = cls(layer_param, phase)
-    ext = extension.active()
-    if ext is not None and not cls.__module__.startswith("minicaffe."):
-        # A custom layer of the fork whose caffe.proto is in use reads its own params.
-        layer.layer_param = ext.view(layer.layer_param)
-    return layer

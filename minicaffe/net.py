@@ -14,7 +14,8 @@ import warnings
 import numpy as np
 
 from .blob import Blob
-from .layer import LayerError, building_model, create_layer
+from .layer import LayerError, building_model
+from .layer_factory import create_layer
 from .fold import fold_affine_chains
 from .memory_plan import share_dead_buffers
 from .proto import caffe_pb2

@@ -283,8 +283,10 @@ def test_small_fork_net_runs_and_learns_a_step(name, tmp_path):
     assert {k: v.shape for k, v in out.items()} == shapes
     for v in out.values():
         assert np.isfinite(v).all() and np.abs(v).max() > 0
+    # Random top diffs: a constant diff on a Softmax output backpropagates to exactly zero.
+    rng = np.random.default_rng(0)
     for v in net.outputs:
-        net.blobs[v].diff[...] = 1
+        net.blobs[v].diff[...] = rng.standard_normal(net.blobs[v].shape)
     net.backward()
     assert np.isfinite(net.blobs["data"].diff).all() and np.abs(net.blobs["data"].diff).max() > 0
 

@@ -22,6 +22,8 @@ import numpy as np
 
 from ..proto import caffe_pb2
 from ..proto_io import atomic_write
+from . import fork_layers  # noqa: F401  (registers the forks' converters)
+from .converters import CONVERTERS, converter
 from .deps import require
 from .errors import OnnxError
 
@@ -35,16 +37,7 @@ _LRN = caffe_pb2.LRNParameter
 _ELT = caffe_pb2.EltwiseParameter
 _RED = caffe_pb2.ReductionParameter
 
-CONVERTERS = {}
 _DATA_TYPES = {"Data", "ImageData", "HDF5Data", "MemoryData", "DummyData", "WindowData"}
-
-
-def converter(*types):
-    def deco(fn):
-        for t in types:
-            CONVERTERS[t] = fn
-        return fn
-    return deco
 
 
 class ExportContext:
@@ -787,5 +780,3 @@ def _lstm(ctx):
 def _rnn(ctx):
     _recurrent(ctx, False)
 
-
-from . import fork_layers  # noqa: E402,F401  (registers the forks' converters)

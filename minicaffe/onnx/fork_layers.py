@@ -6,11 +6,15 @@ Reorg have no converter, so exporting a net with them names the layer.
 """
 import numpy as np
 
-from .exporter import _conv, converter
+from .converters import CONVERTERS, converter
 
 __all__ = []
 
-converter("DepthwiseConvolution", "ConvolutionDepthwise")(_conv)
+
+@converter("DepthwiseConvolution", "ConvolutionDepthwise")
+def _depthwise_conv(ctx):
+    """A Convolution with the forks' own kernel: the same ONNX Conv."""
+    CONVERTERS["Convolution"](ctx)
 
 
 @converter("ShuffleChannel")

@@ -14,7 +14,7 @@ from google.protobuf import text_format
 from minicaffe.blob import Blob
 from minicaffe.datasets import mnist
 from minicaffe.db import open_reader
-from minicaffe.layer import create_layer
+from minicaffe.layer_factory import create_layer
 from minicaffe.proto import caffe_pb2
 
 NAMES = list(mnist.MNIST_FILES)

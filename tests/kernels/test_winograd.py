@@ -10,7 +10,7 @@ from minicaffe import Net
 from minicaffe.blob import Blob
 from minicaffe.kernels import winograd
 from minicaffe.kernels.winograd import WinogradConv
-from minicaffe.layer import create_layer
+from minicaffe.layer_factory import create_layer
 from minicaffe.layers.conv import ConvGemm, ConvolutionLayer
 from minicaffe.proto import caffe_pb2
 

@@ -3,7 +3,8 @@ import pytest
 from google.protobuf import text_format
 
 from minicaffe import Blob, set_random_seed
-from minicaffe.layer import LayerError, create_layer
+from minicaffe.layer import LayerError
+from minicaffe.layer_factory import create_layer
 from minicaffe.proto import caffe_pb2
 from minicaffe.testing import check_gradient, make_blobs
 

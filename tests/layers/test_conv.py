@@ -7,7 +7,8 @@ import pytest
 from google.protobuf import text_format
 
 from minicaffe.blob import Blob
-from minicaffe.layer import LayerError, create_layer
+from minicaffe.layer import LayerError
+from minicaffe.layer_factory import create_layer
 from minicaffe.proto import caffe_pb2
 from tests.gradient_check import check_gradient, make_blobs
 

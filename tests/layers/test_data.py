@@ -15,7 +15,8 @@ from google.protobuf import text_format
 from minicaffe.blob import Blob
 from minicaffe.datasets.imageset import write_mean_file
 from minicaffe.db import array_to_datum, open_writer
-from minicaffe.layer import LayerError, create_layer
+from minicaffe.layer import LayerError
+from minicaffe.layer_factory import create_layer
 from minicaffe.proto import caffe_pb2
 from minicaffe.rng import set_random_seed
 
@@ -151,7 +152,7 @@ def test_interpreter_exits_with_running_prefetch_thread(small_db):
         import numpy as np
         from google.protobuf import text_format
         from minicaffe.blob import Blob
-        from minicaffe.layer import create_layer
+        from minicaffe.layer_factory import create_layer
         from minicaffe.proto import caffe_pb2
         p = text_format.Parse({data_text(source, batch=2)!r}, caffe_pb2.LayerParameter())
         layer = create_layer(p)

@@ -371,7 +371,7 @@ def test_max_backward_with_and_without_mask_top_agree(params, shape):
     same gradient, and inputs no window covers get a zero gradient even if dx held garbage."""
     from google.protobuf import text_format
     from minicaffe import Blob
-    from minicaffe.layer import create_layer
+    from minicaffe.layer_factory import create_layer
     from minicaffe.proto import caffe_pb2
     rng = np.random.default_rng(0)
     x = rng.normal(size=shape).astype(np.float32)

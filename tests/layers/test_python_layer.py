@@ -14,7 +14,8 @@ import pytest
 
 import minicaffe
 from minicaffe import Blob, Layer, Net, caffe_pb2, compat
-from minicaffe.layer import LayerError, LayerWarning, create_layer
+from minicaffe.layer import LayerError, LayerWarning
+from minicaffe.layer_factory import create_layer
 from minicaffe.layers.python_layer import PythonLayer
 from minicaffe.testing import check_gradient, make_blobs
 

@@ -9,7 +9,7 @@ from google.protobuf import text_format
 import minicaffe
 from minicaffe.blob import Blob
 from minicaffe.db import array_to_datum, open_writer
-from minicaffe.layer import create_layer
+from minicaffe.layer_factory import create_layer
 from minicaffe.proto import caffe_pb2
 
 N_RECORDS, BATCH = 24, 2
