@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 
-from .train import CommandError, add_common_flags, add_flag, note_gpu, stages_from
+from .train import CommandError, add_common_flags, add_flag, note_gpu, stages_from, use_threads
 
 log = logging.getLogger("minicaffe.test")
 
@@ -43,6 +43,7 @@ def run(args):
         if args.iterations < 1:
             raise CommandError(f"--iterations must be at least 1, got {args.iterations}")
         note_gpu(args)
+        use_threads(args)
         net = Net(args.model, caffe_pb2.TEST, level=args.level, stages=stages_from(args),
                   inference=args.inference)
         for path in args.weights.split(","):

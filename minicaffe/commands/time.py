@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from .train import CommandError, add_common_flags, add_flag, note_gpu, stages_from
+from .train import CommandError, add_common_flags, add_flag, note_gpu, stages_from, use_threads
 
 log = logging.getLogger("minicaffe.time")
 
@@ -50,6 +50,7 @@ def run(args):
         if args.iterations < 1:
             raise CommandError(f"--iterations must be at least 1, got {args.iterations}")
         note_gpu(args)
+        use_threads(args)
         net = Net(args.model, caffe_pb2.Phase.Value(phase), level=args.level,
                   stages=stages_from(args), inference=args.inference)
         if args.weights:

@@ -36,6 +36,10 @@ def add_common_flags(parser, level_stage=True):
                             help="network stages for include/exclude rules, comma separated")
     add_flag(parser, "gpu", default="", help=argparse.SUPPRESS)
     add_flag(parser, "log", metavar="FILE", help="also write the log lines to FILE")
+    add_flag(parser, "threads", type=int, metavar="N",
+             help="threads for memory-bound layers (ReLU, pooling, Eltwise, ...); default "
+                  "$MINICAFFE_THREADS, else $OMP_NUM_THREADS, else the number of cores. "
+                  "The BLAS library's own threads follow OMP_NUM_THREADS / OPENBLAS_NUM_THREADS")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback on errors")
 
@@ -48,6 +52,16 @@ def note_gpu(args):
     if args.gpu:
         log.warning("--gpu %s ignored: minicaffe runs on the CPU", args.gpu)
     log.info("Use CPU.")
+
+
+def use_threads(args):
+    """Apply --threads to the shared pool of minicaffe.threads (train, test and time)."""
+    from .. import threads
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CommandError(f"--threads must be at least 1, got {args.threads}")
+        threads.set_num_threads(args.threads)
+    log.info("Using %d thread(s) for memory-bound layers.", threads.get_num_threads())
 
 
 def register(subparsers):
@@ -133,6 +147,7 @@ def run(args):
             param.weights.append(args.weights)
         comm = _start_parallel()
         note_gpu(args)
+        use_threads(args)
         try:
             return _train(args, param, comm)
         except BaseException as exc:

@@ -1,17 +1,40 @@
-"""Core layers: InnerProduct, Softmax, Split, Silence."""
+"""Core layers: InnerProduct, Softmax, Split, Silence.
+
+Softmax (forward and backward) and Split's backward split their passes over the shared
+thread pool (minicaffe.threads); each block computes what the whole-array code would.
+"""
 import numpy as np
 
 from ..blob import Blob
 from ..fillers import fill
 from ..layer import Layer, register_layer
+from ..threads import map_flat, map_positions
+
+# A max, a subtraction, an exp, a sum and a division per element, relative to a plain copy.
+_SOFTMAX_COST = 6
+
+
+def _positions_view(array, axis):
+    """array (..., C, ...) as (outer, C, inner), softmax's axis in the middle."""
+    shape = array.shape
+    return array.reshape(int(np.prod(shape[:axis], dtype=np.int64)), shape[axis],
+                         int(np.prod(shape[axis + 1:], dtype=np.int64)))
 
 
 def softmax(x, axis, out):
     """Numerically stable softmax of `x` along `axis`, written into `out` (may be `x`)."""
+    if x.flags.c_contiguous and out.flags.c_contiguous:
+        map_positions(_softmax_block, _positions_view(x, axis), _positions_view(out, axis),
+                      cost=_SOFTMAX_COST)
+    else:
+        _softmax_block(x, out, axis)
+    return out
+
+
+def _softmax_block(x, out, axis=1):
     np.subtract(x, x.max(axis=axis, keepdims=True), out=out)
     np.exp(out, out=out)
     out /= out.sum(axis=axis, keepdims=True)
-    return out
 
 
 @register_layer("InnerProduct")
@@ -104,10 +127,16 @@ class SoftmaxLayer(Layer):
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        y, dy = top[0].data, top[0].diff
-        dot = (dy * y).sum(axis=self.axis, keepdims=True)
-        np.subtract(dy, dot, out=bottom[0].diff)
-        bottom[0].diff[...] *= y
+        arrays = [top[0].data, top[0].diff, bottom[0].diff]
+        map_positions(self._softmax_grad, *[_positions_view(a, self.axis) for a in arrays],
+                      cost=_SOFTMAX_COST)
+
+    @staticmethod
+    def _softmax_grad(y, dy, dx):
+        # dx = (dy - sum_c dy * y) * y; dx may be dy (in place)
+        dot = (dy * y).sum(axis=1, keepdims=True)
+        np.subtract(dy, dot, out=dx)
+        dx *= y
 
 
 @register_layer("Split")
@@ -130,10 +159,13 @@ class SplitLayer(Layer):
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        diff = bottom[0].diff
-        diff[...] = top[0].diff
-        for t in top[1:]:
-            diff += t.diff
+        map_flat(self._sum, bottom[0].diff, *[t.diff for t in top])
+
+    @staticmethod
+    def _sum(diff, *top_diffs):
+        diff[...] = top_diffs[0]
+        for d in top_diffs[1:]:
+            diff += d
 
 
 @register_layer("Silence")

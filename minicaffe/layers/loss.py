@@ -11,6 +11,7 @@ from google.protobuf.message import DecodeError
 from ..blob import Blob
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
+from ..threads import map_flat
 from .common import softmax
 
 __all__ = [
@@ -172,7 +173,8 @@ class _SoftmaxLoss(LossLayer):
         """Zero ignored positions, then scale by loss_weight / normalizer."""
         if self.ignore_label is not None:
             diff *= self.valid[:, None, :]
-        diff *= top[0].diff.flat[0] / self._normalizer()
+        scale = top[0].diff.flat[0] / self._normalizer()
+        map_flat(lambda d: np.multiply(d, scale, out=d), diff)
 
 
 @register_layer("SoftmaxWithLoss")
@@ -204,7 +206,7 @@ class SoftmaxWithLossLayer(_SoftmaxLoss):
         if not propagate_down[0]:
             return
         diff = self._views(bottom[0].diff)
-        diff[...] = self._views(self.prob.data)
+        map_flat(np.copyto, diff, self._views(self.prob.data))
         # d(-log p_label)/dx_c = p_c - [c == label]
         o, i = np.nonzero(self.valid)
         diff[o, self.labels[o, i], i] -= 1

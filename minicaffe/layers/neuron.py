@@ -5,6 +5,10 @@ When a layer's backward needs the input x but the forward overwrote it (in place
 the layer keeps a copy of x, as Caffe's PReLU does; that way every neuron layer
 here gives the right gradient in place, not only the ones whose derivative can be
 read off the output y.
+
+ReLU, Sigmoid, TanH and Dropout split their passes over the shared thread pool
+(minicaffe.threads.map_flat): each block computes exactly what the whole-array code
+would for its elements, so the results do not depend on the thread count.
 """
 import math
 
@@ -15,10 +19,15 @@ from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
 from ..fillers import fill
 from ..rng import get_rng
+from ..threads import map_flat
 
 __all__ = ["NeuronLayer", "ReLULayer", "SigmoidLayer", "TanHLayer", "PReLULayer", "ELULayer",
            "AbsValLayer", "PowerLayer", "ExpLayer", "LogLayer", "BNLLLayer", "ThresholdLayer",
            "DropoutLayer", "ClipLayer", "SwishLayer"]
+
+
+# tanh's work per element relative to a streaming copy: smaller arrays are worth splitting.
+_TRANSCENDENTAL_COST = 4
 
 
 def _in_place(bottom, top):
@@ -50,7 +59,7 @@ class NeuronLayer(Layer):
     def save_input(self, bottom):
         """Call first thing in forward: copies x if the forward is about to overwrite it."""
         if self._saved_input is not None:
-            np.copyto(self._saved_input, bottom[0].data)
+            map_flat(np.copyto, self._saved_input, bottom[0].data)
 
     def input_data(self, bottom):
         """x as it was during forward (bottom's data, or the copy kept for in-place runs)."""
@@ -70,27 +79,33 @@ class ReLULayer(NeuronLayer):
 
     def forward(self, bottom, top):
         self.save_input(bottom)
-        x, y = bottom[0].data, top[0].data
-        if self.negative_slope == 0:
-            np.maximum(x, 0, out=y)
-        else:
-            negative = np.minimum(x, 0)
-            np.maximum(x, 0, out=y)
-            negative *= self.negative_slope
-            y += negative
+        map_flat(self._relu if self.negative_slope == 0 else self._leaky,
+                 bottom[0].data, top[0].data)
+
+    @staticmethod
+    def _relu(x, y):
+        np.maximum(x, 0, out=y)
+
+    def _leaky(self, x, y):
+        negative = np.minimum(x, 0)   # before y overwrites x in place
+        np.maximum(x, 0, out=y)
+        negative *= self.negative_slope
+        y += negative
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        x = self.input_data(bottom)
-        dy, dx = top[0].diff, bottom[0].diff
-        positive = x > 0
-        if self.negative_slope == 0:
-            np.multiply(dy, positive, out=dx)
-        else:
-            # dx = dy where x > 0, negative_slope * dy elsewhere (x = 0 counts as negative).
-            slope = np.where(positive, dx.dtype.type(1), dx.dtype.type(self.negative_slope))
-            np.multiply(dy, slope, out=dx)
+        map_flat(self._relu_grad if self.negative_slope == 0 else self._leaky_grad,
+                 self.input_data(bottom), top[0].diff, bottom[0].diff)
+
+    @staticmethod
+    def _relu_grad(x, dy, dx):
+        np.multiply(dy, x > 0, out=dx)
+
+    def _leaky_grad(self, x, dy, dx):
+        # dx = dy where x > 0, negative_slope * dy elsewhere (x = 0 counts as negative).
+        slope = np.where(x > 0, dx.dtype.type(1), dx.dtype.type(self.negative_slope))
+        np.multiply(dy, slope, out=dx)
 
 
 @register_layer("Sigmoid")
@@ -98,17 +113,23 @@ class SigmoidLayer(NeuronLayer):
     """y = 1 / (1 + exp(-x)), computed as 0.5 * tanh(0.5 x) + 0.5 so large |x| cannot overflow."""
 
     def forward(self, bottom, top):
-        y = top[0].data
-        np.multiply(bottom[0].data, 0.5, out=y)
+        map_flat(self._sigmoid, bottom[0].data, top[0].data, cost=_TRANSCENDENTAL_COST)
+
+    @staticmethod
+    def _sigmoid(x, y):
+        np.multiply(x, 0.5, out=y)
         np.tanh(y, out=y)
         y *= 0.5
         y += 0.5
 
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
-            y = top[0].data
-            # dy/dx = y (1 - y)
-            np.multiply(top[0].diff, y * (1 - y), out=bottom[0].diff)
+            map_flat(self._sigmoid_grad, top[0].data, top[0].diff, bottom[0].diff)
+
+    @staticmethod
+    def _sigmoid_grad(y, dy, dx):
+        # dy/dx = y (1 - y)
+        np.multiply(dy, y * (1 - y), out=dx)
 
 
 @register_layer("TanH")
@@ -116,12 +137,19 @@ class TanHLayer(NeuronLayer):
     """y = tanh(x)."""
 
     def forward(self, bottom, top):
-        np.tanh(bottom[0].data, out=top[0].data)
+        map_flat(self._tanh, bottom[0].data, top[0].data, cost=_TRANSCENDENTAL_COST)
+
+    @staticmethod
+    def _tanh(x, y):
+        np.tanh(x, out=y)
 
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
-            y = top[0].data
-            np.multiply(top[0].diff, 1 - y * y, out=bottom[0].diff)
+            map_flat(self._tanh_grad, top[0].data, top[0].diff, bottom[0].diff)
+
+    @staticmethod
+    def _tanh_grad(y, dy, dx):
+        np.multiply(dy, 1 - y * y, out=dx)
 
 
 @register_layer("PReLU")
@@ -431,23 +459,30 @@ class DropoutLayer(NeuronLayer):
     def forward(self, bottom, top):
         x, y = bottom[0].data, top[0].data
         if self.phase == caffe_pb2.TRAIN:
+            # One draw on the calling thread, so the mask is the same for any thread count.
             get_rng().random(dtype=np.float32, out=self._uniform)
-            # Keep an element with probability 1 - ratio.
-            np.greater_equal(self._uniform, self.ratio, out=self._mask)
-            np.multiply(x, self._mask, out=y)
-            y *= self.scale
+            map_flat(self._drop, self._uniform, x, y, self._mask)
         elif y is not x:
-            np.copyto(y, x)
+            map_flat(np.copyto, y, x)
+
+    def _drop(self, uniform, x, y, mask):
+        # Keep an element with probability 1 - ratio.
+        np.greater_equal(uniform, self.ratio, out=mask)
+        np.multiply(x, mask, out=y)
+        y *= self.scale
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
         dy, dx = top[0].diff, bottom[0].diff
         if self.phase == caffe_pb2.TRAIN:
-            np.multiply(dy, self._mask, out=dx)
-            dx *= self.scale
+            map_flat(self._drop_grad, dy, self._mask, dx)
         elif dx is not dy:
-            np.copyto(dx, dy)
+            map_flat(np.copyto, dx, dy)
+
+    def _drop_grad(self, dy, mask, dx):
+        np.multiply(dy, mask, out=dx)
+        dx *= self.scale
 
 
 @register_layer("Clip")

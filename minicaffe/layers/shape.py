@@ -3,11 +3,13 @@ Crop, BatchReindex, Filter.
 
 Flatten and Reshape only change the shape, so their top shares data and diff with the
 bottom (no copies). The others copy with numpy slicing; their gradients copy back (or,
-for Tile and BatchReindex, sum the copies).
+for Tile and BatchReindex, sum the copies). Concat and Slice split their copies over the
+shared thread pool (minicaffe.threads.copy_2d).
 """
 import numpy as np
 
 from ..layer import Layer, register_layer
+from ..threads import copy_2d
 
 __all__ = ["FlattenLayer", "ReshapeLayer", "ConcatLayer", "SliceLayer", "TileLayer", "CropLayer",
            "BatchReindexLayer", "FilterLayer"]
@@ -20,9 +22,23 @@ def _canonical_axis(layer, blob, axis):
         raise layer.error(str(e)) from None
 
 
-def _along(axis, start, stop):
-    """Index selecting start:stop on `axis` and everything on the other axes."""
-    return (slice(None),) * axis + (slice(start, stop),)
+def _column_blocks(whole, parts, axis):
+    """[(block of whole, part as 2-D)]: the parts follow one another along `axis` of `whole`.
+
+    whole (..., sum of the parts' sizes, ...) is viewed as (outer, rest) and each part as
+    (outer, its rest), where outer is the product of the axes before `axis` (Concat, Slice).
+    """
+    if whole.size == 0:
+        return []
+    outer = int(np.prod(whole.shape[:axis], dtype=np.int64))
+    inner = int(np.prod(whole.shape[axis + 1:], dtype=np.int64))
+    whole_2d = whole.reshape(outer, -1)
+    blocks, offset = [], 0
+    for part in parts:
+        size = part.shape[axis] * inner
+        blocks.append((whole_2d[:, offset:offset + size], part.reshape(outer, size)))
+        offset += size
+    return blocks
 
 
 def _share(top, bottom):
@@ -179,17 +195,14 @@ class ConcatLayer(Layer):
 
     def forward(self, bottom, top):
         if len(bottom) > 1:
-            np.concatenate([b.data for b in bottom], axis=self.axis, out=top[0].data)
+            copy_2d(_column_blocks(top[0].data, [b.data for b in bottom], self.axis))
 
     def backward(self, top, propagate_down, bottom):
         if len(bottom) == 1:
             return
-        offset = 0
-        for b, down in zip(bottom, propagate_down):
-            size = b.shape[self.axis]
-            if down:
-                b.diff[...] = top[0].diff[_along(self.axis, offset, offset + size)]
-            offset += size
+        blocks = _column_blocks(top[0].diff, [b.diff for b in bottom], self.axis)
+        copy_2d([(b, part_of_top) for (part_of_top, b), down in zip(blocks, propagate_down)
+                 if down])
 
 
 @register_layer("Slice")
@@ -238,15 +251,13 @@ class SliceLayer(Layer):
     def forward(self, bottom, top):
         if len(top) == 1:
             return
-        for t, start, stop in zip(top, self.bounds, self.bounds[1:]):
-            t.data[...] = bottom[0].data[_along(self.axis, start, stop)]
+        blocks = _column_blocks(bottom[0].data, [t.data for t in top], self.axis)
+        copy_2d([(t, part_of_bottom) for part_of_bottom, t in blocks])
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0] or len(top) == 1:
             return
-        diff = bottom[0].diff
-        for t, start, stop in zip(top, self.bounds, self.bounds[1:]):
-            diff[_along(self.axis, start, stop)] = t.diff
+        copy_2d(_column_blocks(bottom[0].diff, [t.diff for t in top], self.axis))
 
 
 @register_layer("Tile")

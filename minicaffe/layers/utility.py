@@ -5,6 +5,7 @@ from ..blob import Blob
 from ..fillers import fill
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
+from ..threads import map_flat
 
 __all__ = ["EltwiseLayer", "ReductionLayer", "ArgMaxLayer", "ParameterLayer", "EmbedLayer"]
 
@@ -33,6 +34,7 @@ class EltwiseLayer(Layer):
     SUM takes one `coeff` per bottom (default all 1). PROD's gradient is the product of the
     other bottoms (stable_prod_grad, default) or top / x_i; MAX routes it to the bottom that won
     (on a tie the second bottom beats the first; later bottoms win only when strictly larger).
+    Forward and backward split into flat blocks over the shared thread pool.
     """
 
     min_num_bottom = 2
@@ -64,55 +66,75 @@ class EltwiseLayer(Layer):
             self.wins = np.empty(bottom[0].shape, dtype=bool)
 
     def forward(self, bottom, top):
-        out = top[0].data
-        if self.op == _ELT.PROD:
-            np.multiply(bottom[0].data, bottom[1].data, out=out)
-            for b in bottom[2:]:
-                out *= b.data
-        elif self.op == _ELT.SUM:
-            first, c = bottom[0].data, self.coeffs[0]
-            if c is None or c == 1:
-                out[...] = first
-            else:
-                np.multiply(first, c, out=out)
-            for b, c in zip(bottom[1:], self.coeffs[1:]):
-                out += b.data if c is None or c == 1 else c * b.data
+        xs = [b.data for b in bottom]
+        if self.op == _ELT.MAX:
+            map_flat(self._max, top[0].data, self.mask, self.wins, *xs)
         else:
-            a, b = bottom[0].data, bottom[1].data
-            wins, mask = self.wins, self.mask
-            # Arithmetic on the masks rather than masked copies: much faster on random data.
-            np.greater(a, b, out=wins)  # the first bottom wins only when strictly larger
-            np.subtract(1, wins, out=mask)
-            np.maximum(a, b, out=out)
-            for k, blob in enumerate(bottom[2:], 2):
-                np.greater(blob.data, out, out=wins)
-                mask += wins * (k - mask)
-                np.maximum(out, blob.data, out=out)
+            map_flat(self._prod if self.op == _ELT.PROD else self._sum, top[0].data, *xs)
+
+    @staticmethod
+    def _prod(out, *xs):
+        np.multiply(xs[0], xs[1], out=out)
+        for x in xs[2:]:
+            out *= x
+
+    def _sum(self, out, *xs):
+        c = self.coeffs[0]
+        if c is None or c == 1:
+            out[...] = xs[0]
+        else:
+            np.multiply(xs[0], c, out=out)
+        for x, c in zip(xs[1:], self.coeffs[1:]):
+            out += x if c is None or c == 1 else c * x
+
+    @staticmethod
+    def _max(out, mask, wins, a, b, *rest):
+        # Arithmetic on the masks rather than masked copies: much faster on random data.
+        np.greater(a, b, out=wins)  # the first bottom wins only when strictly larger
+        np.subtract(1, wins, out=mask)
+        np.maximum(a, b, out=out)
+        for k, x in enumerate(rest, 2):
+            np.greater(x, out, out=wins)
+            mask += wins * (k - mask)
+            np.maximum(out, x, out=out)
 
     def backward(self, top, propagate_down, bottom):
-        top_diff = top[0].diff
+        dy = top[0].diff
         for i, (b, down) in enumerate(zip(bottom, propagate_down)):
             if not down:
                 continue
-            diff = b.diff
             if self.op == _ELT.PROD:
                 if self.stable_prod_grad:
-                    others = [o for j, o in enumerate(bottom) if j != i]
-                    diff[...] = others[0].data
-                    for o in others[1:]:
-                        diff *= o.data
+                    others = [o.data for j, o in enumerate(bottom) if j != i]
+                    map_flat(self._prod_grad, b.diff, dy, *others)
                 else:
-                    np.divide(top[0].data, b.data, out=diff)
-                diff *= top_diff
+                    map_flat(self._quotient_grad, b.diff, dy, top[0].data, b.data)
             elif self.op == _ELT.SUM:
                 c = self.coeffs[i]
                 if c is None or c == 1:
-                    diff[...] = top_diff
+                    map_flat(np.copyto, b.diff, dy)
                 else:
-                    np.multiply(top_diff, c, out=diff)
+                    map_flat(lambda diff, dy, c=c: np.multiply(dy, c, out=diff), b.diff, dy)
             else:
-                np.equal(self.mask, i, out=self.wins)
-                np.multiply(top_diff, self.wins, out=diff)
+                map_flat(lambda diff, dy, mask, wins, i=i: self._max_grad(diff, dy, mask, wins, i),
+                         b.diff, dy, self.mask, self.wins)
+
+    @staticmethod
+    def _prod_grad(diff, dy, *others):
+        diff[...] = others[0]
+        for o in others[1:]:
+            diff *= o
+        diff *= dy
+
+    @staticmethod
+    def _quotient_grad(diff, dy, y, x):
+        np.divide(y, x, out=diff)
+        diff *= dy
+
+    @staticmethod
+    def _max_grad(diff, dy, mask, wins, i):
+        np.equal(mask, i, out=wins)
+        np.multiply(dy, wins, out=diff)
 
 
 @register_layer("Reduction")
