@@ -5,6 +5,10 @@ Scale or Bias is y = gamma * x + beta: both are y = a * x + c per channel. Appli
 output of W * x + b, the chain is one product with W' = a * W (row by output channel) and
 b' = a * b + c, so the folded layers' passes over memory disappear. The net's own parameters are
 not touched: the product runs from a copy of the layer that holds W' and b'.
+
+An in-place ReLU straight after the product (or after its folded chain) is fused as well: the
+copy gets `fused_relu_slope` and applies max(y, 0) + slope * min(y, 0) to its own output, so
+the ReLU layer is not run (nor its pass over a blob that has left the cache).
 """
 import copy
 
@@ -50,10 +54,10 @@ def _product_weight(layer):
 
 
 def fold_affine_chains(layers, bottom_ids, top_ids):
-    """Plan the folding of every in-place affine chain straight after a product.
+    """Plan the folding of every in-place affine chain (and ReLU) straight after a product.
 
-    Returns {product index: (a copy of the layer with folded params, the indices of the affine
-    layers that copy now computes)}.
+    Returns {product index: (a copy of the layer with folded params, the indices of the layers
+    that copy now computes)}.
     """
     folds = {}
     for i, layer in enumerate(layers):
@@ -75,7 +79,15 @@ def fold_affine_chains(layers, bottom_ids, top_ids):
             a, c = (np.asarray(v, dtype=np.float64) for v in affine)
             scale, shift = a * scale, a * shift + c
             chain.append(j)
+        relu = _fusable_relu(layers, bottom_ids, top_ids, i + len(chain) + 1, out)
+        if relu is not None:
+            chain.append(i + len(chain) + 1)
         if not chain:
+            continue
+        if relu is not None and len(chain) == 1:     # a ReLU alone: the product's own params
+            product = copy.copy(layer)
+            product.fused_relu_slope = relu
+            folds[i] = (product, chain)
             continue
         bias = layer.blobs[1].data if layer.bias_term else 0.0
         folded_rows = (rows * scale[:, None]).astype(rows.dtype)
@@ -89,5 +101,13 @@ def fold_affine_chains(layers, bottom_ids, top_ids):
         product = copy.copy(layer)
         product.blobs = BlobVec([weight, folded_bias], dtype=weight.dtype)
         product.bias_term = True
+        product.fused_relu_slope = relu
         folds[i] = (product, chain)
     return folds
+
+
+def _fusable_relu(layers, bottom_ids, top_ids, j, blob):
+    """The negative_slope of layer j when it is a ReLU in place on `blob`, else None."""
+    if j >= len(layers) or layers[j].type != "ReLU" or bottom_ids[j] != [blob] or top_ids[j] != [blob]:
+        return None
+    return float(layers[j].negative_slope)

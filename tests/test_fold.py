@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import minicaffe
+from minicaffe.layers.conv import ConvolutionLayer
 
 INPUT = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 dim: 7 dim: 7 } } }\n'
 
@@ -51,7 +52,41 @@ SCALE_BIAS = 'scale_param { bias_term: true }'
 def test_conv_batchnorm_scale_relu(tmp_path, conv_extra):
     text = (INPUT + conv("c", "data", conv_extra) + inplace("bn", "BatchNorm", "c", BN)
             + inplace("sc", "Scale", "c", SCALE_BIAS) + inplace("relu", "ReLU", "c"))
-    _check(*_nets(tmp_path, text), folded_away={"bn", "sc"})
+    _check(*_nets(tmp_path, text), folded_away={"bn", "sc", "relu"})
+
+
+# Every forward path of the products: im2col + GEMM, 1x1, Winograd (3x3 stride 1 at TEST),
+# depthwise (group = channels), several images, and InnerProduct.
+RELU_PRODUCTS = {
+    "gemm": conv("c", "data", "stride: 2"),
+    "1x1": conv("c", "data", "kernel_size: 1 pad: 0").replace("kernel_size: 3 pad: 1 ", ""),
+    "winograd": conv("c", "data"),
+    "depthwise": conv("c", "data", "group: 4").replace("num_output: 6", "num_output: 4"),
+    "inner_product": 'layer { name: "c" type: "InnerProduct" bottom: "data" top: "c" '
+                     'inner_product_param { num_output: 5 } }\n',
+}
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.1, -0.5])
+@pytest.mark.parametrize("product", list(RELU_PRODUCTS))
+def test_relu_fuses_into_the_product(tmp_path, monkeypatch, product, slope):
+    if product == "winograd":   # these small layers would not pick Winograd by themselves
+        monkeypatch.setattr(ConvolutionLayer, "winograd", 2)
+    text = INPUT + RELU_PRODUCTS[product] + inplace("relu", "ReLU", "c", f"relu_param {{ negative_slope: {slope} }}")
+    plain, lean, x = _nets(tmp_path, text)
+    _check(plain, lean, x, folded_away={"relu"})
+    fused = [layer for _, layer, _, _ in lean.forward_plan() if layer.name == "c"]
+    assert fused[0].fused_relu_slope == np.float32(slope) and lean.layer_dict["c"].fused_relu_slope is None
+
+
+def test_relu_fuses_after_a_folded_chain_only_when_in_place(tmp_path):
+    text = (INPUT + conv("c", "data") + inplace("sc", "Scale", "c", SCALE_BIAS)
+            + 'layer { name: "relu" type: "ReLU" bottom: "c" top: "r" }\n')
+    _check(*_nets(tmp_path, text), folded_away={"sc"})
+    # a ReLU that is not next to the product stays a layer of its own
+    text = (INPUT + conv("c", "data") + 'layer { name: "p" type: "Pooling" bottom: "c" top: "p" '
+            'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n' + inplace("relu", "ReLU", "p"))
+    _check(*_nets(tmp_path, text), folded_away=set())
 
 
 def test_inner_product_chains_and_bias_layer(tmp_path):

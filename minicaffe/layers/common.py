@@ -9,6 +9,7 @@ from ..blob import Blob
 from ..fillers import fill
 from ..layer import Layer, register_layer
 from ..threads import map_flat, map_positions
+from .neuron import relu
 
 # A max, a subtraction, an exp, a sum and a division per element, relative to a plain copy.
 _SOFTMAX_COST = 6
@@ -46,6 +47,7 @@ class InnerProductLayer(Layer):
 
     exact_num_bottom = 1
     exact_num_top = 1
+    fused_relu_slope = None   # set on an inference net's copy with a ReLU fused in (fold.py)
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.inner_product_param
@@ -84,6 +86,8 @@ class InnerProductLayer(Layer):
         np.matmul(x, self._weight(), out=y)
         if self.bias_term:
             y += self.blobs[1].data
+        if self.fused_relu_slope is not None:
+            relu(y, y, self.fused_relu_slope)
 
     def backward(self, top, propagate_down, bottom):
         dy = top[0].diff.reshape(-1, self.num_output)

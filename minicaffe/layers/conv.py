@@ -32,6 +32,7 @@ from ..kernels import winograd
 from ..kernels.depthwise import DepthwiseConv, is_depthwise
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
+from .neuron import relu
 
 __all__ = ["ConvolutionLayer", "DeconvolutionLayer", "Im2colLayer", "ConvGemm",
            "COL_BUFFER_BYTES", "parse_conv_geometry"]
@@ -512,6 +513,9 @@ class ConvolutionLayer(_BaseConvolution):
             self._winograd = kernels[tile]
             self._winograd.reshape(self.num, self.bottom_spatial, self.dtype)
 
+    # An inference net's copy of the layer with a ReLU fused into it (fold.py) sets the slope.
+    fused_relu_slope = None
+
     def forward(self, bottom, top):
         weight = self.blobs[0].data
         for b, t in zip(bottom, top):
@@ -519,6 +523,8 @@ class ConvolutionLayer(_BaseConvolution):
                 self._winograd.conv(self._bottom(b.data), weight, self._top(t.data), bias=self._bias())
             else:
                 self.gemm.conv(self._bottom(b.data), weight, out=self._top(t.data), bias=self._bias())
+            if self.fused_relu_slope is not None:
+                relu(t.data, t.data, self.fused_relu_slope)
 
     def backward(self, top, propagate_down, bottom):
         weight = self.blobs[0]

@@ -21,7 +21,7 @@ from ..fillers import fill
 from ..rng import get_rng
 from ..threads import map_flat
 
-__all__ = ["NeuronLayer", "ReLULayer", "SigmoidLayer", "TanHLayer", "PReLULayer", "ELULayer",
+__all__ = ["relu", "NeuronLayer", "ReLULayer", "SigmoidLayer", "TanHLayer", "PReLULayer", "ELULayer",
            "AbsValLayer", "PowerLayer", "ExpLayer", "LogLayer", "BNLLLayer", "ThresholdLayer",
            "DropoutLayer", "ClipLayer", "SwishLayer"]
 
@@ -66,6 +66,26 @@ class NeuronLayer(Layer):
         return bottom[0].data if self._saved_input is None else self._saved_input
 
 
+def relu(x, y, negative_slope=0.0):
+    """y = max(x, 0) + negative_slope * min(x, 0), over the thread pool; y may be x. Also run by
+    inference nets' Convolution / InnerProduct on their own output when a ReLU is fused (fold.py)."""
+    if negative_slope == 0:
+        map_flat(_plain_relu, x, y)
+    else:
+        map_flat(lambda xs, ys: _leaky_relu(xs, ys, negative_slope), x, y)
+
+
+def _plain_relu(x, y):
+    np.maximum(x, 0, out=y)
+
+
+def _leaky_relu(x, y, negative_slope):
+    negative = np.minimum(x, 0)   # before y overwrites x in place
+    np.maximum(x, 0, out=y)
+    negative *= negative_slope
+    y += negative
+
+
 @register_layer("ReLU")
 class ReLULayer(NeuronLayer):
     """y = max(x, 0) + negative_slope * min(x, 0) (a leaky ReLU when negative_slope != 0)."""
@@ -79,18 +99,7 @@ class ReLULayer(NeuronLayer):
 
     def forward(self, bottom, top):
         self.save_input(bottom)
-        map_flat(self._relu if self.negative_slope == 0 else self._leaky,
-                 bottom[0].data, top[0].data)
-
-    @staticmethod
-    def _relu(x, y):
-        np.maximum(x, 0, out=y)
-
-    def _leaky(self, x, y):
-        negative = np.minimum(x, 0)   # before y overwrites x in place
-        np.maximum(x, 0, out=y)
-        negative *= self.negative_slope
-        y += negative
+        relu(bottom[0].data, top[0].data, self.negative_slope)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
