@@ -17,7 +17,7 @@ import numpy as np
 from .blob import Blob
 from .layer import BlobVec
 
-__all__ = ["fold_affine_chains"]
+__all__ = ["fold_affine_chains", "freeze_weights"]
 
 _PRODUCTS = ("Convolution", "InnerProduct")
 
@@ -85,7 +85,7 @@ def fold_affine_chains(layers, bottom_ids, top_ids):
         if not chain:
             continue
         if relu is not None and len(chain) == 1:     # a ReLU alone: the product's own params
-            product = copy.copy(layer)
+            product = _copy_product(layer)
             product.fused_relu_slope = relu
             folds[i] = (product, chain)
             continue
@@ -98,7 +98,7 @@ def fold_affine_chains(layers, bottom_ids, top_ids):
             weight.data[...] = folded_rows.reshape(weight.shape)
         folded_bias = Blob((rows.shape[0],), dtype=layer.blobs[0].dtype)
         folded_bias.data[...] = scale * bias + shift
-        product = copy.copy(layer)
+        product = _copy_product(layer)
         product.blobs = BlobVec([weight, folded_bias], dtype=weight.dtype)
         product.bias_term = True
         product.fused_relu_slope = relu
@@ -106,8 +106,26 @@ def fold_affine_chains(layers, bottom_ids, top_ids):
     return folds
 
 
+def _copy_product(layer):
+    """A shallow copy of the layer, minus the caches derived from its weights (Winograd's), which
+    the copy, with its own weights, must not share with the original."""
+    product = copy.copy(layer)
+    product.__dict__.pop("_winograd_kernels", None)
+    product.__dict__.pop("_winograd", None)
+    return product
+
+
 def _fusable_relu(layers, bottom_ids, top_ids, j, blob):
     """The negative_slope of layer j when it is a ReLU in place on `blob`, else None."""
     if j >= len(layers) or layers[j].type != "ReLU" or bottom_ids[j] != [blob] or top_ids[j] != [blob]:
         return None
     return float(layers[j].negative_slope)
+
+
+def freeze_weights(layers):
+    """Tell the layers of an inference plan that their weights change only when the net refolds
+    (copy_from, fold_params), so caches derived from them (Winograd's) skip their checks."""
+    for layer in layers:
+        freeze = getattr(layer, "freeze_weights", None)
+        if freeze is not None:
+            freeze()

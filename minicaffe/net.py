@@ -16,7 +16,7 @@ import numpy as np
 from .blob import Blob
 from .layer import LayerError, building_model
 from .layer_factory import create_layer
-from .fold import fold_affine_chains
+from .fold import fold_affine_chains, freeze_weights
 from .memory_plan import share_dead_buffers
 from .proto import caffe_pb2
 from .proto_io import ProtoFileError, check_regular_file, read_net_param, read_proto, write_binary
@@ -230,6 +230,7 @@ class Net:
         skipped = {j for _, chain in folds.values() for j in chain}
         self._forward_plan = [(i, folds[i][0] if i in folds else layer, self._bottom_vecs[i], self._top_vecs[i])
                               for i, layer in enumerate(self.layers) if i not in skipped]
+        freeze_weights(step[1] for step in self._forward_plan)
         self._fold_stale = False
 
     # -- construction ----------------------------------------------------------

@@ -129,3 +129,22 @@ def test_copy_from_and_hand_edits_refold(tmp_path):
     _check(plain, lean, x, folded_away={"bn", "sc"})
     with pytest.raises(RuntimeError, match="inference=True"):
         plain.fold_params()
+
+
+def test_frozen_winograd_weights_follow_fold_params_and_partial_forwards(tmp_path, monkeypatch):
+    monkeypatch.setattr(ConvolutionLayer, "winograd", 2)
+    text = INPUT + conv("c", "data") + inplace("sc", "Scale", "c") + conv("d", "c")
+    plain, lean, x = _nets(tmp_path, text, keep_blobs=["c"])
+    _check(plain, lean, x, folded_away={"sc"})
+    assert lean.layer_dict["d"].frozen_weights and not plain.layer_dict["d"].frozen_weights
+    # a hand edit reaches the frozen Winograd weights through fold_params()
+    for net in (plain, lean):
+        net.params["d"][0].data[...] *= -2
+    lean.fold_params()
+    _check(plain, lean, x, folded_away={"sc"})
+    # a partial forward runs the unfolded layers, whose Winograd weights are their own
+    lean.blobs["data"].data[...] = x
+    lean.forward(end="sc")
+    plain.blobs["data"].data[...] = x
+    plain.forward(end="sc")
+    np.testing.assert_allclose(lean.blobs["c"].data, plain.blobs["c"].data, rtol=1e-5, atol=1e-5)

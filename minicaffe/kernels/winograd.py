@@ -81,6 +81,9 @@ class WinogradConv:
         self.alpha = tile + 2
         self.scratch = scratch or _fresh
         self._weight_seen = None
+        # Set by an inference net (fold.py), whose weights change only through copy_from or
+        # fold_params, which call forget_weights(): the by-value check is skipped.
+        self.frozen = False
         self._key = None
         self._bt = self._at = None
 
@@ -91,7 +94,7 @@ class WinogradConv:
         # edited in place (solvers, fold.py, net.params[...] = ...).
         seen = self._weight_seen
         if seen is not None and seen.shape == w.shape and seen.dtype == w.dtype \
-                and np.array_equal(seen, w):
+                and (self.frozen or np.array_equal(seen, w)):
             return self._u
         bt, g, at = TRANSFORMS[self.m]
         a = self.alpha
@@ -102,6 +105,10 @@ class WinogradConv:
                                        dtype=w.dtype)
         self._weight_seen = w.copy()
         return self._u
+
+    def forget_weights(self):
+        """Recompute U at the next forward (after the weights changed behind a frozen kernel)."""
+        self._weight_seen = self._u = None
 
     # -- geometry -------------------------------------------------------------
     def reshape(self, num, im_spatial, dtype):

@@ -511,7 +511,18 @@ class ConvolutionLayer(_BaseConvolution):
                 kernels[tile] = winograd.WinogradConv(self.channels, self.num_output, self.pad,
                                                       tile, scratch=_WORKSPACE.get)
             self._winograd = kernels[tile]
+            self._winograd.frozen = self.frozen_weights
             self._winograd.reshape(self.num, self.bottom_spatial, self.dtype)
+
+    # Inference nets set this (fold.freeze_weights): their weights change only by copy_from or
+    # fold_params, so Winograd's transformed weights are not re-checked at every forward.
+    frozen_weights = False
+
+    def freeze_weights(self):
+        self.frozen_weights = True
+        for kernel in self.__dict__.get("_winograd_kernels", {}).values():
+            kernel.frozen = True
+            kernel.forget_weights()
 
     # An inference net's copy of the layer with a ReLU fused into it (fold.py) sets the slope.
     fused_relu_slope = None

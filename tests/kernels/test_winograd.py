@@ -214,8 +214,8 @@ def test_whole_net_outputs_equal_with_and_without_winograd(monkeypatch, tmp_path
         assert not inference or "bn2_1" not in [l.name for _, l, _, _ in net.forward_plan()]
         # Inference nets run a copy of conv2_1 holding the folded BatchNorm and Scale.
         run_layers = [l for _, l, _, _ in net.forward_plan()] if inference else net.layers
-        used = {l.name for l in run_layers if getattr(l, "_winograd", None) is not None}
         out = net.forward(data=x)
+        used = {l.name for l in run_layers if getattr(l, "_winograd", None) is not None}
         return used, {k: v.copy() for k, v in out.items()}, net.blobs["conv2_1"].data.copy()
 
     used, out, mid = run("auto")
