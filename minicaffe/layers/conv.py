@@ -538,8 +538,14 @@ class _BaseConvolution(Layer):
         return self.blobs[1].data if self.bias_term else None
 
     def _bias_grad(self, top_diff):
+        """db += sum over images and pixels of top_diff: per image a GEMV with ones, as Caffe
+        does (BLAS streams the rows; numpy's sum over axes (0, 2) is about twice as slow)."""
         if self.bias_term and self.param_propagate_down[1]:
-            self.blobs[1].diff[...] += top_diff.reshape(self.num, self.num_output, -1).sum(axis=(0, 2))
+            flat = top_diff.reshape(self.num, self.num_output, -1)
+            ones = getattr(self, "_ones", None)
+            if ones is None or ones.shape != flat.shape[-1:] or ones.dtype != flat.dtype:
+                ones = self._ones = np.ones(flat.shape[-1], dtype=flat.dtype)
+            self.blobs[1].diff[...] += np.matmul(flat, ones).sum(axis=0)
 
 
 @register_layer("Convolution")
