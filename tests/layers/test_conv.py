@@ -241,6 +241,23 @@ def test_1x1_skips_im2col():
     assert not layer.gemm.is_1x1
 
 
+@pytest.mark.parametrize("conv_text", ["num_output: 4 kernel_size: 1", "num_output: 6 kernel_size: 1 group: 3"])
+def test_1x1_weight_gradient_as_one_gemm_equals_per_image(monkeypatch, conv_text):
+    x, results = gaussian(3, 6, 5, 4), []
+    for max_pixels in (0, 1 << 20):   # per-image GEMMs; one GEMM over (C, n*P) copies
+        monkeypatch.setattr(conv_module, "ONE_GEMM_1X1_MAX_PIXELS", max_pixels)
+        layer = make_layer("Convolution", conv_text)
+        layer.use_depthwise_kernel = False
+        bottom, top = setup(layer, [x])
+        layer.blobs[0].data[...] = gaussian(*layer.blobs[0].shape, seed=1)
+        layer.blobs[0].diff[...] = 0.5   # accumulates
+        top[0].diff[...] = gaussian(*top[0].shape, seed=2)
+        layer.backward(top, [True], bottom)
+        results.append((layer.blobs[0].diff.copy(), bottom[0].diff.copy()))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_channel_axis_other_than_1():
     # Axis 2: leading axes (2, 3) are all "images"; channels 4; one spatial axis.
     x = gaussian(2, 3, 4, 7)
