@@ -20,8 +20,15 @@ single GEMM per group. Two orders of the n*P columns are used:
 
 A 1x1 convolution with stride 1 and no pad skips im2col, as in Caffe. Batches are
 processed in chunks so the column buffer stays near COL_BUFFER_BYTES.
+
+Training: a TRAIN convolution whose batch fits one chunk keeps its forward's columns in a
+buffer of its own and the backward's weight gradient reuses them instead of running im2col
+again (KEPT_COLUMNS_BYTES bounds all kept buffers together). im2col, col2im and the
+batch_inner transposes are split over channel (or image) blocks on minicaffe.threads' pool;
+the GEMMs use BLAS's own threads.
 """
 import threading
+import weakref
 
 import numpy as np
 
@@ -32,6 +39,7 @@ from ..kernels import winograd
 from ..kernels.depthwise import DepthwiseConv, is_depthwise
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
+from ..threads import get_num_threads, parallel_for
 from .neuron import relu
 
 __all__ = ["ConvolutionLayer", "DeconvolutionLayer", "Im2colLayer", "ConvGemm",
@@ -49,6 +57,18 @@ IM2COL_WORKING_SET_BYTES = 256 << 10
 # Output rows up to this long use the "batch_inner" column layout (see ConvGemm);
 # chosen with benchmarks/conv_bench.py.
 BATCH_INNER_MAX_ROW = 16
+
+# A 1x1 weight gradient over images of fewer pixels than this is one GEMM over (C, n*P)
+# copies of both operands; per-image GEMMs with K = P that short run at half of BLAS's
+# speed (ResNet-50's 7x7 stage: 25 ms -> 16 ms at batch 8, one thread).
+ONE_GEMM_1X1_MAX_PIXELS = 128
+
+# In TRAIN, a convolution keeps the columns its forward built for the backward's weight
+# gradient instead of building them again, when the whole batch's columns fit in one chunk.
+# Kept columns cost memory per layer (the shared workspace holds one buffer for the whole
+# net), so all live kept buffers together stay within this budget; layers set up first win.
+KEPT_COLUMNS_BYTES = 64 << 20
+_KEEPERS = weakref.WeakSet()   # ConvGemms holding kept columns
 
 
 # -- parameters -----------------------------------------------------------------
@@ -109,8 +129,9 @@ def _flat_view(buf, shape):
 # -- the machinery ----------------------------------------------------------------
 class _Workspace(threading.local):
     """Scratch buffers shared by every ConvGemm of a thread, one per role, grown to the largest
-    request. A layer's columns are dead once its own forward or backward call returns (backward
-    recomputes them), so a net needs one column buffer, not one per convolution."""
+    request. Columns here are dead once a layer's own forward or backward call returns (backward
+    recomputes them, or uses the layer's own kept copy), so a net needs one column buffer, not
+    one per convolution."""
 
     def __init__(self):
         self.buffers = {}
@@ -158,13 +179,17 @@ class ConvGemm:
         self.kernel_count = int(np.prod(kernel, dtype=np.int64))
         self.kernel_dim = in_channels // group * self.kernel_count   # K per group
         self.layout = "auto"   # or force one of LAYOUTS[1:] (tests, benchmarks)
+        # Keep the forward's columns for the backward (the layer sets this in TRAIN).
+        self.keep_columns = False
+        self._kept = self._kept_source = None
         self._key = None
 
     def reshape(self, num, im_spatial, dtype):
         """Size the scratch buffers for `num` images; a no-op when nothing changed."""
         if self.layout not in self.LAYOUTS:
             raise ValueError(f"unknown column layout {self.layout!r}; use one of {self.LAYOUTS}")
-        key = (num, tuple(im_spatial), np.dtype(dtype), self.layout)
+        key = (num, tuple(im_spatial), np.dtype(dtype), self.layout, self.keep_columns)
+        self._kept_source = None   # the kept columns are stale after any reshape
         if key == self._key:
             return
         self._key = key
@@ -191,14 +216,27 @@ class ConvGemm:
         if not self.batch_inner and not self.is_1x1:
             channel_bytes = int(np.prod(padded_spatial)) * self.dtype.itemsize
             self.conv_chunk = max(1, min(chunk, IM2COL_WORKING_SET_BYTES // channel_bytes))
+        self._keep(num * col_per_image, chunk == num)
+        if self._kept is not None:
+            self.conv_chunk = num   # the columns are built for the whole batch at once
         padded = np.prod(padded_spatial)
         self._scratch_sizes = dict(
             cols=0 if self.is_1x1 else chunk * col_per_image,
             padded=chunk * c_in * padded if any(self.pad) and not self.is_1x1 else 0,
-            image_t=chunk * c_in * np.prod(self.im_spatial) if self.batch_inner else 0,
-            out_t=0 if self.is_1x1 else chunk * c_out * self.out_dim,
+            image_t=chunk * c_in * np.prod(self.im_spatial) if self.batch_inner or self.is_1x1 else 0,
+            out_t=chunk * c_out * self.out_dim,
             dw=c_out * self.kernel_dim * (chunk if self.is_1x1 else 1),
             dw_sum=c_out * self.kernel_dim if self.is_1x1 else 0)
+
+    def _keep(self, size, one_chunk):
+        """Own a buffer for the whole batch's columns if keep_columns and the budget allow."""
+        _KEEPERS.discard(self)
+        self._kept = None
+        nbytes = size * self.dtype.itemsize
+        others = sum(k._kept.nbytes for k in _KEEPERS if k._kept is not None)
+        if self.keep_columns and not self.is_1x1 and one_chunk and others + nbytes <= KEPT_COLUMNS_BYTES:
+            self._kept = np.empty(size, dtype=self.dtype)
+            _KEEPERS.add(self)
 
     # Scratch arrays, fetched at each use from the thread's shared workspace.
     _cols = property(lambda self: _WORKSPACE.get("cols", self._scratch_sizes["cols"], self.dtype))
@@ -214,18 +252,33 @@ class ConvGemm:
 
     # -- public products ---------------------------------------------------------
     def conv(self, im, w, out=None, dout=None, dw=None, bias=None):
-        """out = w * im + bias (if out given); dw += dout (x) im (if dw given). Shares the im2col."""
-        step = self._conv_1x1 if self.is_1x1 else self._conv
+        """out = w * im + bias (if out given); dw += dout (x) im (if dw given). Shares the im2col.
+
+        With keep_columns, a forward (no dw) leaves im's columns for conv_transpose's dw."""
+        if self.is_1x1:
+            for a, b in self._chunks(self.conv_chunk):
+                self._conv_1x1(im[a:b], w, None if out is None else out[a:b],
+                               None if dw is None else dout[a:b], dw,
+                               self._channel_bias(bias, self.out_channels))
+            return
+        keep = self._kept is not None and dw is None
         for a, b in self._chunks(self.conv_chunk):
-            step(im[a:b], w, None if out is None else out[a:b], None if dw is None else dout[a:b], dw,
-                 self._channel_bias(bias, self.out_channels))
+            self._conv(im[a:b], w, None if out is None else out[a:b], None if dw is None else dout[a:b],
+                       dw, self._channel_bias(bias, self.out_channels), self._kept if keep else None)
+        self._kept_source = _identity(im) if keep else None
 
     def conv_transpose(self, dout, w, im=None, im_data=None, dw=None, bias=None):
-        """im = w^T * dout + bias (if im given, overwritten); dw += dout (x) im_data (if dw given)."""
+        """im = w^T * dout + bias (if im given, overwritten); dw += dout (x) im_data (if dw given).
+
+        dw reuses the columns the last forward kept when im_data is the array it read (Caffe's
+        backward reads the bottom again; both see the same values unless something wrote into
+        the bottom in between)."""
         step = self._transpose_1x1 if self.is_1x1 else self._transpose
+        kept = dw is not None and self._kept_source is not None and self._kept_source == _identity(im_data)
         for a, b in self._chunks(self.chunk):
+            extra = {"kept": self._kept} if kept else {}
             step(dout[a:b], w, None if im is None else im[a:b], None if dw is None else im_data[a:b], dw,
-                 self._channel_bias(bias, self.in_channels))
+                 self._channel_bias(bias, self.in_channels), **extra)
 
     def _channel_bias(self, bias, channels):
         """Bias as a (channels, 1) column to broadcast over pixels; added while a chunk is in cache."""
@@ -236,23 +289,37 @@ class ConvGemm:
         return bias.reshape(channels, 1)
 
     # -- columns, and the (C_out, n*P) matrix on the output side ---------------------
-    def _columns(self, im):
-        """im2col of (n, C, *S) images into the column matrix, viewed (group, C/group*K, n*P)."""
+    def _columns(self, im, buffer=None):
+        """im2col of (n, C, *S) images into the column matrix, viewed (group, C/group*K, n*P).
+
+        buffer: where the columns go (default: the shared workspace)."""
         n, c, ndim = im.shape[0], self.in_channels, len(self.kernel)
         padded = tuple(s + 2 * p for s, p in zip(self.im_spatial, self.pad))
+        buffer = self._cols if buffer is None else buffer
         if self.batch_inner:
             image = _flat_view(self._image_t, (c,) + self.im_spatial + (n,))
-            image[...] = np.moveaxis(im, 0, -1)
-            cols = _flat_view(self._cols, (c,) + self.kernel + self.out_spatial + (n,))
+            parallel_for(c, lambda lo, hi: np.copyto(image[lo:hi], np.moveaxis(im[:, lo:hi], 0, -1)),
+                         image[0].size)
+            cols = _flat_view(buffer, (c,) + self.kernel + self.out_spatial + (n,))
             target, axis, workspace_shape = cols, 1, (c,) + padded + (n,)
         else:
             image = im.swapaxes(0, 1)                       # (C, n, *S): a view, no copy
-            cols = _flat_view(self._cols, (c,) + self.kernel + (n,) + self.out_spatial)
+            cols = _flat_view(buffer, (c,) + self.kernel + (n,) + self.out_spatial)
             target, axis, workspace_shape = np.moveaxis(cols, 1 + ndim, 1), 2, (c, n) + padded
         workspace = _flat_view(self._padded, workspace_shape) if any(self.pad) else None
-        im2col(image, self.kernel, self.pad, self.stride, self.dilation, axis=axis, out=target,
-               workspace=workspace, force_nd=self.force_nd)
+        self._split(lambda image, target, workspace: im2col(
+            image, self.kernel, self.pad, self.stride, self.dilation, axis=axis, out=target,
+            workspace=workspace, force_nd=self.force_nd), image, target, workspace)
         return cols.reshape(self.group, self.kernel_dim, -1)
+
+    def _split(self, copy, image, cols, workspace=None):
+        """Run copy(image, cols, workspace) over blocks of channels (or, batch_outer with few
+        channels, of images) on the thread pool: im2col and col2im are independent there."""
+        axis = 1 if not self.batch_inner and image.shape[0] < 2 * get_num_threads() else 0
+        cut = lambda a, lo, hi: None if a is None else a[(slice(None),) * axis + (slice(lo, hi),)]  # noqa: E731
+        size = image.shape[axis]
+        parallel_for(size, lambda lo, hi: copy(cut(image, lo, hi), cut(cols, lo, hi), cut(workspace, lo, hi)),
+                     cols.size // size)
 
     def _col2im(self, cols, im, bias):
         """Sum the (C*K, n*P) columns back into the images im (n, C, *S), overwriting them."""
@@ -261,13 +328,16 @@ class ConvGemm:
         flat_im = im.reshape(n, c, -1)
         if self.batch_inner:
             image = _flat_view(self._image_t, (c,) + self.im_spatial + (n,))
-            col2im(cols.reshape((c,) + self.kernel + self.out_spatial + (n,)), image.shape, *geometry,
-                   axis=1, out=image, force_nd=self.force_nd)
-            _store(flat_im, image.reshape(c, -1, n).transpose(2, 0, 1), bias)
+            cols, axis = cols.reshape((c,) + self.kernel + self.out_spatial + (n,)), 1
         else:
             cols = np.moveaxis(cols.reshape((c,) + self.kernel + (n,) + self.out_spatial), 1 + ndim, 1)
-            image = im.swapaxes(0, 1)
-            col2im(cols, image.shape, *geometry, axis=2, out=image, force_nd=self.force_nd)
+            image, axis = im.swapaxes(0, 1), 2
+        self._split(lambda image, cols, _: col2im(cols, image.shape, *geometry, axis=axis, out=image,
+                                                   force_nd=self.force_nd), image, cols)
+        if self.batch_inner:
+            by_image = image.reshape(c, -1, n).transpose(2, 0, 1)
+            parallel_for(n, lambda lo, hi: _store(flat_im[lo:hi], by_image[lo:hi], bias), flat_im[0].size)
+        else:
             _store(flat_im, flat_im, bias)
 
     def _output_matrix(self, n):
@@ -294,9 +364,9 @@ class ConvGemm:
         self._as_blob_order(matrix, n)[...] = dout.reshape(n, self.out_channels, self.out_dim)
         return matrix
 
-    def _conv(self, im, w, out, dout, dw, bias):
+    def _conv(self, im, w, out, dout, dw, bias, buffer=None):
         n, g = im.shape[0], self.group
-        cols = self._columns(im)
+        cols = self._columns(im, buffer)
         if dw is not None:
             self._weight_grad(self._load_dout(dout), cols, dw)
         if out is not None:
@@ -307,11 +377,13 @@ class ConvGemm:
             np.matmul(w.reshape(g, -1, self.kernel_dim), cols, out=result.reshape(g, -1, cols.shape[-1]))
             _store(flat_out, flat_out if direct else self._as_blob_order(result, n), bias)
 
-    def _transpose(self, dout, w, im, im_data, dw, bias):
+    def _transpose(self, dout, w, im, im_data, dw, bias, kept=None):
         g = self.group
         dout_matrix = self._load_dout(dout).reshape(g, -1, dout.shape[0] * self.out_dim)
         if dw is not None:
-            self._weight_grad(dout_matrix, self._columns(im_data), dw)
+            cols = (self._columns(im_data) if kept is None
+                    else _flat_view(kept, (g, self.kernel_dim, dout_matrix.shape[-1])))
+            self._weight_grad(dout_matrix, cols, dw)
         if im is not None:
             cols = _flat_view(self._cols, (g, self.kernel_dim, dout_matrix.shape[-1]))
             np.matmul(w.reshape(g, -1, self.kernel_dim).swapaxes(-1, -2), dout_matrix, out=cols)
@@ -320,8 +392,20 @@ class ConvGemm:
     # -- 1x1: the images are the columns (n, C, P), one matmul per image ---------------
     def _weight_grad_1x1(self, dout, im, dw):
         # dw = sum over images of dout_n @ im_n^T: the images' (n, P) axes cannot be merged
-        # into one GEMM axis without a copy, so multiply per image and add up.
+        # into one GEMM axis without a copy, so multiply per image and add up -- or, for small
+        # images, copy both to (C, n*P) and make it one GEMM.
         n, g = im.shape[0], self.group
+        if n > 1 and self.out_dim < ONE_GEMM_1X1_MAX_PIXELS:
+            dout_t = _flat_view(self._out_t, (self.out_channels, n, self.out_dim))
+            im_t = _flat_view(self._image_t, (self.in_channels, n, self.out_dim))
+            dout_t[...] = dout.reshape(n, self.out_channels, -1).transpose(1, 0, 2)
+            im_t[...] = im.reshape(n, self.in_channels, -1).transpose(1, 0, 2)
+            total = self._dw_sum.reshape(g, self.out_channels // g, self.kernel_dim)
+            np.matmul(dout_t.reshape(g, -1, n * self.out_dim),
+                      im_t.reshape(g, -1, n * self.out_dim).swapaxes(-1, -2), out=total)
+            flat_dw = dw.reshape(total.shape)
+            np.add(flat_dw, total, out=flat_dw)
+            return
         per_image = _flat_view(self._dw, (n, g, self.out_channels // g, self.kernel_dim))
         np.matmul(dout.reshape(n, g, -1, self.out_dim), im.reshape(n, g, -1, self.out_dim).swapaxes(-1, -2),
                   out=per_image)
@@ -349,6 +433,11 @@ class ConvGemm:
                       dout.reshape(n, g, -1, self.out_dim), out=im.reshape(n, g, -1, self.out_dim))
             flat_im = im.reshape(n, self.in_channels, -1)
             _store(flat_im, flat_im, bias)
+
+
+def _identity(array):
+    """What an array is (memory, shape, strides, dtype) -- not what it holds."""
+    return (array.__array_interface__["data"][0], array.shape, array.strides, array.dtype)
 
 
 def _store(dest, values, bias):
@@ -474,8 +563,14 @@ class _BaseConvolution(Layer):
         return self.blobs[1].data if self.bias_term else None
 
     def _bias_grad(self, top_diff):
+        """db += sum over images and pixels of top_diff: per image a GEMV with ones, as Caffe
+        does (BLAS streams the rows; numpy's sum over axes (0, 2) is about twice as slow)."""
         if self.bias_term and self.param_propagate_down[1]:
-            self.blobs[1].diff[...] += top_diff.reshape(self.num, self.num_output, -1).sum(axis=(0, 2))
+            flat = top_diff.reshape(self.num, self.num_output, -1)
+            ones = getattr(self, "_ones", None)
+            if ones is None or ones.shape != flat.shape[-1:] or ones.dtype != flat.dtype:
+                ones = self._ones = np.ones(flat.shape[-1], dtype=flat.dtype)
+            self.blobs[1].diff[...] += np.matmul(flat, ones).sum(axis=0)
 
 
 @register_layer("Convolution")
@@ -488,11 +583,16 @@ class ConvolutionLayer(_BaseConvolution):
     # tile size wherever the geometry allows (tests, benchmarks). Backward always uses im2col.
     winograd = "auto"
     _winograd = None
+    # In TRAIN, keep the forward's columns for the weight gradient (ConvGemm.keep_columns,
+    # within KEPT_COLUMNS_BYTES); tests and benchmarks set this False to rebuild them.
+    keep_columns = True
 
     def compute_output_shape(self, spatial):
         return conv_output_shape(spatial, self.kernel, self.pad, self.stride, self.dilation)
 
     def reshape(self, bottom, top):
+        if isinstance(self.gemm, ConvGemm):
+            self.gemm.keep_columns = self.keep_columns and self.phase == caffe_pb2.TRAIN
         super().reshape(bottom, top)
         tile = None
         if (self.kernel == (3, 3) and self.stride == (1, 1) and self.dilation == (1, 1)

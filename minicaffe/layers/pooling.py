@@ -6,12 +6,19 @@ offset (i, j), the inputs seen by all windows at that offset form one strided
 view of the (padded) input, so a window reduction becomes kh * kw whole-array
 operations, visited in the same row-major order as Caffe's loops (which fixes
 ties: MAX keeps the first maximum, STOCHASTIC walks the window in that order).
+
+That strided-view code is the plain path. MAX without a mask top and AVE normally run
+minicaffe/kernels/pooling.py instead (`PhasePool`: the same offsets as contiguous runs of a
+phase-split copy, cache-blocked and threaded), and an AVE window covering the whole input
+(global pooling, ResNet's pool5) is one reduction per plane. `PoolingLayer._pick_kernel`
+is the one place that chooses.
 """
 import math
 
 import numpy as np
 
 from ..blob import Blob
+from ..kernels.pooling import PhasePool
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
 from ..rng import get_rng
@@ -226,12 +233,18 @@ class PoolingLayer(Layer):
         if len(top) > 1:
             top[1].reshape(out_shape)
         key = (bottom[0].shape, bottom[0].dtype, len(top))
+        self._num_tops = len(top)
         if key != getattr(self, "_scratch_key", None):
             self._allocate_scratch(w, num, channels, bottom[0].dtype, out_shape)
             self._scratch_key = key
 
     def _allocate_scratch(self, w, num, channels, dtype, out_shape):
-        """Padded copies of the input and of its gradient, and the chosen element per window."""
+        """Padded copies of the input and of its gradient, and the chosen element per window
+        (for the plain path; a fast kernel holds its own buffers)."""
+        self._pick_kernel(w, num * channels, dtype, has_mask_top=self._num_tops > 1)
+        if self._phase_pool is not None or self._whole_plane:
+            self._padded = self._padded_diff = self._chosen = None
+            return
         is_max = self.pool == _PP.MAX
         if w.needs_padding:
             # MAX pads with -inf so padding never wins (nor equals a max); sums pad with zeros.
@@ -262,10 +275,31 @@ class PoolingLayer(Layer):
                              and w.kernel_w == w.stride_w and w.pooled_h * w.kernel_h == w.height
                              and w.pooled_w * w.kernel_w == w.width)
 
+    # Tests and benchmarks set this False on a layer (before setup) to force the plain path.
+    use_fast_kernel = True
+
+    def _pick_kernel(self, w, planes, dtype, has_mask_top):
+        """The one place that picks the pooling kernel (see the module docstring)."""
+        self._phase_pool = None
+        self._whole_plane = False
+        if not self.use_fast_kernel or self.pool not in (_PP.MAX, _PP.AVE):
+            return
+        if self.pool == _PP.AVE and (w.pooled_h, w.pooled_w, w.pad_h, w.pad_w) == (1, 1, 0, 0) \
+                and w.kernel_h >= w.height and w.kernel_w >= w.width:
+            self._whole_plane = True   # one window holds the whole image
+        elif not has_mask_top and PhasePool.applies(w):
+            self._phase_pool = PhasePool(w, self.pool == _PP.MAX, planes, dtype)
+
     # -- forward -----------------------------------------------------------------
     def forward(self, bottom, top):
         x, y = bottom[0].data, top[0].data
-        if self.pool == _PP.MAX:
+        if self._phase_pool is not None:
+            self._phase_pool.forward(x, y)
+        elif self._whole_plane:
+            planes = y.reshape(-1, 1)
+            np.sum(x.reshape(planes.shape[0], -1), axis=1, keepdims=True, out=planes)
+            planes /= self.windows.ave_divisor(y.dtype).item()
+        elif self.pool == _PP.MAX:
             self._forward_max(x, y, top[1].data if len(top) > 1 else None)
         elif self.pool == _PP.AVE:
             average_pool(self.windows, x, y, self._padded)
@@ -373,7 +407,12 @@ class PoolingLayer(Layer):
         if not propagate_down[0]:
             return
         dy, dx = top[0].diff, bottom[0].diff
-        if self.pool == _PP.MAX:
+        if self._phase_pool is not None:
+            self._phase_pool.backward(dy, dx)
+        elif self._whole_plane:
+            np.divide(dy.reshape(-1, 1), self.windows.ave_divisor(dy.dtype).item(),
+                      out=dx.reshape(dy.size, -1))
+        elif self.pool == _PP.MAX:
             if len(top) > 1:   # Caffe reads the chosen elements back from the mask top
                 _scatter_to_plane(top[1].data, dy, dx)
             else:

@@ -242,6 +242,23 @@ def test_1x1_skips_im2col():
     assert not layer.gemm.is_1x1
 
 
+@pytest.mark.parametrize("conv_text", ["num_output: 4 kernel_size: 1", "num_output: 6 kernel_size: 1 group: 3"])
+def test_1x1_weight_gradient_as_one_gemm_equals_per_image(monkeypatch, conv_text):
+    x, results = gaussian(3, 6, 5, 4), []
+    for max_pixels in (0, 1 << 20):   # per-image GEMMs; one GEMM over (C, n*P) copies
+        monkeypatch.setattr(conv_module, "ONE_GEMM_1X1_MAX_PIXELS", max_pixels)
+        layer = make_layer("Convolution", conv_text)
+        layer.use_depthwise_kernel = False
+        bottom, top = setup(layer, [x])
+        layer.blobs[0].data[...] = gaussian(*layer.blobs[0].shape, seed=1)
+        layer.blobs[0].diff[...] = 0.5   # accumulates
+        top[0].diff[...] = gaussian(*top[0].shape, seed=2)
+        layer.backward(top, [True], bottom)
+        results.append((layer.blobs[0].diff.copy(), bottom[0].diff.copy()))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_channel_axis_other_than_1():
     # Axis 2: leading axes (2, 3) are all "images"; channels 4; one spatial axis.
     x = gaussian(2, 3, 4, 7)
@@ -396,6 +413,7 @@ def test_chunked_batches_match_whole_batch(monkeypatch, layout):
         for layer_type in ("Convolution", "Deconvolution"):
             layer = make_layer(layer_type, "num_output: 3 kernel_size: 3 pad: 1 "
                                "weight_filler { type: 'gaussian' } bias_filler { type: 'constant' value: 1 }")
+            layer.keep_columns = False   # kept columns make the forward one chunk (tested below)
             bottom, top = setup(layer, [x], layout)
             layer.blobs[0].data[...] = weights.setdefault(layer_type, layer.blobs[0].data.copy())
             layer.forward(bottom, top)
@@ -409,6 +427,60 @@ def test_chunked_batches_match_whole_batch(monkeypatch, layout):
         for chunked in results[2 + i::2]:
             for a, b in zip(whole[2:], chunked[2:]):
                 np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+KEEP_CASES = [c for c in FORWARD_CASES if "kernel_size: 1 stride: 1" not in c[1]]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape,conv_text", KEEP_CASES)
+def test_kept_columns_equal_rebuilt_columns(shape, conv_text, layout):
+    """TRAIN keeps the forward's columns for the weight gradient; the result is the same as
+    building them again (pad, stride, dilation, groups, N-D, both layouts)."""
+    x, results = gaussian(*shape), []
+    for keep in (False, True):
+        layer = make_layer("Convolution", conv_text)
+        layer.keep_columns = keep
+        layer.use_depthwise_kernel = False
+        bottom, top = setup(layer, [x], layout)
+        assert (layer.gemm._kept is not None) == keep
+        for i, blob in enumerate(layer.blobs):
+            blob.data[...] = gaussian(*blob.shape, seed=2 + i)
+        for _ in range(2):   # the second step finds last step's diffs and columns
+            layer.forward(bottom, top)
+            top[0].diff[...] = gaussian(*top[0].shape, seed=3)
+            layer.backward(top, [True], bottom)
+        results.append((top[0].data.copy(), bottom[0].diff.copy(), layer.blobs[0].diff.copy()))
+    for plain, kept in zip(*results):
+        np.testing.assert_array_equal(kept, plain)
+
+
+def test_kept_columns_follow_the_input_and_the_budget(monkeypatch):
+    layer = make_layer("Convolution", "num_output: 2 kernel_size: 3 pad: 1")
+    bottom, top = setup(layer, [gaussian(2, 3, 5, 5)])
+    layer.forward(bottom, top)
+    top[0].diff[...] = 1
+    # Backward on another bottom array than the forward read: the columns are built again.
+    other = Blob(bottom[0].shape)
+    other.data[...] = gaussian(2, 3, 5, 5, seed=9)
+    layer.blobs[0].diff[...] = 0
+    layer.backward(top, [False], [other])
+    expected = make_layer("Convolution", "num_output: 2 kernel_size: 3 pad: 1")
+    expected.keep_columns = False
+    e_bottom, e_top = setup(expected, [other.data])
+    e_top[0].diff[...] = 1
+    expected.backward(e_top, [False], e_bottom)
+    np.testing.assert_allclose(layer.blobs[0].diff, expected.blobs[0].diff, rtol=1e-12)
+    # Within the budget only; TEST nets never keep.
+    monkeypatch.setattr(conv_module, "KEPT_COLUMNS_BYTES", layer.gemm._kept.nbytes)
+    second = make_layer("Convolution", "num_output: 2 kernel_size: 3 pad: 1")
+    setup(second, [gaussian(2, 3, 5, 5)])
+    assert second.gemm._kept is None
+    param = caffe_pb2.LayerParameter(name="conv", type="Convolution")
+    text_format.Parse("num_output: 2 kernel_size: 3", param.convolution_param)
+    test_layer = create_layer(param, caffe_pb2.TEST)
+    setup(test_layer, [gaussian(1, 1, 4, 4)])
+    assert test_layer.gemm._kept is None
 
 
 def test_buffers_are_reused_across_calls():
@@ -549,3 +621,34 @@ def test_loaded_blobs_with_wrong_shape_are_rejected():
     layer = make_layer("Convolution", "num_output: 2 kernel_size: 3", blobs=[weight])
     with pytest.raises(LayerError, match="number of weight blobs"):
         setup(layer, [np.zeros((1, 3, 5, 5))])
+
+
+@pytest.mark.parametrize("layout", ["batch_outer", "batch_inner"])
+@pytest.mark.parametrize("shape,conv_text", [
+    ((3, 5, 7, 6), "num_output: 4 kernel_size: 3 pad: 1"),
+    ((4, 1, 9, 8), "num_output: 3 kernel_size: 3 stride: 2 dilation: 1"),   # 1 channel: split by image
+    ((2, 6, 8, 7), "num_output: 4 kernel_size: 2 stride: 2 pad: 1 group: 2"),
+    ((2, 3, 9, 8), "num_output: 2 kernel_size: 3 dilation: 2"),
+])
+def test_threaded_im2col_and_col2im_equal_one_thread(monkeypatch, shape, conv_text, layout):
+    """im2col / col2im split over channel (or image) blocks on the pool give the same numbers."""
+    from minicaffe import threads
+    x, results = gaussian(*shape), []
+    monkeypatch.setattr(threads, "MIN_PARALLEL_ELEMENTS", 1)
+    try:
+        for count in (1, 2, 3):
+            threads.set_num_threads(count)
+            layer = make_layer("Convolution", conv_text)
+            layer.use_depthwise_kernel = False
+            bottom, top = setup(layer, [x], layout)
+            for i, blob in enumerate(layer.blobs):
+                blob.data[...] = gaussian(*blob.shape, seed=5 + i)
+            layer.forward(bottom, top)
+            top[0].diff[...] = gaussian(*top[0].shape, seed=7)
+            layer.backward(top, [True], bottom)
+            results.append((top[0].data.copy(), bottom[0].diff.copy(), layer.blobs[0].diff.copy()))
+    finally:
+        threads.set_num_threads(threads._threads_from_env())
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)

@@ -1,0 +1,202 @@
+"""MAX and AVE pooling on a phase-split copy of the input: every window offset is one contiguous run.
+
+Window (ph, pw) at offset (i, j) reads the padded input at row ph*s_h + i, column pw*s_w + j.
+Split the padded input by row and column phase (m = image * C + channel):
+
+    phase[a, b][m, r, c] = x_padded[m, a + r*s_h, b + c*s_w]     a < min(s_h, k_h), b < min(s_w, k_w)
+
+on a grid of Hq = PH + (k_h-1)//s_h rows by Wq = PW + (k_w-1)//s_w columns. Offset (i, j) of every
+window is then phase (i % s_h, j % s_w) at grid position (ph + i//s_h, pw + j//s_w): with the grid
+flattened, ONE contiguous slice of that phase, shifted by (i//s_h)*Wq + j//s_w. So a window
+reduction is k_h*k_w passes of numpy's fast contiguous loops, where strided views of the windows
+make it crawl along rows of PW values. Grid positions outside PH x PW are computed and dropped;
+they cost Hq*Wq / (PH*PW) - 1 extra work, so `PhasePool.applies` refuses geometries where that is
+large (global pooling: there layers/pooling.py reduces whole planes).
+
+Positions of the grid outside the image hold the padding value (-inf for MAX, 0 for AVE), so
+Caffe's window clipping comes for free; AVE still divides by Caffe's pool size.
+
+MAX backward routes each window's gradient to the FIRST maximum in row-major order, as Caffe's
+`value > max` scan does: offsets are visited in that order and an offset only takes the windows
+whose maximum no earlier offset matched. Gradients are summed into zeroed phase buffers and then
+copied back to the image (phases partition the image, so that copy is a plain assignment).
+
+Work is cut into blocks of whole planes (sized for the L2 cache) and spread over the thread pool
+(minicaffe.threads). A block computes flat positions up to its last plane's last real output,
+whose shifted reads and writes end exactly at that plane's end, so blocks never touch each other.
+"""
+import numpy as np
+
+from ..im2col import _valid_range
+from ..threads import parallel_for
+
+__all__ = ["PhasePool", "MAX_WASTE", "BLOCK_BYTES"]
+
+# Largest Hq*Wq / (PH*PW) the phase grid is used for (3x3 s2 on 27x27 outputs: 1.08).
+MAX_WASTE = 1.5
+
+# Grid bytes per phase in one block: the block's phases, peak, gradient and masks then stay
+# within a core's 512 KiB L2 (chosen with CaffeNet's and LeNet's pooling shapes).
+BLOCK_BYTES = 128 << 10
+
+# Caffe starts every max at -FLT_MAX (for double nets too): all-NaN or all--inf windows give it.
+_MAX_START = -np.finfo(np.float32).max
+
+
+class PhasePool:
+    """MAX (is_max=True) or AVE pooling of `planes` planes with the geometry of a PoolWindows."""
+
+    @staticmethod
+    def applies(windows):
+        rows = windows.pooled_h + (windows.kernel_h - 1) // windows.stride_h
+        cols = windows.pooled_w + (windows.kernel_w - 1) // windows.stride_w
+        return rows * cols <= MAX_WASTE * windows.pooled_h * windows.pooled_w
+
+    def __init__(self, windows, is_max, planes, dtype):
+        if not self.applies(windows):
+            raise ValueError("the phase grid would be mostly padding for this pooling geometry")
+        w = self.windows = windows
+        self.is_max, self.planes, self.dtype = is_max, planes, np.dtype(dtype)
+        self.rows = w.pooled_h + (w.kernel_h - 1) // w.stride_h
+        self.cols = w.pooled_w + (w.kernel_w - 1) // w.stride_w
+        self.plane = self.rows * self.cols
+        # The last real output of a plane; its farthest shifted read is the plane's last cell.
+        self.plane_end = (w.pooled_h - 1) * self.cols + w.pooled_w
+        phases = [(a, b) for a in range(min(w.stride_h, w.kernel_h))
+                  for b in range(min(w.stride_w, w.kernel_w))]
+        # (phase number, shift) of each window offset, in Caffe's row-major visiting order.
+        self.offsets = [(phases.index((i % w.stride_h, j % w.stride_w)),
+                         (i // w.stride_h) * self.cols + j // w.stride_w) for i, j in w.offsets()]
+        # Per phase: the grid cells that hold image pixels, and those pixels.
+        self.copies = []
+        covered_h, covered_w = np.zeros(w.height, bool), np.zeros(w.width, bool)
+        for a, b in phases:
+            (grid_h, image_h), (grid_w, image_w) = (
+                _phase_slices(a, w.pad_h, w.stride_h, w.height, self.rows),
+                _phase_slices(b, w.pad_w, w.stride_w, w.width, self.cols))
+            self.copies.append(((slice(None), grid_h, grid_w), (slice(None), image_h, image_w)))
+            covered_h[image_h], covered_w[image_w] = True, True
+        # Pixels in no phase (stride > kernel, or rows past the last window) get no gradient.
+        self.covers_image = bool(covered_h.all() and covered_w.all())
+        # Windows that do not overlap (kernel == stride): offset k reads phase k, unshifted.
+        self.disjoint = (w.kernel_h, w.kernel_w) == (w.stride_h, w.stride_w)
+        size = planes * self.plane
+        fill = -np.inf if is_max else 0
+        self._x = np.full((len(phases), size), fill, dtype=self.dtype)
+        self._dx = np.zeros((len(phases), size), dtype=self.dtype)
+        self._acc = np.empty(size, dtype=self.dtype)      # MAX: the peak, kept for backward
+        self._grad = np.zeros(size, dtype=self.dtype)     # dy on the grid, 0 off the outputs
+        self._tmp = np.empty(size, dtype=self.dtype)
+        self._equal = np.empty(size, dtype=bool)
+        self._taken = np.empty(size, dtype=bool)
+        if not is_max:
+            self._divisor = windows.ave_divisor(self.dtype)
+        self.block = max_planes = max(1, BLOCK_BYTES // (self.plane * self.dtype.itemsize))
+        self.blocks = -(-planes // max_planes)
+
+    def _grid(self, flat):
+        return flat.reshape(-1, self.rows, self.cols)
+
+    def _outputs(self, flat):
+        """The (planes, PH, PW) real outputs within a grid."""
+        return self._grid(flat)[:, :self.windows.pooled_h, :self.windows.pooled_w]
+
+    def _run(self, block_fn):
+        def run(lo, hi):
+            for k in range(lo, hi):
+                p0 = k * self.block
+                p1 = min(self.planes, p0 + self.block)
+                block_fn(p0, p1, p0 * self.plane, (p1 - 1) * self.plane + self.plane_end)
+        parallel_for(self.blocks, run, self.block * self.plane * len(self.offsets))
+
+    # -- forward -----------------------------------------------------------------------
+    def forward(self, x, y):
+        """y = the pooling of x, both (N, C, ...) with N*C == planes."""
+        x = x.reshape(self.planes, self.windows.height, self.windows.width)
+        y = y.reshape(self.planes, self.windows.pooled_h, self.windows.pooled_w)
+        self._run(lambda p0, p1, f0, f1: self._forward_block(x, y, p0, p1, f0, f1))
+
+    def _forward_block(self, x, y, p0, p1, f0, f1):
+        for phase, (grid_part, image_part) in zip(self._x, self.copies):
+            self._grid(phase[p0 * self.plane: p1 * self.plane])[grid_part] = x[p0:p1][image_part]
+        acc = self._acc[f0:f1]
+        (q, t), rest = self.offsets[0], self.offsets[1:]
+        if self.is_max:
+            # fmax skips NaNs, as Caffe's `value > max` test does.
+            np.fmax(self._x[q, f0 + t: f1 + t], _MAX_START, out=acc)
+            for q, t in rest:
+                np.fmax(acc, self._x[q, f0 + t: f1 + t], out=acc)
+            y[p0:p1] = self._outputs(self._acc[p0 * self.plane: p1 * self.plane])
+        else:
+            acc[...] = self._x[q, f0 + t: f1 + t]
+            for q, t in rest:
+                np.add(acc, self._x[q, f0 + t: f1 + t], out=acc)
+            np.divide(self._outputs(self._acc[p0 * self.plane: p1 * self.plane]), self._divisor,
+                      out=y[p0:p1])
+
+    # -- backward ----------------------------------------------------------------------
+    def backward(self, dy, dx):
+        """dx = the gradient of the last forward's pooling given dy (overwritten)."""
+        dy = dy.reshape(self.planes, self.windows.pooled_h, self.windows.pooled_w)
+        dx = dx.reshape(self.planes, self.windows.height, self.windows.width)
+        self._run(lambda p0, p1, f0, f1: self._backward_block(dy, dx, p0, p1, f0, f1))
+
+    def _backward_block(self, dy, dx, p0, p1, f0, f1):
+        whole = slice(p0 * self.plane, p1 * self.plane)
+        grad_out = self._outputs(self._grad[whole])
+        if self.is_max:
+            grad_out[...] = dy[p0:p1]
+        else:
+            np.divide(dy[p0:p1], self._divisor, out=grad_out)
+        grad, tmp = self._grad[f0:f1], self._tmp[f0:f1]
+        if not self.covers_image:
+            dx[p0:p1] = 0
+        if self.is_max and self.disjoint:
+            # Each pixel is in one window at one offset, i.e. offset k is phase k: write the
+            # routed gradient straight into the image, no accumulation.
+            self._route_max(f0, f1, lambda k, q, equal: np.multiply(
+                self._grid(self._grad[whole])[self.copies[q][0]],
+                self._grid(self._equal[whole])[self.copies[q][0]], out=dx[p0:p1][self.copies[q][1]]))
+            return
+        self._dx[:, whole] = 0
+        if self.is_max:
+            def accumulate(k, q, equal):
+                # grad * mask, then add (numpy's where= is slower on random masks)
+                np.multiply(grad, equal, out=tmp)
+                routed = self._dx[q, f0 + self.offsets[k][1]: f1 + self.offsets[k][1]]
+                np.add(routed, tmp, out=routed)
+            self._route_max(f0, f1, accumulate)
+        else:
+            for q, t in self.offsets:
+                routed = self._dx[q, f0 + t: f1 + t]
+                np.add(routed, grad, out=routed)
+        for phase, (grid_part, image_part) in zip(self._dx, self.copies):
+            dx[p0:p1][image_part] = self._grid(phase[whole])[grid_part]
+
+
+    def _route_max(self, f0, f1, route):
+        """Call route(k, phase, mask) per offset k in Caffe's order, where mask (over grid cells
+        f0:f1, shifted by offset k) marks the windows whose first maximum sits at offset k."""
+        peak, equal, taken = self._acc[f0:f1], self._equal[f0:f1], self._taken[f0:f1]
+        last = len(self.offsets) - 1
+        for k, (q, t) in enumerate(self.offsets):
+            np.equal(self._x[q, f0 + t: f1 + t], peak, out=equal)
+            if k == 0:
+                taken[...] = equal
+            else:
+                np.greater(equal, taken, out=equal)     # equal and not yet taken
+                if k < last:
+                    np.logical_or(taken, equal, out=taken)
+            route(k, q, equal)
+
+
+def _phase_slices(phase, pad, stride, size, grid_size):
+    """(grid slice, image slice) of the cells of one phase that hold image pixels, along one axis.
+
+    Grid cell r of phase `phase` is padded-input row phase + r*stride, i.e. image row
+    r*stride + phase - pad."""
+    first, stop = _valid_range(size, grid_size, phase - pad, stride)
+    if stop <= first:
+        return slice(0, 0), slice(0, 0)
+    start = first * stride + phase - pad
+    return slice(first, stop), slice(start, start + (stop - first - 1) * stride + 1, stride)

@@ -1,0 +1,110 @@
+"""The fast pooling kernels (kernels/pooling.py PhasePool, whole-plane AVE) equal the plain path."""
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from minicaffe.blob import Blob
+from minicaffe.kernels import pooling as kernel_module
+from minicaffe.layer import create_layer
+from minicaffe.proto import caffe_pb2
+
+# (input shape, pooling params): pad, stride < / = / > kernel, ceil and floor borders,
+# rows/columns no window reaches, non-square windows, and the nets' shapes (smaller batches).
+CONFIGS = [
+    ((2, 3, 6, 5), "kernel_size: 3 stride: 2"),
+    ((2, 2, 6, 5), "kernel_size: 3 stride: 2 pad: 1"),
+    ((1, 2, 5, 7), "kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 1"),
+    ((2, 1, 7, 7), "kernel_size: 3 stride: 2 round_mode: FLOOR"),
+    ((2, 3, 9, 9), "kernel_size: 2 stride: 2 round_mode: FLOOR"),
+    ((1, 2, 8, 8), "kernel_size: 2 stride: 3"),
+    ((1, 2, 10, 9), "kernel_size: 2 stride: 3 round_mode: FLOOR"),
+    ((1, 1, 3, 3), "kernel_size: 2 stride: 2 pad: 1"),
+    ((2, 2, 6, 7), "kernel_size: 3 stride: 1 pad: 1"),
+    ((2, 2, 4, 5), "kernel_size: 4"),
+    ((1, 3, 5, 5), "kernel_size: 1 stride: 2"),
+    ((3, 20, 24, 24), "kernel_size: 2 stride: 2"),         # LeNet pool1
+    ((2, 8, 55, 55), "kernel_size: 3 stride: 2"),          # CaffeNet pool1
+    ((2, 4, 112, 112), "kernel_size: 3 stride: 2"),        # ResNet-50 pool1 (ceil: one padded row)
+    ((2, 5, 7, 7), "kernel_size: 7 stride: 1"),            # ResNet-50 pool5 (whole plane)
+    ((2, 3, 4, 5), "global_pooling: true"),
+]
+
+
+def run(params, x, fast, dy, block_bytes=None):
+    param = text_format.Parse(f'name: "p" type: "Pooling" pooling_param {{ {params} }}',
+                              caffe_pb2.LayerParameter())
+    layer = create_layer(param, caffe_pb2.TRAIN)
+    layer.use_fast_kernel = fast
+    bottom, top = Blob(x.shape, dtype=x.dtype), Blob(dtype=x.dtype)
+    bottom.data[...] = x
+    layer.setup([bottom], [top])
+    picked = layer._phase_pool is not None or layer._whole_plane
+    layer.forward([bottom], [top])
+    top.diff[...] = dy(top.shape)
+    bottom.diff[...] = 7.0   # garbage: backward overwrites
+    layer.backward([top], [True], [bottom])
+    return top.data.copy(), bottom.diff.copy(), picked
+
+
+def inputs(rng, shape, kind, dtype):
+    if kind == "ties":       # few distinct values: many windows hold their maximum twice
+        return rng.integers(0, 3, shape).astype(dtype)
+    x = rng.standard_normal(shape).astype(dtype)
+    if kind == "nonfinite":  # NaN is skipped by MAX as Caffe's `>` does; -inf never wins
+        x.flat[::7] = np.nan
+        x.flat[3::11] = -np.inf
+    return x
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite"])
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+@pytest.mark.parametrize("shape, params", CONFIGS, ids=[c[1] for c in CONFIGS])
+def test_fast_kernel_equals_plain_path(monkeypatch, shape, params, method, kind, dtype):
+    # The waste limit is a speed rule only: lift it so that the small shapes run the phase grid.
+    monkeypatch.setattr(kernel_module, "MAX_WASTE", np.inf)
+    if method == "AVE" and kind == "nonfinite":
+        pytest.skip("AVE of NaN is NaN on both paths")
+    rng = np.random.default_rng(0)
+    x = inputs(rng, shape, kind, dtype)
+    dy = lambda s: np.random.default_rng(1).standard_normal(s).astype(dtype)  # noqa: E731
+    params = f"pool: {method} {params}"
+    y_plain, dx_plain, _ = run(params, x, False, dy)
+    y_fast, dx_fast, picked = run(params, x, True, dy)
+    assert picked, "a fast kernel should apply here"
+    # MAX picks the same elements: exact. AVE over a whole plane sums pairwise (np.sum), and
+    # gradients that several windows send to one pixel are summed in another order: rounding.
+    if method == "MAX":
+        np.testing.assert_array_equal(y_fast, y_plain)
+    else:
+        np.testing.assert_allclose(y_fast, y_plain, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dx_fast, dx_plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 700, 1 << 20])
+def test_blocks_and_threads_do_not_change_the_result(monkeypatch, block_bytes):
+    """One plane per block, blocks that end inside a plane's grid, one block for everything."""
+    x = np.random.default_rng(2).standard_normal((3, 7, 13, 11)).astype(np.float32)
+    dy = lambda s: np.random.default_rng(3).standard_normal(s).astype(np.float32)  # noqa: E731
+    params = "pool: MAX kernel_size: 3 stride: 2 pad: 1"
+    expected = run(params, x, False, dy)
+    monkeypatch.setattr(kernel_module, "BLOCK_BYTES", block_bytes)
+    from minicaffe import threads
+    for count in (1, 2):
+        monkeypatch.setattr(threads, "MIN_PARALLEL_ELEMENTS", 1)
+        threads.set_num_threads(count)
+        try:
+            got = run(params, x, True, dy)
+        finally:
+            threads.set_num_threads(threads._threads_from_env())
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_allclose(got[1], expected[1], rtol=1e-6, atol=1e-7)
+
+
+def test_mask_top_keeps_the_plain_path():
+    param = text_format.Parse('name: "p" type: "Pooling" pooling_param { pool: MAX kernel_size: 2 }',
+                              caffe_pb2.LayerParameter())
+    layer = create_layer(param, caffe_pb2.TRAIN)
+    bottom, tops = Blob((1, 1, 4, 4)), [Blob(), Blob()]
+    layer.setup([bottom], tops)
+    assert layer._phase_pool is None
