@@ -1,0 +1,141 @@
+"""BatchNorm and Scale run their passes block by block over rows (image x channel), on the
+worker threads: these check the blocked paths against plain numpy formulas and Scale's
+broadcast path, with blocks small enough that every pass spans many of them, on two threads.
+"""
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from minicaffe import Blob, create_layer, threads
+from minicaffe.layers import normalization
+from minicaffe.proto import caffe_pb2
+
+TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def small_blocks(request, monkeypatch):
+    monkeypatch.setattr(normalization, "_BLOCK", 300)           # rows of 100 -> 3 per block
+    monkeypatch.setattr(threads, "MIN_PARALLEL_ELEMENTS", 1)
+    before = threads.get_num_threads()
+    threads.set_num_threads(request.param)
+    yield
+    threads.set_num_threads(before)
+
+
+def layer_from(text, phase=TRAIN):
+    param = text_format.Parse(text, caffe_pb2.LayerParameter())
+    param.name = "norm"
+    return create_layer(param, phase)
+
+
+def blob(array, dtype=np.float32):
+    b = Blob(array.shape, dtype=dtype)
+    b.data[...] = array
+    return b
+
+
+def run(layer, x, dy, in_place, extra=()):
+    bottoms = [blob(x)] + [blob(a) for a in extra]
+    top = bottoms[0] if in_place else Blob(dtype=np.float32)
+    layer.setup(bottoms, [top])
+    layer.reshape(bottoms, [top])
+    layer.forward(bottoms, [top])
+    y = top.data.copy()
+    top.diff[...] = dy
+    for b in layer.blobs:
+        b.diff[...] = 0
+    layer.backward([top], [True] * len(bottoms), bottoms)
+    return y, bottoms
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("shape", [(3, 5, 10, 10), (2, 7, 100)])
+def test_batchnorm_blocked_train_matches_formula(small_blocks, in_place, shape):
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=shape) * 2 + 0.5).astype(np.float32)
+    dy = rng.uniform(-1, 1, size=shape).astype(np.float32)
+    layer = layer_from('type: "BatchNorm" batch_norm_param { use_global_stats: false }')
+    y, bottoms = run(layer, x, dy, in_place)
+    axes = (0,) + tuple(range(2, x.ndim))
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    mean = x64.mean(axis=axes, keepdims=True)
+    var = x64.var(axis=axes, keepdims=True)
+    std = np.sqrt(var + 1e-5)
+    xn = (x64 - mean) / std
+    np.testing.assert_allclose(y, xn, rtol=1e-4, atol=1e-5)
+    dx = (dy64 - dy64.mean(axis=axes, keepdims=True)
+          - xn * (dy64 * xn).mean(axis=axes, keepdims=True)) / std
+    np.testing.assert_allclose(bottoms[0].diff, dx, rtol=1e-4, atol=1e-5)
+    m = x.size // shape[1]
+    np.testing.assert_allclose(layer.blobs[0].data, mean.ravel(), rtol=1e-5)
+    np.testing.assert_allclose(layer.blobs[1].data, var.ravel() * m / (m - 1), rtol=1e-4)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_batchnorm_blocked_global_stats(small_blocks, in_place):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 4, 10, 10)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    fresh = layer_from('type: "BatchNorm"', TEST)
+    # Stored sums with normalizer 2: mean = sums / 2, variance = sums / 2.
+    fresh.blobs = [blob(np.array(a)) for a in ([0.2, -0.4, 1.0, 0.0], [2.0, 1.0, 0.5, 4.0], [2.0])]
+    fresh.blobs_loaded = True
+    y, bottoms = run(fresh, x, dy, in_place)
+    mean = np.array([0.1, -0.2, 0.5, 0.0])[None, :, None, None]
+    std = np.sqrt(np.array([1.0, 0.5, 0.25, 2.0]) + 1e-5)[None, :, None, None]
+    np.testing.assert_allclose(y, (x - mean) / std, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bottoms[0].diff, dy / std, rtol=1e-5, atol=1e-6)
+
+
+SCALE_CASES = [
+    'type: "Scale" scale_param { bias_term: true }',
+    'type: "Scale"',
+    'type: "Scale" scale_param { axis: 1 num_axes: 1 bias_term: true '
+    'filler { type: "uniform" min: -1 max: 1 } bias_filler { type: "uniform" min: -1 max: 1 } }',
+]
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("text", SCALE_CASES)
+def test_scale_row_path_matches_broadcast_path(small_blocks, in_place, text):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 5, 10, 10)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    results = []
+    for min_inner in (64, 10 ** 9):   # the row path, then the broadcast path
+        from minicaffe import set_random_seed
+        set_random_seed(5)
+        layer = layer_from(text)
+        layer.ROW_PATH_MIN_INNER = min_inner
+        y, bottoms = run(layer, x, dy, in_place)
+        assert layer._rows == (min_inner == 64)
+        results.append((y, bottoms[0].diff.copy(), [b.diff.copy() for b in layer.blobs]))
+    (y1, dx1, p1), (y2, dx2, p2) = results
+    np.testing.assert_allclose(y1, y2, rtol=1e-6)
+    np.testing.assert_allclose(dx1, dx2, rtol=1e-6)
+    for a, b in zip(p1, p2):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_scale_row_path_with_second_bottom(small_blocks):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 6, 100)).astype(np.float32)
+    s = rng.normal(size=(6,)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    layer = layer_from('type: "Scale" scale_param { axis: 1 }')
+    y, bottoms = run(layer, x, dy, False, extra=[s])
+    assert layer._rows
+    np.testing.assert_allclose(y, x * s[None, :, None], rtol=1e-6)
+    np.testing.assert_allclose(bottoms[0].diff, dy * s[None, :, None], rtol=1e-6)
+    np.testing.assert_allclose(bottoms[1].diff, (dy.astype(np.float64) * x).sum(axis=(0, 2)),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("beta", [0.75, 0.5, 1.0, 0.6])
+def test_lrn_negative_power_matches_np_power(beta):
+    base = np.random.default_rng(4).uniform(1, 50, size=(4, 1000)).astype(np.float32)
+    out, scratch = np.empty_like(base), np.empty_like(base)
+    normalization._negative_power(base, beta, out, scratch)
+    np.testing.assert_allclose(out, np.power(base.astype(np.float64), -beta), rtol=1e-6)
+    assert out.dtype == np.float32
