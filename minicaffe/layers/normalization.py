@@ -508,14 +508,25 @@ class ScaleLayer(_AffineLayer):
             self.bias_index = len(self.blobs) - 1
         self._saved_input = None
         self._row_values = self._row_sums = self._ones = None
+        self._reshaped_for = None
 
     # Rows (one per outer x dim position) at least this long go through the blocked row path;
     # shorter ones broadcast over the whole (outer, dim, inner) view at once.
     ROW_PATH_MIN_INNER = 64
 
     def reshape(self, bottom, top):
-        p = self.layer_param.scale_param
         scale = bottom[1] if len(bottom) > 1 else self.blobs[0]
+        # Everything below follows from these shapes and the buffers' identity; Net calls
+        # reshape before every forward, and the shapes almost never change between calls.
+        key = (bottom[0].shape, top[0].shape, scale.shape, _in_place(bottom, top),
+               self.blobs[self.bias_index].shape if self.bias_index is not None else None)
+        if key == self._reshaped_for:
+            return
+        self._reshape(bottom, top, scale)
+        self._reshaped_for = (bottom[0].shape, top[0].shape) + key[2:]
+
+    def _reshape(self, bottom, top, scale):
+        p = self.layer_param.scale_param
         self.dims = _affine_dims(self, bottom[0], scale, p.axis, "scale")
         if self.bias_index is not None:
             self.bias_dims = _affine_dims(self, bottom[0], self.blobs[self.bias_index], p.axis, "bias")

@@ -139,3 +139,23 @@ def test_lrn_negative_power_matches_np_power(beta):
     normalization._negative_power(base, beta, out, scratch)
     np.testing.assert_allclose(out, np.power(base.astype(np.float64), -beta), rtol=1e-6)
     assert out.dtype == np.float32
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_scale_reshape_is_redone_when_shapes_change(in_place):
+    """Scale.reshape skips its work when the shapes it saw last are unchanged; a new batch
+    size or spatial size must still give the right dims and buffers."""
+    layer = layer_from('type: "Scale" scale_param { bias_term: true '
+                       'filler { type: "uniform" min: -1 max: 1 } }')
+    rng = np.random.default_rng(6)
+    first = rng.normal(size=(2, 3, 10, 10)).astype(np.float32)
+    y, _ = run(layer, first, np.ones_like(first), in_place)
+    for shape in [(2, 3, 10, 10), (5, 3, 4, 20), (1, 3, 2, 2)]:
+        x = rng.normal(size=shape).astype(np.float32)
+        bottom = blob(x)
+        top = bottom if in_place else Blob(dtype=np.float32)
+        layer.reshape([bottom], [top])
+        layer.forward([bottom], [top])
+        assert top.shape == shape and layer.dims == (shape[0], 3, shape[2] * shape[3])
+        s, b = (blob_.data.reshape(1, 3, 1, 1) for blob_ in layer.blobs)
+        np.testing.assert_allclose(top.data, x * s + b, rtol=1e-6)
