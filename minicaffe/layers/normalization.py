@@ -240,7 +240,7 @@ class BatchNormLayer(Layer):
         rows = shape[0] * shape[1]
         # Per-row partial sums (rows = image x channel), reduced to channels after each pass.
         self._row_sums = _buffer(self._row_sums, (2, rows), dtype)
-        self._row_stats = _buffer(self._row_stats, (3, rows), dtype)   # per-row copies of (C,)
+        self._row_stats = _buffer(self._row_stats, (4, rows), dtype)   # per-row values
         self._ones = _ones(self._ones, shape[2], dtype)
 
     def _grouped_shape(self, blob):
@@ -271,19 +271,27 @@ class BatchNormLayer(Layer):
             mean = mean_sum * dtype(factor)
             var = var_sum * dtype(factor)
         else:
-            # Pass 1: row sums (one gemv) -> the channel means. Pass 2, block by block:
-            # y = x - mean and the rows' sums of squares of y -> the (biased) variances.
+            # One read of x for both statistics: per row (image x channel), its sum (gemv) and
+            # the sum of squares about its own mean (through x_norm, free until pass 2, while
+            # the block is in cache); rows then combine exactly as in Chan et al.'s parallel
+            # variance: M2_c = sum_n M2_nc + S * sum_n (mean_nc - mean_c)^2.
             sums, squares = self._row_sums
-            np.dot(x2, self._ones, out=sums)
+            own_mean = self._row_stats[3]
+            inv_spatial = dtype(1.0 / max(spatial, 1))
+
+            def statistics(lo, hi):
+                np.dot(x2[lo:hi], self._ones, out=sums[lo:hi])
+                np.multiply(sums[lo:hi], inv_spatial, out=own_mean[lo:hi])
+                np.subtract(x2[lo:hi], own_mean[lo:hi, None], out=xn2[lo:hi])
+                np.einsum("ij,ij->i", xn2[lo:hi], xn2[lo:hi], out=squares[lo:hi])
+
+            _over_rows(rows, spatial, statistics)
             mean = self._channel_means(sums)
-            row_mean = _per_row(self._row_stats[0], mean, num)
-
-            def center(lo, hi):
-                np.subtract(x2[lo:hi], row_mean[lo:hi, None], out=y2[lo:hi])
-                np.einsum("ij,ij->i", y2[lo:hi], y2[lo:hi], out=squares[lo:hi])
-
-            _over_rows(rows, spatial, center)
-            var = self._channel_means(squares)
+            spread = own_mean.reshape(num, channels) - mean
+            np.square(spread, out=spread)
+            spread *= dtype(spatial)
+            spread += squares.reshape(num, channels)
+            var = self._channel_means(spread.reshape(-1))
             # Running sums, decayed by moving_average_fraction; the normalizer tracks their weight.
             # The variance gets Bessel's correction m / (m - 1), m = values per channel.
             maf = self.moving_average_fraction
@@ -297,11 +305,10 @@ class BatchNormLayer(Layer):
             var_sum += var * dtype(correction)
         self._std = np.sqrt(var + dtype(self.eps))
         row_std = _per_row(self._row_stats[1], self._std, num)
-        row_mean = _per_row(self._row_stats[0], mean, num) if self.use_global_stats else None
+        row_mean = _per_row(self._row_stats[0], mean, num)
 
         def normalize(lo, hi):
-            if row_mean is not None:   # TRAIN statistics were subtracted in the pass above
-                np.subtract(x2[lo:hi], row_mean[lo:hi, None], out=y2[lo:hi])
+            np.subtract(x2[lo:hi], row_mean[lo:hi, None], out=y2[lo:hi])
             y2[lo:hi] /= row_std[lo:hi, None]
             # Kept for backward, since a later in-place layer may overwrite the top.
             np.copyto(xn2[lo:hi], y2[lo:hi])

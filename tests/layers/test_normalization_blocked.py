@@ -159,3 +159,18 @@ def test_scale_reshape_is_redone_when_shapes_change(in_place):
         assert top.shape == shape and layer.dims == (shape[0], 3, shape[2] * shape[3])
         s, b = (blob_.data.reshape(1, 3, 1, 1) for blob_ in layer.blobs)
         np.testing.assert_allclose(top.data, x * s + b, rtol=1e-6)
+
+
+def test_batchnorm_variance_is_stable_for_large_means(small_blocks):
+    """The per-row statistics are combined about each row's own mean, so a mean far from
+    zero does not cancel the variance away (as E[x^2] - E[x]^2 would in float32)."""
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=(4, 3, 10, 10)) * 0.5 + 300 + rng.normal(size=(4, 1, 1, 1))).astype(np.float32)
+    layer = layer_from('type: "BatchNorm" batch_norm_param { use_global_stats: false }')
+    y, _ = run(layer, x, np.zeros_like(x), False)
+    x64 = x.astype(np.float64)
+    var = x64.var(axis=(0, 2, 3))
+    m = x.size // 3
+    np.testing.assert_allclose(layer.blobs[1].data, var * m / (m - 1), rtol=1e-4)
+    mean = x64.mean(axis=(0, 2, 3), keepdims=True)
+    np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(var.reshape(1, 3, 1, 1) + 1e-5), atol=1e-4)
