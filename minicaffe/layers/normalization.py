@@ -126,50 +126,63 @@ class LRNLayer(Layer):
 
     def forward(self, bottom, top):
         x, y, scale = bottom[0].data, top[0].data, self._scale
+        power, scratch = self._power, self._scratch
         if self.region == _LRN.ACROSS_CHANNELS:
             channels = x.shape[1]
             squares = self._padded
-            np.square(x, out=squares[:, self.pre_pad: self.pre_pad + channels])
-            self._window_sum(squares, scale)
-            scale *= self.alpha / self.size
-            scale += self.k
-        else:
-            np.square(x, out=self._scratch)
-            average_pool(self._windows, self._scratch, scale, self._padded)
-            scale *= self.alpha
-            scale += 1
-        _negative_power(scale, self.beta, self._power, self._scratch)
-        np.multiply(x, self._power, out=y)
+
+            def run(lo, hi):   # images lo..hi-1: each image's windows stay inside it
+                np.square(x[lo:hi], out=squares[lo:hi, self.pre_pad: self.pre_pad + channels])
+                self._window_sum(squares[lo:hi], scale[lo:hi])
+                scale[lo:hi] *= self.alpha / self.size
+                scale[lo:hi] += self.k
+                _negative_power(scale[lo:hi], self.beta, power[lo:hi], scratch[lo:hi])
+                np.multiply(x[lo:hi], power[lo:hi], out=y[lo:hi])
+
+            _over_rows(x.shape[0], x[0].size, run)
+            return
+        np.square(x, out=scratch)
+        average_pool(self._windows, scratch, scale, self._padded)
+        scale *= self.alpha
+        scale += 1
+        _negative_power(scale, self.beta, power, scratch)
+        np.multiply(x, power, out=y)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
         x, y, dy, scale = bottom[0].data, top[0].data, top[0].diff, self._scale
+        dx, power, accum = bottom[0].diff, self._power, self._scratch
         # Each y_j depends on x_i through scale_j: dy_j/dx_i = -2 beta (alpha/n) x_i y_j / scale_j
         # for every window j holding i. So dx_i = dy_i scale_i^-beta - 2 beta (alpha/n) x_i *
         # sum_{j: i in window j} dy_j y_j / scale_j.
-        accum = self._scratch
         if self.region == _LRN.ACROSS_CHANNELS:
             channels = x.shape[1]
             # Reuse the forward's channel-padded buffer; its zero border is never written.
             padded = self._padded
-            ratio = padded[:, self.pre_pad: self.pre_pad + channels]
-            np.multiply(dy, y, out=ratio)
-            ratio /= scale
-            self._window_sum(padded, accum)
-            accum *= x
-            accum *= 2 * self.alpha * self.beta / self.size
-        else:
-            # Here scale = 1 + alpha * avg_pool(x^2), so the window sum goes through the pooling's
-            # backward (which divides by the window size) and d(x^2)/dx = 2x.
-            ratio = bottom[0].diff    # free until dx is written below
-            np.multiply(dy, y, out=ratio)
-            ratio /= scale
-            average_pool_backward(self._windows, ratio, accum, self._padded_diff)
-            accum *= x
-            accum *= 2 * self.alpha * self.beta
-        dx = bottom[0].diff
-        np.multiply(dy, self._power, out=dx)
+            factor = 2 * self.alpha * self.beta / self.size
+
+            def run(lo, hi):
+                ratio = padded[lo:hi, self.pre_pad: self.pre_pad + channels]
+                np.multiply(dy[lo:hi], y[lo:hi], out=ratio)
+                ratio /= scale[lo:hi]
+                self._window_sum(padded[lo:hi], accum[lo:hi])
+                accum[lo:hi] *= x[lo:hi]
+                accum[lo:hi] *= factor
+                np.multiply(dy[lo:hi], power[lo:hi], out=dx[lo:hi])
+                dx[lo:hi] -= accum[lo:hi]
+
+            _over_rows(x.shape[0], x[0].size, run)
+            return
+        # Here scale = 1 + alpha * avg_pool(x^2), so the window sum goes through the pooling's
+        # backward (which divides by the window size) and d(x^2)/dx = 2x.
+        ratio = dx    # free until dx is written below
+        np.multiply(dy, y, out=ratio)
+        ratio /= scale
+        average_pool_backward(self._windows, ratio, accum, self._padded_diff)
+        accum *= x
+        accum *= 2 * self.alpha * self.beta
+        np.multiply(dy, power, out=dx)
         dx -= accum
 
 

@@ -174,3 +174,23 @@ def test_batchnorm_variance_is_stable_for_large_means(small_blocks):
     np.testing.assert_allclose(layer.blobs[1].data, var * m / (m - 1), rtol=1e-4)
     mean = x64.mean(axis=(0, 2, 3), keepdims=True)
     np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(var.reshape(1, 3, 1, 1) + 1e-5), atol=1e-4)
+
+
+@pytest.mark.parametrize("text", ['type: "LRN" lrn_param { local_size: 5 alpha: 0.1 beta: 0.75 }',
+                                  'type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.6 k: 2 }'])
+def test_lrn_image_blocks_match_one_block(small_blocks, monkeypatch, text):
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(5, 7, 6, 6)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    y_blocks, b_blocks = run(layer_from(text), x, dy, False)       # one image per block
+    monkeypatch.setattr(normalization, "_BLOCK", 10 ** 9)
+    y_one, b_one = run(layer_from(text), x, dy, False)
+    np.testing.assert_array_equal(y_blocks, y_one)
+    np.testing.assert_array_equal(b_blocks[0].diff, b_one[0].diff)
+    x64 = x.astype(np.float64)
+    p = layer_from(text).layer_param.lrn_param
+    pad = (p.local_size - 1) // 2
+    sq = np.pad(x64 ** 2, ((0, 0), (pad, pad), (0, 0), (0, 0)))
+    window = sum(sq[:, o: o + x.shape[1]] for o in range(p.local_size))
+    np.testing.assert_allclose(y_one, x64 * (p.k + p.alpha / p.local_size * window) ** -p.beta,
+                               rtol=1e-5, atol=1e-6)
