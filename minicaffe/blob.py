@@ -5,6 +5,8 @@ Storage is a flat buffer that only grows; `data`/`diff` are views of its first
 never reallocates, and blobs that share storage (`share_data`/`share_diff`)
 keep seeing each other's writes.
 """
+import math
+
 import numpy as np
 
 from .errors import MinicaffeError
@@ -49,7 +51,7 @@ class _Count(int):
         """Product of dims start..end-1 (all of them by default), as Blob::count."""
         if start == 0 and end is None:
             return int(self)
-        return int(np.prod(self._shape[start:end], dtype=np.int64))
+        return math.prod(self._shape[start:end])   # ints: exact, and ~10x cheaper than np.prod
 
 
 class Blob:
@@ -110,7 +112,7 @@ class Blob:
         if any(d < 0 for d in shape):
             raise BlobError(f"blob {self._label()}: negative dimension in shape {shape}")
         self._shape = shape
-        self._count = int(np.prod(shape, dtype=np.int64))
+        self._count = math.prod(shape)
         self._data.ensure(self._count)
         self._diff.ensure(self._count)
         return self

@@ -494,13 +494,15 @@ class Net:
     def forward_from_to(self, start=0, end=None):
         """Run layers start..end (inclusive) and return their summed weighted loss."""
         loss = 0.0
+        before, after = self._hooks["before_forward"], self._hooks["after_forward"]
+        debug = self.debug_info
         for i, layer, bottom, top in self.forward_plan(start, end):
-            for hook in self._hooks["before_forward"]:
+            for hook in before:
                 hook(i)
             try:
                 layer.reshape(bottom, top)
                 loss += layer.run_forward(bottom, top)
-                if self.debug_info:
+                if debug:
                     self._forward_debug_info(i)
             except LayerError:
                 raise
@@ -508,7 +510,7 @@ class Net:
                 if isinstance(exc, (KeyboardInterrupt, MemoryError)):
                     raise
                 raise type(exc)(f"layer {layer.name!r} ({layer.type}) forward: {exc}") from exc
-            for hook in self._hooks["after_forward"]:
+            for hook in after:
                 hook(i)
         return loss
 
@@ -517,18 +519,20 @@ class Net:
             raise RuntimeError(f"net {self.name!r} was built with inference=True: its blobs share "
                                f"buffers, so it has no backward pass; build it without inference=True")
         start = len(self.layers) - 1 if start is None else start
+        before, after = self._hooks["before_backward"], self._hooks["after_backward"]
+        debug = self.debug_info
         for i in range(start, end - 1, -1):
-            for hook in self._hooks["before_backward"]:
+            for hook in before:
                 hook(i)
             if not self.layer_need_backward[i]:
-                for hook in self._hooks["after_backward"]:
+                for hook in after:
                     hook(i)
                 continue
             layer = self.layers[i]
             try:
                 layer.run_backward(self._top_vecs[i], self.bottom_need_backward[i],
                                    self._bottom_vecs[i])
-                if self.debug_info:
+                if debug:
                     self._backward_debug_info(i)
             except LayerError:
                 raise
@@ -536,7 +540,7 @@ class Net:
                 if isinstance(exc, (KeyboardInterrupt, MemoryError)):
                     raise
                 raise type(exc)(f"layer {layer.name!r} ({layer.type}) backward: {exc}") from exc
-            for hook in self._hooks["after_backward"]:
+            for hook in after:
                 hook(i)
 
     # pycaffe's _forward/_backward: Net::ForwardFromTo / BackwardFromTo by layer index.
@@ -677,7 +681,7 @@ class Net:
 
     def clear_param_diffs(self):
         for blob in self.learnable_params:
-            blob.diff[...] = 0
+            blob.diff.fill(0)
 
     def update(self):
         if self.debug_info:
@@ -749,9 +753,12 @@ class Net:
 
     # -- divergence --------------------------------------------------------------------------
     def params_finite(self):
-        """Whether every learnable parameter is finite (one float64-accumulated sum per blob:
-        a sum is finite exactly when no element is inf or nan, and cannot overflow)."""
-        return all(math.isfinite(blob.data.sum(dtype=np.float64)) for blob in self.learnable_params)
+        """Whether every learnable parameter is finite: a blob's sum is finite when no element is
+        inf or nan, unless the float32 sum overflows, which the elementwise check then settles
+        (a float64 sum would cast through a temporary buffer on every call)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            return all(math.isfinite(data.sum()) or bool(np.isfinite(data).all())
+                       for data in (blob.data for blob in self.learnable_params))
 
     def non_finite_report(self):
         """Where non-finite numbers first appear after a forward/backward pass, as a phrase

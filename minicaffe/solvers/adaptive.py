@@ -43,12 +43,8 @@ class AdaGradSolver(Solver):
         if self.param.momentum != 0:
             raise SolverError(self._where("momentum cannot be used with AdaGrad; remove it"))
 
-    def compute_update_value(self, param_id, rate):
-        blob = self.net.learnable_params[param_id]
-        lr = self.local_rate(param_id, rate)
-        acc = self.history[param_id].data
-        update = self._update[param_id]
-        diff = blob.diff
+    def update_values(self, lr, diff, history, update, temp):
+        (acc,) = history
         np.square(diff, out=update)
         acc += update
         _scale_by_rms(diff, acc, self.param.delta, update)
@@ -66,12 +62,8 @@ class RMSPropSolver(Solver):
         if not 0 <= self.param.rms_decay < 1:
             raise SolverError(self._where(f"rms_decay must lie in [0, 1), got {self.param.rms_decay}"))
 
-    def compute_update_value(self, param_id, rate):
-        blob = self.net.learnable_params[param_id]
-        lr = self.local_rate(param_id, rate)
-        acc = self.history[param_id].data
-        update = self._update[param_id]
-        diff = blob.diff
+    def update_values(self, lr, diff, history, update, temp):
+        (acc,) = history
         np.square(diff, out=update)
         _running_mean(acc, update, self.param.rms_decay, update)
         _scale_by_rms(diff, acc, self.param.delta, update)
@@ -84,16 +76,10 @@ class AdaDeltaSolver(Solver):
 
     history_per_param = 2
 
-    def compute_update_value(self, param_id, rate):
-        n = len(self.net.learnable_params)
-        blob = self.net.learnable_params[param_id]
-        lr = self.local_rate(param_id, rate)
+    def update_values(self, lr, diff, history, update, temp):
+        grad_acc, step_acc = history
         m = self.param.momentum
         delta = self.param.delta
-        grad_acc = self.history[param_id].data
-        step_acc = self.history[n + param_id].data
-        update, temp = self._update[param_id], self._temp[param_id]
-        diff = blob.diff
         np.square(diff, out=update)
         _running_mean(grad_acc, update, m, update)
         np.add(step_acc, delta, out=update)
@@ -112,17 +98,11 @@ class AdamSolver(Solver):
 
     history_per_param = 2
 
-    def compute_update_value(self, param_id, rate):
-        n = len(self.net.learnable_params)
-        blob = self.net.learnable_params[param_id]
-        lr = self.local_rate(param_id, rate)
+    def update_values(self, lr, diff, history, update, temp):
+        mean, sq_mean = history
         b1, b2 = self.param.momentum, self.param.momentum2
         t = self.iter + 1
         correction = self._scalar(math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t))
-        mean = self.history[param_id].data
-        sq_mean = self.history[n + param_id].data
-        temp = self._temp[param_id]
-        diff = blob.diff
         _running_mean(mean, diff, b1, temp)
         np.square(diff, out=temp)
         _running_mean(sq_mean, temp, b2, temp)

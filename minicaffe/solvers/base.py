@@ -32,6 +32,7 @@ from ..proto import caffe_pb2
 from ..proto_io import TEMP_PREFIX, ProtoFileError, field_location, read_net_param, read_proto, \
     read_solver_param, stage_file
 from ..rng import get_rng_state, set_random_seed, set_rng_state
+from ..threads import parallel_for
 from .lr_policies import check_lr_policy, learning_rate
 
 __all__ = ["Solver", "SolverError", "DivergenceError", "SnapshotError", "register_solver", "solver_registry", "get_solver",
@@ -331,6 +332,8 @@ class Solver:
                         for p in params]
         self._update = [np.zeros(p.shape, self.dtype) for p in params]
         self._temp = [np.zeros(p.shape, self.dtype) for p in params]
+        self._params_finite = None   # set by the fused update: no separate check needed
+        self._make_blocks()
 
     def _scalar(self, x):
         """x rounded to the net's float type, as Caffe's Dtype arithmetic would hold it."""
@@ -360,12 +363,84 @@ class Solver:
         if self.param.display and self.iter % self.param.display == 0:
             log.info("Iteration %d, lr = %s", self.iter, _g(rate))
         self.clip_gradients()
-        for param_id in range(len(self.net.learnable_params)):
-            self.normalize(param_id)
-            self.regularize(param_id)
-            self.compute_update_value(param_id, rate)
-        self.net.update()
+        if self._can_fuse():
+            self._params_finite = self._fused_update(rate)
+        else:
+            for param_id in range(len(self.net.learnable_params)):
+                self.normalize(param_id)
+                self.regularize(param_id)
+                self.compute_update_value(param_id, rate)
+            self.net.update()
+            self._params_finite = None
         self.iter += 1   # iter counts the weight updates done
+
+    # Elements per block of the fused update: the block's weights, diff, history and scratch
+    # (256 KiB each) stay in cache through all its passes. Measured on CaffeNet's 61M params
+    # (2-core EPYC): 4096 -> 1.5x slower than unblocked (Python overhead per block), 16384 ->
+    # 0.7x, 65536 -> 0.55x, 262144 -> 0.6x.
+    FUSED_BLOCK = 65536
+
+    def _can_fuse(self):
+        """The fused update runs the same elementwise steps as the per-param methods, so it is
+        used only when none of them is overridden and no [Update] debug lines are wanted."""
+        cls = type(self)
+        return (not self.net.debug_info and cls.update_values is not Solver.update_values
+                and cls.compute_update_value is Solver.compute_update_value
+                and cls.normalize is Solver.normalize and cls.regularize is Solver.regularize
+                and type(self.net).update is Net.update)
+
+    def _fused_update(self, rate):
+        """normalize, regularize, update_values and data -= diff, block by block over every
+        param (blocks spread over the worker threads); returns whether all data is finite.
+
+        Each element goes through exactly the operations of the per-param path, in the same
+        order, so both give the same bits."""
+        params = self.net.learnable_params
+        n = len(params)
+        scale = self._scalar(1.0 / self.param.iter_size) if self.param.iter_size != 1 else None
+        l1 = self.param.regularization_type == "L1"
+        per_param = []
+        for param_id, blob in enumerate(params):
+            hist = tuple(self.history[k * n + param_id].data.reshape(-1)
+                         for k in range(self.history_per_param))
+            per_param.append((blob.data.reshape(-1), blob.diff.reshape(-1), hist,
+                              self._update[param_id].reshape(-1), self._temp[param_id].reshape(-1),
+                              self.local_rate(param_id, rate), self._decay(param_id)))
+        if self._block_counts != tuple(p.count() for p in params):
+            self._make_blocks()   # a param was reshaped by hand
+        blocks = self._blocks
+        bad = []
+
+        def run(lo, hi):
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):   # workers too
+                run_blocks(lo, hi)
+
+        def run_blocks(lo, hi):
+            for param_id, start, stop in blocks[lo:hi]:
+                data, diff, hist, update, temp, lr, decay = per_param[param_id]
+                w, d, u, t = data[start:stop], diff[start:stop], update[start:stop], temp[start:stop]
+                if scale is not None:
+                    d *= scale
+                if decay:
+                    _add_decay(w, d, t, decay, l1)
+                self.update_values(lr, d, tuple(h[start:stop] for h in hist), u, t)
+                np.subtract(w, d, out=w)
+                # A float32 sum is finite when every element is, unless it overflows: recheck then.
+                if not math.isfinite(w.sum()) and not np.isfinite(w).all():
+                    bad.append(param_id)
+
+        parallel_for(len(blocks), run, self._block_elements)
+        return not bad
+
+    def _make_blocks(self):
+        """(param_id, start, stop) blocks of at most FUSED_BLOCK elements covering every param."""
+        step = self.FUSED_BLOCK
+        self._blocks = [(param_id, lo, min(lo + step, p.count()))
+                        for param_id, p in enumerate(self.net.learnable_params)
+                        for lo in range(0, p.count(), step)]
+        self._block_counts = tuple(p.count() for p in self.net.learnable_params)
+        total = sum(self._block_counts)
+        self._block_elements = max(1, total // max(len(self._blocks), 1))
 
     def clip_gradients(self):
         """Scale all diffs down together when their global L2 norm exceeds clip_gradients."""
@@ -388,24 +463,33 @@ class Solver:
         diff = self.net.learnable_params[param_id].diff
         diff *= self._scalar(1.0 / self.param.iter_size)
 
+    def _decay(self, param_id):
+        return self._scalar(self.param.weight_decay * self.net.params_weight_decay[param_id])
+
     def regularize(self, param_id):
         """Add the weight-decay gradient: decay * w (L2) or decay * sign(w) (L1)."""
-        decay = self._scalar(self.param.weight_decay * self.net.params_weight_decay[param_id])
+        decay = self._decay(param_id)
         if not decay:
             return
         blob = self.net.learnable_params[param_id]
-        temp = self._temp[param_id]
-        if self.param.regularization_type == "L2":
-            np.multiply(blob.data, decay, out=temp)
-        else:
-            np.sign(blob.data, out=temp)
-            temp *= decay
-        diff = blob.diff
-        diff += temp
+        _add_decay(blob.data, blob.diff, self._temp[param_id], decay,
+                   self.param.regularization_type == "L1")
+
+    def update_values(self, lr, diff, history, update, temp):
+        """Overwrite `diff` (the regularized gradient) with the step to subtract, updating the
+        running averages in `history` (this param's history arrays, in Caffe's order); `update`
+        and `temp` are scratch. All arrays have diff's shape (whole params or blocks of them)
+        and every operation is elementwise. lr is the param's rate (rate x lr_mult)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement update_values "
+                                  "or compute_update_value")
 
     def compute_update_value(self, param_id, rate):
         """Overwrite learnable_params[param_id].diff with the step to subtract from its data."""
-        raise NotImplementedError(f"{type(self).__name__} must implement compute_update_value")
+        n = len(self.net.learnable_params)
+        self.update_values(self.local_rate(param_id, rate), self.net.learnable_params[param_id].diff,
+                           tuple(self.history[k * n + param_id].data
+                                 for k in range(self.history_per_param)),
+                           self._update[param_id], self._temp[param_id])
 
     # -- the loop --------------------------------------------------------------------
     def add_callback(self, on_start=None, on_gradients_ready=None, on_iteration_end=None):
@@ -487,7 +571,8 @@ class Solver:
                 self._diverged(self.iter, f"the loss is {_g(loss)}")   # weights not updated yet
             self._run("on_gradients_ready")
             self.apply_update()
-            if not self.net.params_finite():
+            finite = self._params_finite
+            if not (self.net.params_finite() if finite is None else finite):
                 self._diverged(self.iter - 1, f"the update (lr = {_g(self.learning_rate)}) made parameters "
                                "non-finite")
             request = self.requested_action()
@@ -773,6 +858,16 @@ class Solver:
 
     def __repr__(self):
         return f"<{type(self).__name__} iter={self.iter} net={self.net.name!r}>"
+
+
+def _add_decay(data, diff, temp, decay, l1):
+    """diff += decay * data (L2) or decay * sign(data) (L1); temp is scratch of data's shape."""
+    if l1:
+        np.sign(data, out=temp)
+        temp *= decay
+    else:
+        np.multiply(data, decay, out=temp)
+    diff += temp
 
 
 def _by_output(net, values):

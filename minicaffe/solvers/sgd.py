@@ -19,32 +19,26 @@ __all__ = ["SGDSolver", "NesterovSolver"]
 class SGDSolver(Solver):
     """Stochastic gradient descent with momentum: V <- m V + lr g, w <- w - V."""
 
-    def compute_update_value(self, param_id, rate):
-        blob = self.net.learnable_params[param_id]
-        lr = self.local_rate(param_id, rate)
-        velocity = self.history[param_id].data
-        scaled = self._temp[param_id]
+    def update_values(self, lr, diff, history, update, temp):
+        (velocity,) = history
         velocity *= self.param.momentum
-        np.multiply(blob.diff, lr, out=scaled)
-        velocity += scaled
-        blob.diff[...] = velocity
+        diff *= lr                          # g is not needed after this: scale it in place
+        velocity += diff
+        np.copyto(diff, velocity)
 
 
 @register_solver("Nesterov")
 class NesterovSolver(Solver):
     """Nesterov momentum: V' <- m V + lr g, step (1 + m) V' - m V (step back, then over-step)."""
 
-    def compute_update_value(self, param_id, rate):
-        blob = self.net.learnable_params[param_id]
-        lr = self.local_rate(param_id, rate)
+    def update_values(self, lr, diff, history, update, temp):
+        (velocity,) = history
         m = self.param.momentum
-        velocity = self.history[param_id].data
-        previous = self._update[param_id]
-        previous[...] = velocity
+        previous = update
+        np.copyto(previous, velocity)
         velocity *= m
-        diff = blob.diff
-        np.multiply(diff, lr, out=self._temp[param_id])
-        velocity += self._temp[param_id]
+        diff *= lr
+        velocity += diff
         np.multiply(velocity, self._scalar(1.0 + m), out=diff)
         previous *= m
         diff -= previous
