@@ -20,13 +20,13 @@ import os
 import pathlib
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-BENCH = ROOT.parent / "shared" / "models" / "bench"
+from _bench_common import SHARED, child_env, child_rss_mb, print_command, print_table
+
+BENCH = SHARED / "models" / "bench"
 # (name, prototxt, batch): the batch sizes of the inference issue's table
 NETS = [
     ("caffenet", "caffenet_deploy.prototxt", 10),
@@ -125,17 +125,6 @@ def worker(engine, spec, iterations, threads, out_npy):
     print(json.dumps({"ms": statistics.median(times)}))
 
 
-def child_rss_mb(cmd, env):
-    """Runs cmd and measures its peak RSS through wait4, which reports that one child's usage."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} ... failed (exit {proc.returncode}):\n{output[-1500:]}")
-    return output, usage.ru_maxrss / 1024
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", default=",".join(n for n, _, _ in NETS),
@@ -177,11 +166,7 @@ def main():
         engines.append("pycaffe")
     if args.caffe:
         engines.append("caffe")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
-               MKL_NUM_THREADS=str(args.threads))
-    if args.pycaffe:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.pycaffe, env.get("PYTHONPATH")]))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env = child_env(args.threads, [args.pycaffe] if args.pycaffe else [])
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -219,21 +204,21 @@ def main():
             rows.append(row)
             print(f"{name}: " + "  ".join(f"{e} {row[e][0]:.1f} ms" for e in engines), file=sys.stderr, flush=True)
 
-    print(f"\n$ python benchmarks/deploy_bench.py {' '.join(sys.argv[1:])}")
+    print_command(__file__)
     print(f"forward ms (median of {args.rounds} alternated rounds x {args.iterations} forwards), "
           f"peak RSS MB, {args.threads} threads")
-    header = "| net | batch | " + " | ".join(f"{e} ms | {e} MB" for e in engines)
+    header = ["net", "batch"] + [f"{e} {unit}" for e in engines for unit in ("ms", "MB")]
     if "opencv" in engines:
-        header += " | minicaffe / OpenCV | max rel. diff"
-    print(header + " |")
-    print("|" + "---|" * (header.count("|")))
+        header += ["minicaffe / OpenCV", "max rel. diff"]
+    table = []
     for row in rows:
         cells = [row["net"], str(row["batch"])]
         for engine in engines:
             cells += [f"{row[engine][0]:.1f}", f"{row[engine][1]:.0f}"]
         if "opencv" in engines:
             cells += [f"{row['minicaffe'][0] / row['opencv'][0]:.2f}", f"{row['max_rel_err']:.1e}"]
-        print("| " + " | ".join(cells) + " |")
+        table.append(cells)
+    print_table(header, table)
 
 
 if __name__ == "__main__":

@@ -72,36 +72,11 @@ def run(args):
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 net.backward_from_to()
 
-        layers = net.layers
-        bottoms = [[net.blobs[n] for n in names] for names in net.bottom_ids]
-        tops = [[net.blobs[n] for n in names] for names in net.top_ids]
-        # An inference net's folded BatchNorm/Scale layers are not run: they report 0 ms.
-        steps = net.forward_plan() if args.inference else list(zip(range(len(layers)), layers, bottoms, tops))
-        forward_time = [0.0] * len(layers)
-        backward_time = [0.0] * len(layers)
-        total_forward = total_backward = 0.0
         n = args.iterations
         log.info("*** Benchmark begins ***")
         log.info("Testing for %d iterations.", n)
-        clock = time.perf_counter
-        start_total = clock()
-        for j in range(n):
-            start_iter = clock()
-            for i, layer, bottom, top in steps:
-                t = clock()
-                layer.reshape(bottom, top)
-                layer.run_forward(bottom, top)
-                forward_time[i] += clock() - t
-            total_forward += clock() - start_iter
-            start_backward = clock()
-            for i in reversed(range(0 if args.inference else len(layers))):
-                t = clock()
-                # Like Caffe's benchmark: every layer's Backward, even ones the net would skip.
-                layers[i].run_backward(tops[i], net.bottom_need_backward[i], bottoms[i])
-                backward_time[i] += clock() - t
-            total_backward += clock() - start_backward
-            log.info("Iteration: %d forward-backward time: %s ms.", j + 1, _ms(clock() - start_iter))
-        total = clock() - start_total
+        forward_time, backward_time, total_forward, total_backward, total = time_layers(
+            net, n, inference=args.inference)
         log.info("Average time per layer: ")
         for i, name in enumerate(net.layer_names):
             log.info("%10s\tforward: %s ms.", name, _ms(forward_time[i] / n))
@@ -114,3 +89,40 @@ def run(args):
         log.info("Total Time: %s ms.", _ms(total))
         log.info("*** Benchmark ends ***")
     return 0
+
+
+def time_layers(net, iterations, inference=False):
+    """Per-layer forward and backward times of `iterations` passes over `net`, as `caffe time`.
+
+    Returns (forward, backward, total_forward, total_backward, total): the first two are lists
+    of seconds summed over the iterations, one entry per layer in net.layer_names order; the
+    totals are seconds summed too. Every layer's Backward runs, even ones the net would skip,
+    like Caffe's benchmark; `inference` times the forward plan alone (folded layers report 0).
+    The caller runs one untimed pass first so that buffers exist before timing starts.
+    """
+    layers = net.layers
+    bottoms = [[net.blobs[n] for n in names] for names in net.bottom_ids]
+    tops = [[net.blobs[n] for n in names] for names in net.top_ids]
+    # An inference net's folded BatchNorm/Scale layers are not run: they report 0 ms.
+    steps = net.forward_plan() if inference else list(zip(range(len(layers)), layers, bottoms, tops))
+    forward_time = [0.0] * len(layers)
+    backward_time = [0.0] * len(layers)
+    total_forward = total_backward = 0.0
+    clock = time.perf_counter
+    start_total = clock()
+    for j in range(iterations):
+        start_iter = clock()
+        for i, layer, bottom, top in steps:
+            t = clock()
+            layer.reshape(bottom, top)
+            layer.run_forward(bottom, top)
+            forward_time[i] += clock() - t
+        total_forward += clock() - start_iter
+        start_backward = clock()
+        for i in reversed(range(0 if inference else len(layers))):
+            t = clock()
+            layers[i].run_backward(tops[i], net.bottom_need_backward[i], bottoms[i])
+            backward_time[i] += clock() - t
+        total_backward += clock() - start_backward
+        log.info("Iteration: %d forward-backward time: %s ms.", j + 1, _ms(clock() - start_iter))
+    return forward_time, backward_time, total_forward, total_backward, clock() - start_total
