@@ -24,6 +24,7 @@ from minicaffe.blob import Blob  # noqa: E402
 from minicaffe.im2col import col2im, conv_output_shape, im2col  # noqa: E402
 from minicaffe.layer import create_layer  # noqa: E402
 from minicaffe.layer_factory import create_layer
+from minicaffe.layer_factory import create_layer
 from minicaffe.proto import caffe_pb2  # noqa: E402
 
 # name: (input shape N, C, H, W; num_output, kernel, stride, pad, group)

@@ -5,7 +5,7 @@ from google.protobuf import text_format
 
 from minicaffe.blob import Blob
 from minicaffe.kernels import pooling as kernel_module
-from minicaffe.layer import create_layer
+from minicaffe.layer_factory import create_layer
 from minicaffe.proto import caffe_pb2
 
 # (input shape, pooling params): pad, stride < / = / > kernel, ceil and floor borders,
