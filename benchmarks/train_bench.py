@@ -480,7 +480,7 @@ def main():
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if not engines or set(engines) - set(ENGINES):
         parser.error(f"--engines takes a subset of {', '.join(ENGINES)}, got {args.engines!r}")
-    if args.rounds < 1 or args.warmup < 0 or args.threads < 1 or args.top < 1 or (args.steps or 1) < 1:
+    if args.rounds < 1 or args.warmup < 0 or args.threads < 1 or args.top < 1 or (args.steps is not None and args.steps < 1):
         parser.error("--rounds, --steps, --threads and --top must be at least 1, --warmup at least 0")
     if args.caffe and not os.access(args.caffe, os.X_OK):
         parser.error(f"--caffe {args.caffe}: not an executable file")
