@@ -130,7 +130,8 @@ def prepare(name, batch, folder, mnist_dir):
     np.save(f"{stem}.data.npy", data)
     np.save(f"{stem}.label.npy", labels)
     mults = {lp.name: [[p.lr_mult, p.decay_mult] for p in lp.param] for lp in param.layer if len(lp.param)}
-    return {"net": name, "batch": batch, "prototxt": prototxt, "npz": f"{stem}.npz", "data": f"{stem}.data.npy", "label": f"{stem}.label.npy", "mults": mults}
+    return {"net": name, "batch": batch, "prototxt": prototxt, "npz": f"{stem}.npz",
+            "data": f"{stem}.data.npy", "label": f"{stem}.label.npy", "mults": mults}
 
 
 def load_weights(net, npz):
@@ -251,7 +252,8 @@ def torch_model(spec):
     weights = np.load(spec["npz"])
     layers = {k.split("/")[0] for k in weights.files}
     if layers != set(blobs):
-        raise RuntimeError(f"the PyTorch {spec['net']} differs from the prototxt in layers {sorted(layers ^ set(blobs))}")
+        raise RuntimeError(f"the PyTorch {spec['net']} differs from the prototxt in layers "
+                           f"{sorted(layers ^ set(blobs))}")
     with torch.no_grad():
         for layer, tensors in blobs.items():
             for i, t in enumerate(tensors):
@@ -480,7 +482,7 @@ def main():
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if not engines or set(engines) - set(ENGINES):
         parser.error(f"--engines takes a subset of {', '.join(ENGINES)}, got {args.engines!r}")
-    if args.rounds < 1 or args.warmup < 0 or args.threads < 1 or args.top < 1 or (args.steps or 1) < 1:
+    if min(args.rounds, args.threads, args.top, 1 if args.steps is None else args.steps) < 1 or args.warmup < 0:
         parser.error("--rounds, --steps, --threads and --top must be at least 1, --warmup at least 0")
     if args.caffe and not os.access(args.caffe, os.X_OK):
         parser.error(f"--caffe {args.caffe}: not an executable file")
@@ -490,6 +492,7 @@ def main():
         if not engines and not args.caffe:
             parser.error("no engine left to run")
     default_steps = {n: s for n, _, _, s in NETS}
+    scaling_batches = SCALING_BATCHES if args.scaling and engines else ()  # Caffe is not in that table
 
     def steps_for(name):
         return args.steps or (2 if quick else default_steps[name])
@@ -497,15 +500,14 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         runner = Runner(args, pathlib.Path(tmp))
         batch_of = {n: b for n, _, b, _ in NETS}
-        runner.prepare([(n, batch_of[n]) for n in chosen] + [("lenet", b) for b in SCALING_BATCHES if args.scaling])
+        runner.prepare([(n, batch_of[n]) for n in chosen] + [("lenet", b) for b in scaling_batches])
         main_engines = engines + (["caffe"] if args.caffe else [])
         rows = [(n, batch_of[n], runner.measure(n, batch_of[n], main_engines, steps_for(n))) for n in chosen]
-        scaling = []
-        if args.scaling:
-            done = {b: result for n, b, result in rows if n == "lenet"}  # same steps: reuse batch 64
-            scaling = [(b, done.get(b) or runner.measure("lenet", b, engines, steps_for("lenet")))
-                       for b in SCALING_BATCHES]
-        splits = [(n, runner.layers(n, batch_of[n], steps_for(n))) for n in chosen if args.layers and "minicaffe" in engines]
+        done = {b: result for n, b, result in rows if n == "lenet"}  # same steps: reuse batch 64
+        scaling = [(b, done.get(b) or runner.measure("lenet", b, engines, steps_for("lenet")))
+                   for b in scaling_batches]
+        splits = [(n, runner.layers(n, batch_of[n], steps_for(n)))
+                  for n in (chosen if args.layers and "minicaffe" in engines else [])]
 
     print_command(__file__)
     print(f"one training step (forward, backward, SGD update with momentum) in ms: median of {args.rounds} "
