@@ -39,7 +39,7 @@ MAX_WASTE = 1.5
 # within a core's 512 KiB L2 (chosen with CaffeNet's and LeNet's pooling shapes).
 BLOCK_BYTES = 128 << 10
 
-# Caffe starts every max at -FLT_MAX (for double nets too): all-NaN or all--inf windows give it.
+# Caffe starts every max at -FLT_MAX (for double nets too): windows of only NaN or -inf give it.
 _MAX_START = -np.finfo(np.float32).max
 
 
@@ -83,12 +83,8 @@ class PhasePool:
         size = planes * self.plane
         fill = -np.inf if is_max else 0
         self._x = np.full((len(phases), size), fill, dtype=self.dtype)
-        self._dx = np.zeros((len(phases), size), dtype=self.dtype)
         self._acc = np.empty(size, dtype=self.dtype)      # MAX: the peak, kept for backward
-        self._grad = np.zeros(size, dtype=self.dtype)     # dy on the grid, 0 off the outputs
-        self._tmp = np.empty(size, dtype=self.dtype)
-        self._equal = np.empty(size, dtype=bool)
-        self._taken = np.empty(size, dtype=bool)
+        self._dx = None                                   # backward's buffers, on first use
         if not is_max:
             self._divisor = windows.ave_divisor(self.dtype)
         self.block = max_planes = max(1, BLOCK_BYTES // (self.plane * self.dtype.itemsize))
@@ -137,6 +133,13 @@ class PhasePool:
     # -- backward ----------------------------------------------------------------------
     def backward(self, dy, dx):
         """dx = the gradient of the last forward's pooling given dy (overwritten)."""
+        if self._dx is None:   # allocated here: TEST nets never need them
+            size = self._acc.size
+            self._dx = np.zeros((len(self.copies), size), dtype=self.dtype)
+            self._grad = np.zeros(size, dtype=self.dtype)     # dy on the grid, 0 off the outputs
+            self._tmp = np.empty(size, dtype=self.dtype)
+            self._equal = np.empty(size, dtype=bool)
+            self._taken = np.empty(size, dtype=bool)
         dy = dy.reshape(self.planes, self.windows.pooled_h, self.windows.pooled_w)
         dx = dx.reshape(self.planes, self.windows.height, self.windows.width)
         self._run(lambda p0, p1, f0, f1: self._backward_block(dy, dx, p0, p1, f0, f1))
@@ -172,7 +175,6 @@ class PhasePool:
                 np.add(routed, grad, out=routed)
         for phase, (grid_part, image_part) in zip(self._dx, self.copies):
             dx[p0:p1][image_part] = self._grid(phase[whole])[grid_part]
-
 
     def _route_max(self, f0, f1, route):
         """Call route(k, phase, mask) per offset k in Caffe's order, where mask (over grid cells
