@@ -57,14 +57,13 @@ def inputs(rng, shape, kind, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite"])
-@pytest.mark.parametrize("method", ["MAX", "AVE"])
+# AVE over NaN/inf inputs is NaN/inf on both paths: nothing to compare, so not a case.
+@pytest.mark.parametrize("method, kind", [("MAX", "normal"), ("MAX", "ties"), ("MAX", "nonfinite"),
+                                          ("AVE", "normal"), ("AVE", "ties")])
 @pytest.mark.parametrize("shape, params", CONFIGS, ids=[c[1] for c in CONFIGS])
 def test_fast_kernel_equals_plain_path(monkeypatch, shape, params, method, kind, dtype):
     # The waste limit is a speed rule only: lift it so that the small shapes run the phase grid.
     monkeypatch.setattr(kernel_module, "MAX_WASTE", np.inf)
-    if method == "AVE" and kind == "nonfinite":
-        pytest.skip("AVE of NaN is NaN on both paths")
     rng = np.random.default_rng(0)
     x = inputs(rng, shape, kind, dtype)
     dy = lambda s: np.random.default_rng(1).standard_normal(s).astype(dtype)  # noqa: E731
