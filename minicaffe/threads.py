@@ -27,14 +27,15 @@ import threading
 __all__ = ["get_num_threads", "set_num_threads", "parallel_for", "map_flat", "map_positions",
            "copy_2d", "MIN_PARALLEL_ELEMENTS", "BLOCKS_PER_THREAD"]
 
-# The least work (float32 elements of a streaming pass) worth handing to another thread: below
-# it the hand-off (waking a thread, ~10-20 us until it runs) costs more than the block takes.
-# Measured with benchmarks/threads_bench.py; tests patch it to exercise the split path.
-MIN_PARALLEL_ELEMENTS = 1 << 17
+# The least work (float32 elements of a streaming pass) worth handing to another thread. On the
+# 2-core VM this was measured on (benchmarks/threads_bench.py --after-gemm), a worker that slept
+# through a GEMM takes 100-200 us to wake, so splitting a ReLU paid only from ~1.2M elements
+# (2 blocks of this size); tests patch it down to exercise the split path.
+MIN_PARALLEL_ELEMENTS = 600_000
 
 # More blocks than threads let a thread that is free take the next one (the other core may be
 # busy with another process); more than this and the per-block Python cost shows.
-BLOCKS_PER_THREAD = 4
+BLOCKS_PER_THREAD = 2
 
 _num_threads = None
 _workers = []

@@ -18,8 +18,10 @@ from minicaffe.proto import caffe_pb2
 
 @pytest.fixture
 def pool(monkeypatch):
-    """Splits anything of 16+ elements; the thread count is restored afterwards."""
+    """Splits anything of 16+ elements, up to 4 blocks per thread; the thread count is restored
+    afterwards."""
     monkeypatch.setattr(threads, "MIN_PARALLEL_ELEMENTS", 16)
+    monkeypatch.setattr(threads, "BLOCKS_PER_THREAD", 4)
     before = threads.get_num_threads()
     yield threads
     threads.set_num_threads(before)
