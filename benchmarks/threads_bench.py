@@ -5,7 +5,9 @@
 Each row runs one real layer (float32, the shapes of LeNet, ResNet-50, CaffeNet, GoogLeNet and
 an FCN-sized softmax) forward or backward, timed as the mean of a few calls; the 1-thread and
 the N-thread timings alternate round by round, and the table shows the medians. The first row
-is the pool's bare hand-off: a parallel_for of two empty blocks, forced to split.
+is the pool's bare hand-off: a parallel_for of two empty blocks, forced to split. Rows whose
+work is under the split threshold run the same inline code in both columns, so their spread
+shows the machine's noise.
 
 --min-elements E sets threads.MIN_PARALLEL_ELEMENTS (1 splits everything, which shows where
 splitting stops paying); --after-gemm runs a 512x512 matrix product before every timed call,
@@ -102,8 +104,6 @@ def timer(call, reps, gemm):
 
 def measure(call, count, rounds, gemm):
     """Median ms at 1 thread and at `count` threads, alternating (and swapping the order)."""
-    threads.set_num_threads(count)
-    call()   # start the workers
     threads.set_num_threads(1)
     start = time.perf_counter()
     call()
@@ -112,6 +112,7 @@ def measure(call, count, rounds, gemm):
     for r in range(rounds):
         for c in ((1, count) if r % 2 == 0 else (count, 1)):
             threads.set_num_threads(c)
+            call()   # untimed: starts the workers again
             times[c].append(timer(call, reps, gemm))
     return statistics.median(times[1]) * 1e3, statistics.median(times[count]) * 1e3
 

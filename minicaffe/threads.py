@@ -16,9 +16,11 @@ when numpy loads.
 How a call is shared: the range is cut into blocks of at least MIN_PARALLEL_ELEMENTS elements
 (at most BLOCKS_PER_THREAD per thread); the calling thread wakes the idle workers and then takes
 blocks itself, one at a time, as do the workers when they wake. A worker that wakes late (the
-other core is busy) finds the blocks taken and the caller never waited for it, so a split call
-costs at most a few microseconds more than running inline. Exceptions raised by fn in any
-thread are re-raised in the caller once every started block has finished.
+other core is busy, or its core was asleep) finds the blocks taken and the caller never waits
+for it; the caller pays only the wake-up call (measured on a 2-core VM: ~7 us when the worker
+ran just before, ~120 us after it slept through a GEMM, which is what MIN_PARALLEL_ELEMENTS
+is set from). Exceptions raised by fn in any thread are re-raised in the caller once every
+started block has finished.
 """
 import _thread
 import os
@@ -27,14 +29,15 @@ import threading
 __all__ = ["get_num_threads", "set_num_threads", "parallel_for", "map_flat", "map_positions",
            "copy_2d", "MIN_PARALLEL_ELEMENTS", "BLOCKS_PER_THREAD"]
 
-# The least work (float32 elements of a streaming pass) worth handing to another thread: below
-# it the hand-off (waking a thread, ~10-20 us until it runs) costs more than the block takes.
-# Measured with benchmarks/threads_bench.py; tests patch it to exercise the split path.
-MIN_PARALLEL_ELEMENTS = 1 << 17
+# The least work (float32 elements of a streaming pass) worth handing to another thread. On the
+# 2-core VM this was measured on (benchmarks/threads_bench.py --after-gemm), a worker that slept
+# through a GEMM takes 100-200 us to wake, so splitting a ReLU paid only from ~1.2M elements
+# (2 blocks of this size); tests patch it down to exercise the split path.
+MIN_PARALLEL_ELEMENTS = 600_000
 
 # More blocks than threads let a thread that is free take the next one (the other core may be
 # busy with another process); more than this and the per-block Python cost shows.
-BLOCKS_PER_THREAD = 4
+BLOCKS_PER_THREAD = 2
 
 _num_threads = None
 _workers = []
@@ -193,7 +196,7 @@ def parallel_for(n, fn, elements_per_item=1):
 def map_flat(fn, *arrays, cost=1):
     """fn(*pieces) over matching flat pieces of same-size arrays, split over the threads.
 
-    For elementwise ops: `map_flat(lambda x, y: np.tanh(x, out=y), x, y, cost=8)`. The
+    For elementwise ops: `map_flat(lambda x, y: np.tanh(x, out=y), x, y, cost=4)`. The
     arrays must be C-contiguous (else fn runs once on the arrays as given, inline); `cost` is
     the op's work per element relative to a plain copy. fn may run in place (y is x).
     """

@@ -18,8 +18,10 @@ from minicaffe.proto import caffe_pb2
 
 @pytest.fixture
 def pool(monkeypatch):
-    """Splits anything of 16+ elements; the thread count is restored afterwards."""
+    """Splits anything of 16+ elements, up to 4 blocks per thread; the thread count is restored
+    afterwards."""
     monkeypatch.setattr(threads, "MIN_PARALLEL_ELEMENTS", 16)
+    monkeypatch.setattr(threads, "BLOCKS_PER_THREAD", 4)
     before = threads.get_num_threads()
     yield threads
     threads.set_num_threads(before)
@@ -213,6 +215,10 @@ ELEMENTWISE = {
     "sigmoid": ('type: "Sigmoid"', [(3, 5, 11)]),
     "tanh": ('type: "TanH"', [(3, 5, 11)]),
     "dropout": ('type: "Dropout" dropout_param { dropout_ratio: 0.3 }', [(6, 97)]),
+    "elu": ('type: "ELU" elu_param { alpha: 0.7 }', [(3, 5, 11)]),
+    "elu_negative_alpha": ('type: "ELU" elu_param { alpha: -0.5 }', [(3, 5, 11)]),
+    "clip": ('type: "Clip" clip_param { min: -0.5 max: 1.2 }', [(3, 5, 11)]),
+    "swish": ('type: "Swish" swish_param { beta: 1.5 }', [(3, 5, 11)]),
     "eltwise_sum": ('type: "Eltwise"', [(2, 3, 8, 9)] * 3),
     "eltwise_coeff": ('type: "Eltwise" eltwise_param { operation: SUM coeff: 2 coeff: -0.5 }',
                       [(2, 3, 8, 9)] * 2),
@@ -230,7 +236,8 @@ ELEMENTWISE = {
     "split": ('type: "Split" top: "a" top: "b" top: "c"', [(3, 4, 25)]),
 }
 
-IN_PLACE = ["relu", "leaky_relu", "negative_slope_relu", "sigmoid", "tanh", "dropout"]
+IN_PLACE = ["relu", "leaky_relu", "negative_slope_relu", "sigmoid", "tanh", "dropout", "elu",
+            "elu_negative_alpha", "clip", "swish"]
 
 
 @pytest.mark.parametrize("case", sorted(ELEMENTWISE))

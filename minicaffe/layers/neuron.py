@@ -6,9 +6,9 @@ the layer keeps a copy of x, as Caffe's PReLU does; that way every neuron layer
 here gives the right gradient in place, not only the ones whose derivative can be
 read off the output y.
 
-ReLU, Sigmoid, TanH and Dropout split their passes over the shared thread pool
-(minicaffe.threads.map_flat): each block computes exactly what the whole-array code
-would for its elements, so the results do not depend on the thread count.
+ReLU, Sigmoid, TanH, ELU, Clip, Swish and Dropout split their passes over the shared
+thread pool (minicaffe.threads.map_flat): each block computes exactly what the whole-array
+code would for its elements, so the results do not depend on the thread count.
 """
 import math
 
@@ -244,7 +244,9 @@ class ELULayer(NeuronLayer):
 
     def forward(self, bottom, top):
         self.save_input(bottom)
-        x, y = bottom[0].data, top[0].data
+        map_flat(self._elu, bottom[0].data, top[0].data, cost=_TRANSCENDENTAL_COST)
+
+    def _elu(self, x, y):
         negative = np.minimum(x, 0)
         np.exp(negative, out=negative)
         negative -= 1
@@ -253,12 +255,14 @@ class ELULayer(NeuronLayer):
         y += negative
 
     def backward(self, top, propagate_down, bottom):
-        if not propagate_down[0]:
-            return
-        x, y = self.input_data(bottom), top[0].data
+        if propagate_down[0]:
+            map_flat(self._elu_grad, self.input_data(bottom), top[0].data, top[0].diff,
+                     bottom[0].diff)
+
+    def _elu_grad(self, x, y, dy, dx):
         # For x <= 0, dy/dx = alpha * exp(x) = y + alpha.
         factor = np.where(x > 0, x.dtype.type(1), y + x.dtype.type(self.alpha))
-        np.multiply(top[0].diff, factor, out=bottom[0].diff)
+        np.multiply(dy, factor, out=dx)
 
 
 @register_layer("AbsVal")
@@ -510,15 +514,19 @@ class ClipLayer(NeuronLayer):
 
     def forward(self, bottom, top):
         self.save_input(bottom)
-        y = top[0].data
-        np.minimum(bottom[0].data, self.max, out=y)
+        map_flat(self._clip, bottom[0].data, top[0].data)
+
+    def _clip(self, x, y):
+        np.minimum(x, self.max, out=y)
         np.maximum(y, self.min, out=y)
 
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
-            x = self.input_data(bottom)
-            inside = (x >= self.min) & (x <= self.max)
-            np.multiply(top[0].diff, inside, out=bottom[0].diff)
+            map_flat(self._clip_grad, self.input_data(bottom), top[0].diff, bottom[0].diff)
+
+    def _clip_grad(self, x, dy, dx):
+        inside = (x >= self.min) & (x <= self.max)
+        np.multiply(dy, inside, out=dx)
 
 
 @register_layer("Swish")
@@ -535,19 +543,24 @@ class SwishLayer(NeuronLayer):
             self._sigmoid = np.empty(bottom[0].shape, dtype=bottom[0].dtype)
 
     def forward(self, bottom, top):
-        s, x = self._sigmoid, bottom[0].data
+        map_flat(self._swish, bottom[0].data, self._sigmoid, top[0].data,
+                 cost=_TRANSCENDENTAL_COST)
+
+    def _swish(self, x, s, y):
         np.multiply(x, 0.5 * self.beta, out=s)
         np.tanh(s, out=s)
         s *= 0.5
         s += 0.5
-        np.multiply(x, s, out=top[0].data)
+        np.multiply(x, s, out=y)
 
     def backward(self, top, propagate_down, bottom):
-        if not propagate_down[0]:
-            return
+        if propagate_down[0]:
+            map_flat(self._swish_grad, top[0].data, self._sigmoid, top[0].diff, bottom[0].diff)
+
+    def _swish_grad(self, y, s, dy, dx):
         # dy/dx = beta * y + s * (1 - beta * y), with s = sigmoid(beta x) kept from forward
-        by = top[0].data * top[0].dtype.type(self.beta)
+        by = y * y.dtype.type(self.beta)
         grad = 1 - by
-        grad *= self._sigmoid
+        grad *= s
         grad += by
-        np.multiply(top[0].diff, grad, out=bottom[0].diff)
+        np.multiply(dy, grad, out=dx)
