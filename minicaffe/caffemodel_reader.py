@@ -156,6 +156,8 @@ class StreamedBlob:
         if n != count:
             raise BlobError(f"{what}: BlobProto holds {n} values but its shape {shape} "
                             f"needs {count}")
+        if not count:   # an empty blob: nothing to read (its fields may be absent)
+            return
         self.net.read_values(self.runs[field][0], _VALUE_DTYPES[field], blob.data.reshape(-1))
         n, field = self.count(_DOUBLE_DIFF, _DIFF)
         if n == count:
@@ -297,7 +299,9 @@ def scan(path):
         upgraded = read_net_param(skeleton)
     except ValueError as exc:  # an upgrade that does not apply, or a non-UTF-8 name
         raise ProtoFileError(f"{path}: {exc}") from None
-    added = len(upgraded.layer) - len(layers)   # the Input layer of net-level inputs, if any
+    # upgrades keep the layers in order and may only put an Input layer (of net-level inputs,
+    # which has no blobs) in front of them
+    added = len(upgraded.layer) - len(layers)
     for i, lp in enumerate(upgraded.layer):
         net.layer.append(StreamedLayer(lp.name, layers[i - added][1] if i >= added else []))
     return net

@@ -345,3 +345,16 @@ layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
     assert protobuf_peak > 40_000_000
     assert target.layers[1].blobs[0].data[999, 9999] == 9_999_999
     assert np.array_equal(target.layers[1].blobs[0].data.ravel(), np.arange(10_000_000, dtype=np.float32))
+
+
+def test_an_empty_blob_scans_and_loads_as_protobuf_does(tmp_path):
+    from minicaffe.blob import Blob
+    param = caffe_pb2.NetParameter()
+    param.layer.add(name="x").blobs.add().shape.dim.append(0)
+    path = tmp_path / "empty_blob.caffemodel"
+    path.write_bytes(param.SerializeToString())
+    with caffemodel_reader.scan(str(path)) as streamed:
+        (source,) = streamed.layer[0].blobs
+        assert caffemodel_reader.blob_shape(source) == (0,)
+        caffemodel_reader.load_blob(Blob((0,)), source, "x")
+    Blob((0,)).from_proto(param.layer[0].blobs[0], reshape=False)
