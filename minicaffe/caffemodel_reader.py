@@ -15,10 +15,10 @@ a third copy. Here the file is walked instead:
   own weights is nothing when the file's dtype is the net's, and one small chunk otherwise.
 
 Field numbers (BVLC caffe.proto): NetParameter.layer = 100, .layers (V1) = 2;
-LayerParameter.blobs = 7; BlobProto.data = 5, diff = 6 (packed float), double_data = 8,
+LayerParameter.blobs = 7, V1LayerParameter.blobs = 6; BlobProto.data = 5, diff = 6 (packed float), double_data = 8,
 double_diff = 9 (packed double); shape = 7 and num/channels/height/width = 1-4 are parsed by
-protobuf. Files with V1 layers or protobuf groups go to the protobuf path (`scan` returns
-None); so does one BlobProto whose values are unpacked or split into several runs (only that
+protobuf; V1 layers are upgraded from their small parts as read_net_param upgrades them. Files
+with protobuf groups go to the protobuf path (`scan` returns None); so does one BlobProto whose values are unpacked or split into several runs (only that
 blob is parsed with protobuf, at most one blob in memory).
 """
 import os
@@ -33,7 +33,7 @@ __all__ = ["scan", "StreamedNet", "StreamedBlob", "blob_shape", "load_blob"]
 
 _VARINT, _FIXED64, _LENGTH, _START_GROUP, _END_GROUP, _FIXED32 = 0, 1, 2, 3, 4, 5
 _LAYER, _V1_LAYERS = 100, 2                      # NetParameter
-_BLOBS = 7                                       # LayerParameter
+_BLOBS, _V1_BLOBS = 7, 6                         # LayerParameter, V1LayerParameter
 _VALUE_DTYPES = {5: np.dtype("<f4"), 6: np.dtype("<f4"),   # BlobProto data, diff
                  8: np.dtype("<f8"), 9: np.dtype("<f8")}   # double_data, double_diff
 _DATA, _DIFF, _DOUBLE_DATA, _DOUBLE_DIFF = 5, 6, 8, 9
@@ -45,7 +45,7 @@ class _Corrupt(Exception):
 
 
 class _UseProtobuf(Exception):
-    """A layout this reader leaves to protobuf's whole-file parse (V1 layers, groups)."""
+    """A layout this reader leaves to protobuf's whole-file parse (groups)."""
 
 
 class _Reader:
@@ -251,12 +251,12 @@ def _scan_blob(reader, end, net):
     return blob
 
 
-def _scan_layer(reader, end, net):
+def _scan_layer(reader, end, net, blobs_field):
     rest, blobs = bytearray(), []
     while reader.pos < end:
         field_start = reader.pos
         field, wire = reader.tag(end)
-        if field == _BLOBS and wire == _LENGTH:
+        if field == blobs_field and wire == _LENGTH:
             n = reader.length(end)
             blobs.append(_scan_blob(reader, reader.pos + n, net))
         else:
@@ -267,7 +267,7 @@ def _scan_layer(reader, end, net):
 
 def scan(path):
     """A StreamedNet for the binary .caffemodel at `path` (whose size is > 0), or None when
-    the file has V1 layers or groups (read it with protobuf). Raises ProtoFileError for a
+    the file has protobuf groups (read it with protobuf). Raises ProtoFileError for a
     truncated or corrupt file, with the texts of Net.copy_from's protobuf path."""
     net, size = StreamedNet(path), os.path.getsize(path)
     top, layers = bytearray(), []
@@ -277,17 +277,17 @@ def scan(path):
             while reader.pos < size:
                 field_start = reader.pos
                 field, wire = reader.tag(size)
-                if field == _LAYER and wire == _LENGTH:
+                if field in (_LAYER, _V1_LAYERS) and wire == _LENGTH:
                     n = reader.length(size)
-                    layers.append(_scan_layer(reader, reader.pos + n, net))
-                elif field == _V1_LAYERS and wire == _LENGTH:
-                    return None
+                    v1 = field == _V1_LAYERS
+                    layers.append((v1,) + _scan_layer(reader, reader.pos + n, net,
+                                                      _V1_BLOBS if v1 else _BLOBS))
                 else:
                     reader.skip(wire, size)
                     top += reader.span(field_start)
         skeleton = caffe_pb2.NetParameter.FromString(bytes(top))
-        for rest, _ in layers:
-            skeleton.layer.add().MergeFromString(rest)
+        for v1, rest, _ in layers:
+            (skeleton.layers if v1 else skeleton.layer).add().MergeFromString(rest)
     except _UseProtobuf:
         return None
     except Exception as exc:   # _Corrupt, or protobuf's DecodeError on the small parts
@@ -295,7 +295,7 @@ def scan(path):
     if not layers:
         raise ProtoFileError(f"{path}: the weights file holds no layers (is it a "
                              f"binary .caffemodel?)")
-    try:
+    try:   # V1 layers become layers in order; a net mixing both kinds is refused
         upgraded = read_net_param(skeleton)
     except ValueError as exc:  # an upgrade that does not apply, or a non-UTF-8 name
         raise ProtoFileError(f"{path}: {exc}") from None
@@ -303,7 +303,7 @@ def scan(path):
     # which has no blobs) in front of them
     added = len(upgraded.layer) - len(layers)
     for i, lp in enumerate(upgraded.layer):
-        net.layer.append(StreamedLayer(lp.name, layers[i - added][1] if i >= added else []))
+        net.layer.append(StreamedLayer(lp.name, layers[i - added][2] if i >= added else []))
     return net
 
 

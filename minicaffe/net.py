@@ -843,7 +843,7 @@ class Net:
                                  f"download or snapshot?")
         if is_hdf5_file(label):
             return self._copy_from_hdf5(label)
-        streamed = caffemodel_reader.scan(label)  # None: V1 layers (or groups), for protobuf
+        streamed = caffemodel_reader.scan(label)  # None: a layout for protobuf (groups)
         if streamed is not None:
             with streamed:  # values go from the file into the blobs, one blob at a time
                 return self._copy_from_param(streamed, label)

@@ -4,6 +4,7 @@ values, fields out of order, split runs, legacy 4-d shapes, double_data); a trun
 ProtoFileError before any weight is written; the streaming path holds no copy of the weights."""
 import struct
 import tracemalloc
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -68,10 +69,11 @@ def params(net):
 
 
 def load_both(text, tmp_path, path, dtype=np.float32):
-    """The params of two fresh nets: one streamed from `path`, one through protobuf."""
+    """The params of two fresh nets loaded from `path`: one streamed, one through copy_from's
+    whole-file protobuf path (which scan returning None selects)."""
     streamed = make_net(text, tmp_path, dtype).copy_from(str(path))
-    proto = caffe_pb2.NetParameter.FromString(path.read_bytes())
-    parsed = make_net(text, tmp_path, dtype).copy_from(proto)
+    with mock.patch.object(caffemodel_reader, "scan", lambda label: None):
+        parsed = make_net(text, tmp_path, dtype).copy_from(str(path))
     return params(streamed), params(parsed)
 
 
@@ -235,17 +237,47 @@ def test_net_level_inputs_and_ignored_layers_keep_their_behaviour(tmp_path, capl
     assert "Ignoring source layer not_in_the_net" in caplog.text
 
 
-def test_v1_layers_go_through_protobuf_and_upgrade(tmp_path):
-    net = randomize(make_net(LENET, tmp_path))
-    param = net.to_proto()
-    v1 = caffe_pb2.NetParameter(name="lenet")
+def v1_file(net, path, legacy=False):
+    """`net`'s weights as a V1 file (`layers`, V1LayerParameter), as the model zoo's older files."""
+    param = legacy_4d(net.to_proto()) if legacy else net.to_proto()
+    v1 = caffe_pb2.NetParameter(name=param.name)
+    v1.input.append("data")   # a legacy file's record of its inputs, without shapes
     for lp in param.layer:
-        layer = v1.layers.add(name=lp.name)
+        layer = v1.layers.add(name=lp.name, type=caffe_pb2.V1LayerParameter.INNER_PRODUCT)
         layer.blobs.extend(lp.blobs)
-    path = tmp_path / "v1.caffemodel"
+        layer.blobs_lr.extend([1.0] * len(lp.blobs))
     path.write_bytes(v1.SerializeToString())
-    assert caffemodel_reader.scan(str(path)) is None
-    assert params(make_net(LENET, tmp_path).copy_from(str(path))) == params(net)
+    return v1
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_v1_layers_stream_and_match_protobuf(tmp_path, legacy):
+    net = randomize(make_net(LENET, tmp_path))
+    v1_file(net, tmp_path / "v1.caffemodel", legacy)
+    with caffemodel_reader.scan(str(tmp_path / "v1.caffemodel")) as streamed:
+        assert [layer.name for layer in streamed.layer] == list(net.layer_names)
+    streamed, parsed = load_both(LENET, tmp_path, tmp_path / "v1.caffemodel")
+    assert streamed == parsed == params(net)
+
+
+def test_v1_upgrade_errors_are_the_protobuf_paths(tmp_path):
+    net = randomize(make_net(LENET, tmp_path))
+    v1 = v1_file(net, tmp_path / "v1.caffemodel")
+    mixed = caffe_pb2.NetParameter()
+    mixed.CopyFrom(v1)
+    mixed.layer.add(name="new")
+    v0 = caffe_pb2.NetParameter()
+    v0.CopyFrom(v1)
+    v0.layers[1].layer.name = "v0"
+    for message, pattern in ((mixed, "mixes V1 'layers' and current 'layer' fields"),
+                             (v0, "in Caffe's V0 format")):
+        path = tmp_path / "bad.caffemodel"
+        path.write_bytes(message.SerializeToString())
+        for streaming in (True, False):
+            with mock.patch.object(caffemodel_reader, "scan",
+                                   caffemodel_reader.scan if streaming else lambda label: None):
+                with pytest.raises(ProtoFileError, match=r"bad\.caffemodel: .*" + pattern):
+                    make_net(LENET, tmp_path).copy_from(str(path))
 
 
 # -- errors -----------------------------------------------------------------------------------------
