@@ -13,6 +13,7 @@ import warnings
 
 import numpy as np
 
+from . import caffemodel_reader
 from .blob import Blob
 from .layer import LayerError, building_model
 from .layer_factory import create_layer
@@ -849,6 +850,10 @@ class Net:
                                  f"download or snapshot?")
         if is_hdf5_file(label):
             return self._copy_from_hdf5(label)
+        streamed = caffemodel_reader.scan(label)  # None: a layout for protobuf (groups)
+        if streamed is not None:
+            with streamed:  # values go from the file into the blobs, one blob at a time
+                return self._copy_from_param(streamed, label)
         param = caffe_pb2.NetParameter()
         try:
             with open(label, "rb") as f:
@@ -865,6 +870,7 @@ class Net:
         return self._copy_from_param(param, label)
 
     def _copy_from_param(self, param, label):
+        """Copy by layer name from a NetParameter or a caffemodel_reader.StreamedNet."""
         copied, names = 0, []
         for src in param.layer:
             names.append(src.name)
@@ -878,11 +884,11 @@ class Net:
                 raise LayerError(f"{label}: layer {src.name!r} has {len(src.blobs)} parameter blobs "
                                  f"in the file but {len(layer.blobs)} in the net")
             for j, (blob, proto) in enumerate(zip(layer.blobs, src.blobs)):
-                shape = Blob.proto_shape(proto)
+                shape = caffemodel_reader.blob_shape(proto)
                 if not _shapes_match(blob.shape, shape):
                     raise LayerError(f"{label}: layer {src.name!r} param {j}: the file has shape "
                                      f"{shape} but the net expects {blob.shape}")
-                blob.from_proto(proto, reshape=False, what=f"{label}: layer {src.name!r} param {j}")
+                caffemodel_reader.load_blob(blob, proto, what=f"{label}: layer {src.name!r} param {j}")
             copied += 1
         self._warn_if_nothing_matched(label, names, copied)
         return self
