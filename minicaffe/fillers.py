@@ -28,22 +28,38 @@ def _fan(blob, param):
     return float(fan_in)
 
 
+# Draws come in float64; drawing a big blob (VGG16's fc6: 103M weights) at once would hold a
+# float64 copy of it, so values are drawn this many at a time: the same stream, in pieces.
+_DRAW_CHUNK = 1 << 20
+
+
+def _draw(blob, draw, *args):
+    """blob.data = draw(*args, size=blob.count) from the shared generator, in chunks."""
+    flat = blob.data.reshape(-1)
+    for lo in range(0, flat.size, _DRAW_CHUNK):
+        hi = min(flat.size, lo + _DRAW_CHUNK)
+        flat[lo:hi] = draw(*args, hi - lo)
+
+
 def _constant(blob, p):
     blob.data[...] = p.value
 
 
 def _uniform(blob, p):
-    blob.data[...] = get_rng().uniform(p.min, p.max, blob.shape)
+    _draw(blob, get_rng().uniform, p.min, p.max)
 
 
 def _gaussian(blob, p):
-    blob.data[...] = get_rng().normal(p.mean, p.std, blob.shape)
+    if p.sparse >= 0 and blob.num_axes < 1:
+        raise ValueError("gaussian filler with sparse needs a blob with at least one axis")
+    _draw(blob, get_rng().normal, p.mean, p.std)
     if p.sparse >= 0:
         # Each output keeps on average `sparse` non-zero incoming weights.
-        if blob.num_axes < 1:
-            raise ValueError("gaussian filler with sparse needs a blob with at least one axis")
         keep = p.sparse / blob.shape[0]
-        blob.data[...] *= get_rng().random(blob.shape) < keep
+        flat = blob.data.reshape(-1)
+        for lo in range(0, flat.size, _DRAW_CHUNK):
+            hi = min(flat.size, lo + _DRAW_CHUNK)
+            flat[lo:hi] *= get_rng().random(hi - lo) < keep
 
 
 def _positive_unitball(blob, p):
@@ -55,12 +71,12 @@ def _positive_unitball(blob, p):
 
 def _xavier(blob, p):
     scale = math.sqrt(3.0 / _fan(blob, p))
-    blob.data[...] = get_rng().uniform(-scale, scale, blob.shape)
+    _draw(blob, get_rng().uniform, -scale, scale)
 
 
 def _msra(blob, p):
     std = math.sqrt(2.0 / _fan(blob, p))
-    blob.data[...] = get_rng().normal(0.0, std, blob.shape)
+    _draw(blob, get_rng().normal, 0.0, std)
 
 
 def _bilinear(blob, p):

@@ -5,7 +5,9 @@ import pytest
 from google.protobuf import text_format
 
 from minicaffe import Blob, set_random_seed
+from minicaffe import fillers
 from minicaffe.fillers import fill
+from minicaffe.rng import get_rng
 from minicaffe.proto import caffe_pb2
 
 
@@ -72,3 +74,32 @@ def test_seed_reproducible_and_errors():
         filled((2,), 'type: "gauss"')
     with pytest.raises(ValueError, match="sparse"):
         filled((2, 2), 'type: "xavier" sparse: 1')
+
+
+@pytest.mark.parametrize("text", ['type: "gaussian" std: 0.5 mean: 0.1', 'type: "gaussian" std: 1 sparse: 3',
+                                  'type: "uniform" min: -2 max: 1', 'type: "xavier"', 'type: "msra"'])
+def test_chunked_draws_equal_one_draw(monkeypatch, text):
+    """Big blobs are drawn in pieces (no float64 copy of the whole blob): the same values."""
+    param = text_format.Parse(text, caffe_pb2.FillerParameter())
+    results = []
+    for chunk in (1 << 20, 7):
+        monkeypatch.setattr(fillers, "_DRAW_CHUNK", chunk)
+        set_random_seed(11)
+        blob = Blob((6, 5, 3))
+        fill(blob, param)
+        results.append(blob.data.copy())
+    np.testing.assert_array_equal(results[0], results[1])
+    set_random_seed(11)
+    rng = get_rng()
+    if param.type == "gaussian":
+        expected = rng.normal(param.mean, param.std, (6, 5, 3))
+        if param.sparse >= 0:
+            expected *= rng.random((6, 5, 3)) < param.sparse / 6
+    elif param.type == "uniform":
+        expected = rng.uniform(param.min, param.max, (6, 5, 3))
+    elif param.type == "xavier":
+        scale = np.sqrt(3.0 / 15)
+        expected = rng.uniform(-scale, scale, (6, 5, 3))
+    else:
+        expected = rng.normal(0.0, np.sqrt(2.0 / 15), (6, 5, 3))
+    np.testing.assert_array_equal(results[0], expected.astype(np.float32))
