@@ -103,7 +103,9 @@ class WinogradConv:
         u = (g @ w.astype(np.float64) @ g.T).transpose(2, 3, 0, 1)       # (alpha, alpha, K, C)
         self._u = np.ascontiguousarray(u.reshape(a * a, self.out_channels, self.in_channels),
                                        dtype=w.dtype)
-        self._weight_seen = w.copy()
+        # A frozen kernel never compares values: a zero-stride stand-in of w's shape and dtype
+        # is enough (it saves a copy of the weights), and compares unequal if it is unfrozen.
+        self._weight_seen = np.broadcast_to(w.dtype.type(0), w.shape) if self.frozen else w.copy()
         return self._u
 
     def forget_weights(self):
