@@ -15,6 +15,7 @@ from minicaffe import caffemodel_reader
 from minicaffe.layer import LayerError
 from minicaffe.proto import caffe_pb2
 from minicaffe.proto_io import ProtoFileError
+from tests.wire_format import field, varint
 
 LENET = """name: "lenet"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 1 dim: 28 dim: 28 } } }
@@ -78,21 +79,6 @@ def load_both(text, tmp_path, path, dtype=np.float32):
 
 
 # -- hand encoding of the wire format ------------------------------------------------------------
-def varint(n):
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def field(number, wire, payload):
-    if wire == 2:
-        payload = varint(len(payload)) + payload
-    return varint(number << 3 | wire) + payload
-
-
 def encode_blob(proto, packed=True, order=None, split=False):
     """A BlobProto's bytes: values packed or unpacked (one tag per value), fields in `order`
     (field numbers), a packed field split into two runs when `split`."""

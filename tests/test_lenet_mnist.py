@@ -2,24 +2,12 @@
 import pathlib
 
 import numpy as np
-import pytest
 
 import minicaffe as caffe
-from minicaffe.datasets.mnist import prepare_mnist
 from minicaffe.proto_io import read_net_param, read_solver_param
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LENET = ROOT / "models" / "lenet"
-
-
-@pytest.fixture(scope="module")
-def mnist_lmdb(tmp_path_factory):
-    from tests.conftest import SHARED_MNIST
-    if not (SHARED_MNIST / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"real MNIST not found at {SHARED_MNIST}")
-    out = tmp_path_factory.mktemp("mnist")
-    prepare_mnist(out, source=str(SHARED_MNIST))
-    return out
 
 
 def test_lenet_learns_real_mnist(mnist_lmdb, tmp_path):

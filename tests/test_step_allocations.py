@@ -73,17 +73,6 @@ def _check(peaks, known=()):
                       + ", ".join(f"{k[0]} {k[1]} ({k[2]}) {v / 1024:.0f} KiB" for v, k in listed))
 
 
-@pytest.fixture(scope="module")
-def mnist_lmdb(tmp_path_factory):
-    from minicaffe.datasets.mnist import prepare_mnist
-    from tests.conftest import SHARED_MNIST
-    if not (SHARED_MNIST / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"real MNIST not found at {SHARED_MNIST}")
-    out = tmp_path_factory.mktemp("mnist")
-    prepare_mnist(out, source=str(SHARED_MNIST))
-    return out
-
-
 @pytest.mark.parametrize("solver_type", ["SGD", "Adam"])
 def test_lenet_step_allocates_no_large_arrays(mnist_lmdb, solver_type):
     from tests.test_lenet_mnist import LENET

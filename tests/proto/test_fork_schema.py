@@ -5,6 +5,7 @@ import pytest
 
 from minicaffe.proto import caffe_pb2
 from minicaffe.proto_io import ProtoFileError, read_net_param, write_binary
+from tests.wire_format import field
 
 FORKS = pathlib.Path(__file__).resolve().parents[2] / ".." / "shared" / "models" / "forks"
 LP = caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name
@@ -51,14 +52,7 @@ def test_fork_nets_parse(path):
 
 def _field(number, payload):
     """Raw bytes of one length-delimited field, as a fork's Caffe would write it."""
-    def varint(n):
-        out = bytearray()
-        while True:
-            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-            n >>= 7
-            if not n:
-                return bytes(out)
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
+    return field(number, 2, payload)
 
 
 def test_binary_fork_numbers_are_remapped(tmp_path):
