@@ -18,6 +18,7 @@ from .blob import Blob
 from .layer import LayerError, building_model
 from .layer_factory import create_layer
 from .fold import fold_affine_chains, freeze_weights
+from .fuse import fuse_normalization_chains
 from .memory_plan import share_dead_buffers
 from .proto import caffe_pb2
 from .proto_io import ProtoFileError, check_regular_file, read_net_param, read_proto, write_binary
@@ -221,6 +222,13 @@ class Net:
             share_dead_buffers(self.layers, self._bottom_vecs, self._top_vecs,
                                [self.blobs[name] for name in sorted(self.kept_blobs)])
             self.fold_params()
+        # Whole-net passes run each in-place BatchNorm -> Scale (-> ReLU) chain as one step
+        # (fuse.py), with the same results; set fuse_chains = False to run every layer itself.
+        self.fuse_chains = True
+        self._fused = {} if self.inference else fuse_normalization_chains(
+            self.layers, self.bottom_ids, self.top_ids, self.layer_need_backward, self.bottom_need_backward)
+        self._fused_steps = None
+        self._forward_fused = False   # the last forward ran the fused chains
 
     def fold_params(self):
         """Inference nets: recompute the folded Convolution/InnerProduct weights from net.params."""
@@ -497,7 +505,11 @@ class Net:
         loss = 0.0
         before, after = self._hooks["before_forward"], self._hooks["after_forward"]
         debug = self.debug_info
-        for i, layer, bottom, top in self.forward_plan(start, end):
+        whole = start == 0 and (end is None or end == len(self.layers) - 1)
+        fused = whole and self._fusing("before_forward", "after_forward")
+        steps = self.fused_steps()[0] if fused else self.forward_plan(start, end)
+        self._forward_fused = fused
+        for i, layer, bottom, top in steps:
             for hook in before:
                 hook(i)
             try:
@@ -522,14 +534,21 @@ class Net:
         start = len(self.layers) - 1 if start is None else start
         before, after = self._hooks["before_backward"], self._hooks["after_backward"]
         debug = self.debug_info
-        for i in range(start, end - 1, -1):
+        if (self._forward_fused and start == len(self.layers) - 1 and end == 0
+                and self._fusing("before_backward", "after_backward")):
+            steps = self.fused_steps()[1]
+        else:
+            if self._forward_fused:   # the chains' layers run one by one: give them their state
+                for step, chain in self._fused.values():
+                    step.restore_layer_state(self._bottom_vecs[chain[0]])
+            steps = [(i, self.layers[i], self.layer_need_backward[i]) for i in range(start, end - 1, -1)]
+        for i, layer, need_backward in steps:
             for hook in before:
                 hook(i)
-            if not self.layer_need_backward[i]:
+            if not need_backward:
                 for hook in after:
                     hook(i)
                 continue
-            layer = self.layers[i]
             try:
                 layer.run_backward(self._top_vecs[i], self.bottom_need_backward[i],
                                    self._bottom_vecs[i])
@@ -543,6 +562,28 @@ class Net:
                 raise type(exc)(f"layer {layer.name!r} ({layer.type}) backward: {exc}") from exc
             for hook in after:
                 hook(i)
+
+    def _fusing(self, *hook_kinds):
+        """Whether a whole-net pass may run the fused chains: not while anything looks at the
+        blobs between layers (debug_info, or callbacks of that pass)."""
+        return (bool(self._fused) and self.fuse_chains and not self.debug_info
+                and not any(self._hooks[kind] for kind in hook_kinds))
+
+    def fused_steps(self):
+        """The whole-net forward steps (index, layer or fused chain, bottom, top) and backward
+        steps (index, layer or fused chain, whether it runs backward), in running order, with each
+        fused chain (fuse.py) standing at its BatchNorm's index."""
+        if self._fused_steps is None:
+            inside = {j for _, chain in self._fused.values() for j in chain[1:]}
+            forward, backward = [], []
+            for i, layer in enumerate(self.layers):
+                if i in inside:
+                    continue
+                step, chain = self._fused.get(i, (layer, [i]))
+                forward.append((i, step, self._bottom_vecs[i], self._top_vecs[i]))
+                backward.append((i, step, any(self.layer_need_backward[j] for j in chain)))
+            self._fused_steps = forward, backward[::-1]
+        return self._fused_steps
 
     # pycaffe's _forward/_backward: Net::ForwardFromTo / BackwardFromTo by layer index.
     def _forward(self, start, end):

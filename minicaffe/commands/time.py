@@ -103,8 +103,15 @@ def time_layers(net, iterations, inference=False):
     layers = net.layers
     bottoms = [[net.blobs[n] for n in names] for names in net.bottom_ids]
     tops = [[net.blobs[n] for n in names] for names in net.top_ids]
-    # An inference net's folded BatchNorm/Scale layers are not run: they report 0 ms.
-    steps = net.forward_plan() if inference else list(zip(range(len(layers)), layers, bottoms, tops))
+    # An inference net's folded BatchNorm/Scale layers are not run: they report 0 ms. A training
+    # net's fused BatchNorm -> Scale -> ReLU chains (fuse.py) report their time on the BatchNorm.
+    if inference:
+        steps, backward_steps = net.forward_plan(), []
+    elif net._fusing():
+        steps, backward_steps = net.fused_steps()
+    else:
+        steps = list(zip(range(len(layers)), layers, bottoms, tops))
+        backward_steps = [(i, layers[i], True) for i in reversed(range(len(layers)))]
     forward_time = [0.0] * len(layers)
     backward_time = [0.0] * len(layers)
     total_forward = total_backward = 0.0
@@ -119,9 +126,9 @@ def time_layers(net, iterations, inference=False):
             forward_time[i] += clock() - t
         total_forward += clock() - start_iter
         start_backward = clock()
-        for i in reversed(range(0 if inference else len(layers))):
+        for i, layer, _ in backward_steps:
             t = clock()
-            layers[i].run_backward(tops[i], net.bottom_need_backward[i], bottoms[i])
+            layer.run_backward(tops[i], net.bottom_need_backward[i], bottoms[i])
             backward_time[i] += clock() - t
         total_backward += clock() - start_backward
         log.info("Iteration: %d forward-backward time: %s ms.", j + 1, _ms(clock() - start_iter))

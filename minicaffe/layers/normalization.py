@@ -10,6 +10,7 @@ from ..blob import Blob
 from ..fillers import fill
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
+from .neuron import _leaky_relu
 from ..threads import parallel_for
 from .pooling import PoolWindows, average_pool, average_pool_backward
 
@@ -272,13 +273,32 @@ class BatchNormLayer(Layer):
         return total
 
     def forward(self, bottom, top):
-        x = self._grouped(bottom[0].data, bottom[0])
-        y = self._grouped(top[0].data, top[0])
-        dtype = x.dtype.type
+        x2 = self._rows_of(bottom[0].data)
+        y2 = self._rows_of(top[0].data)
+        row_mean, row_std = self.statistics(x2)
+        xn2 = self._x_norm.reshape(x2.shape)
+
+        def normalize(lo, hi):
+            np.subtract(x2[lo:hi], row_mean[lo:hi, None], out=y2[lo:hi])
+            y2[lo:hi] /= row_std[lo:hi, None]
+            # Kept for backward, since a later in-place layer may overwrite the top.
+            np.copyto(xn2[lo:hi], y2[lo:hi])
+
+        _over_rows(x2.shape[0], x2.shape[1], normalize)
+
+    def _rows_of(self, array):
+        """array viewed as (N*C, S) rows, one per image and channel."""
+        num, channels, spatial = self._x_norm.shape
+        return array.reshape(num * channels, spatial)
+
+    def statistics(self, x2):
+        """The mean and std this forward normalizes with, as per-row (N*C,) values of the
+        (N*C, S) rows x2: the batch's own (updating the running sums), or with use_global_stats
+        the running ones. Sets self._std (C,) for backward; uses x_norm as scratch."""
+        dtype = x2.dtype.type
         mean_sum, var_sum, normalizer = (b.data for b in self.blobs)
-        num, channels, spatial = x.shape
+        num, channels, spatial = self._x_norm.shape
         rows = num * channels
-        x2, y2, xn2 = x.reshape(rows, spatial), y.reshape(rows, spatial), self._x_norm.reshape(rows, spatial)
         if self.use_global_stats:
             factor = 0 if normalizer[0] == 0 else 1 / normalizer[0]
             mean = mean_sum * dtype(factor)
@@ -288,6 +308,7 @@ class BatchNormLayer(Layer):
             # the sum of squares about its own mean (through x_norm, free until pass 2, while
             # the block is in cache); rows then combine exactly as in Chan et al.'s parallel
             # variance: M2_c = sum_n M2_nc + S * sum_n (mean_nc - mean_c)^2.
+            xn2 = self._x_norm.reshape(rows, spatial)
             sums, squares = self._row_sums
             own_mean = self._row_stats[3]
             inv_spatial = dtype(1.0 / max(spatial, 1))
@@ -312,36 +333,23 @@ class BatchNormLayer(Layer):
             normalizer += 1
             mean_sum *= maf
             mean_sum += mean
-            m = x.size // self.channels
+            m = num * spatial
             correction = m / (m - 1) if m > 1 else 1.0
             var_sum *= maf
             var_sum += var * dtype(correction)
         self._std = np.sqrt(var + dtype(self.eps))
-        row_std = _per_row(self._row_stats[1], self._std, num)
-        row_mean = _per_row(self._row_stats[0], mean, num)
-
-        def normalize(lo, hi):
-            np.subtract(x2[lo:hi], row_mean[lo:hi, None], out=y2[lo:hi])
-            y2[lo:hi] /= row_std[lo:hi, None]
-            # Kept for backward, since a later in-place layer may overwrite the top.
-            np.copyto(xn2[lo:hi], y2[lo:hi])
-
-        _over_rows(rows, spatial, normalize)
+        return _per_row(self._row_stats[0], mean, num), _per_row(self._row_stats[1], self._std, num)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        dy = self._grouped(top[0].diff, top[0])
-        dx = self._grouped(bottom[0].diff, bottom[0])
-        num, channels, spatial = dy.shape
-        rows = num * channels
-        dy2, dx2 = dy.reshape(rows, spatial), dx.reshape(rows, spatial)
-        row_std = _per_row(self._row_stats[1], self._std, num)
+        dy2, dx2 = self._rows_of(top[0].diff), self._rows_of(bottom[0].diff)
+        rows, spatial = dy2.shape
         if self.use_global_stats:
+            row_std = _per_row(self._row_stats[1], self._std, rows // self.channels)
             _over_rows(rows, spatial, lambda lo, hi: np.divide(dy2[lo:hi], row_std[lo:hi, None],
                                                                out=dx2[lo:hi]))
             return
-        # dx = (dy - mean(dy) - y * mean(dy * y)) / std, means over all but the channel axis.
         xn2 = self._x_norm.reshape(rows, spatial)
         sums, products = self._row_sums
 
@@ -350,9 +358,20 @@ class BatchNormLayer(Layer):
             np.einsum("ij,ij->i", dy2[lo:hi], xn2[lo:hi], out=products[lo:hi])
 
         _over_rows(rows, spatial, reduce)
+        self.input_gradient(dy2, dx2)
+
+    def input_gradient(self, dy2, dx2):
+        """dx = (dy - mean(dy) - y * mean(dy * y)) / std, means over all but the channel axis, on
+        (N*C, S) rows, from the per-row sums of dy and dy * y that self._row_sums holds. dx may
+        be dy itself (in place)."""
+        rows, spatial = dy2.shape
+        num = rows // self.channels
+        xn2 = self._x_norm.reshape(rows, spatial)
+        sums, products = self._row_sums
+        row_std = _per_row(self._row_stats[1], self._std, num)
         row_mean_dy = _per_row(self._row_stats[0], self._channel_means(sums), num)
         row_mean_dy_xn = _per_row(self._row_stats[2], self._channel_means(products), num)
-        # dx may be dy itself (in place): the correction goes through the x_norm-sized scratch.
+        # The correction goes through the x_norm-sized scratch, since dx may be dy.
         self._scratch = _buffer(self._scratch, xn2.shape, xn2.dtype)
         scratch = self._scratch
 
@@ -656,6 +675,113 @@ class ScaleLayer(_AffineLayer):
                 scale.diff[...] += total
             else:
                 scale.diff[...] = total
+
+
+class BatchNormScaleReLU:
+    """An in-place BatchNorm -> Scale (-> ReLU) chain of a net run as one step (fuse.py plans it):
+    y = relu(gamma * (x - mean) / std + beta) per channel.
+
+    The chain's layers run their own arithmetic in the same order on the same buffers, so the blob,
+    the running statistics and the parameter gradients come out bit for bit as the three layers
+    leave them. What changes is how often memory is walked: forward is the statistics pass plus
+    one pass that normalizes, scales and rectifies each block while it is in cache (the layers
+    take four), and backward is two passes (they take five). The Scale layer's saved copy of its
+    input is not made: BatchNorm's x_norm is that input.
+    """
+
+    def __init__(self, batch_norm, scale, relu=None):
+        self.batch_norm, self.scale, self.relu = batch_norm, scale, relu
+        self.layers = [layer for layer in (batch_norm, scale, relu) if layer is not None]
+        self.name, self.type = batch_norm.name, "BatchNorm+Scale" + ("+ReLU" if relu else "")
+        self._row_values = self._row_sums = None
+
+    def reshape(self, bottom, top):
+        # Each layer keeps its own buffers sized, so the net can run them one by one at any time.
+        for layer in self.layers:
+            layer.reshape(bottom, top)
+        rows = self.batch_norm._x_norm.shape[0] * self.batch_norm.channels
+        dtype = bottom[0].dtype
+        self._row_values = _buffer(self._row_values, (2, rows), dtype)   # gamma, beta per row
+        self._row_sums = _buffer(self._row_sums, (2, rows), dtype)       # sum dz, sum dz * y_bn
+
+    def _gamma_beta(self, num):
+        scale = self.scale
+        gamma = _per_row(self._row_values[0], scale.blobs[0].data, num)
+        if scale.bias_index is None:
+            return gamma, None
+        return gamma, _per_row(self._row_values[1], scale.blobs[scale.bias_index].data, num)
+
+    def run_forward(self, bottom, top):
+        bn = self.batch_norm
+        x2 = bn._rows_of(bottom[0].data)    # y overwrites x: the chain is in place
+        row_mean, row_std = bn.statistics(x2)
+        xn2 = bn._x_norm.reshape(x2.shape)
+        gamma, beta = self._gamma_beta(bn._x_norm.shape[0])
+        slope = None if self.relu is None else self.relu.negative_slope
+
+        def run(lo, hi):
+            x, xn = x2[lo:hi], xn2[lo:hi]
+            np.subtract(x, row_mean[lo:hi, None], out=xn)
+            xn /= row_std[lo:hi, None]
+            np.multiply(xn, gamma[lo:hi, None], out=x)
+            if beta is not None:
+                x += beta[lo:hi, None]
+            if slope == 0:
+                np.maximum(x, 0, out=x)
+            elif slope is not None:
+                _leaky_relu(x, x, slope)
+
+        _over_rows(x2.shape[0], x2.shape[1], run)
+        return 0.0
+
+    def run_backward(self, top, propagate_down, bottom):
+        bn, scale = self.batch_norm, self.scale
+        dy2, y2 = bn._rows_of(top[0].diff), bn._rows_of(top[0].data)
+        xn2 = bn._x_norm.reshape(dy2.shape)
+        rows, spatial = dy2.shape
+        num = rows // bn.channels
+        gamma, _ = self._gamma_beta(num)
+        slope = None if self.relu is None else self.relu.negative_slope
+        want_bias = scale.bias_index is not None and scale.param_propagate_down[scale.bias_index]
+        want_scale = scale.param_propagate_down[0]
+        dz_sums, dz_y_sums = self._row_sums
+        dxn_sums, dxn_y_sums = bn._row_sums
+        row_std = _per_row(bn._row_stats[1], bn._std, num) if bn.use_global_stats else None
+
+        def run(lo, hi):
+            dz, xn = dy2[lo:hi], xn2[lo:hi]
+            if slope == 0:
+                np.multiply(dz, y2[lo:hi] > 0, out=dz)
+            elif slope is not None:
+                dz *= np.where(y2[lo:hi] > 0, dz.dtype.type(1), dz.dtype.type(slope))
+            if want_bias:
+                np.dot(dz, bn._ones, out=dz_sums[lo:hi])
+            if want_scale:
+                np.einsum("ij,ij->i", dz, xn, out=dz_y_sums[lo:hi])
+            dz *= gamma[lo:hi, None]   # now BatchNorm's dy
+            if row_std is not None:
+                dz /= row_std[lo:hi, None]
+            else:
+                np.dot(dz, bn._ones, out=dxn_sums[lo:hi])
+                np.einsum("ij,ij->i", dz, xn, out=dxn_y_sums[lo:hi])
+
+        _over_rows(rows, spatial, run)
+        channels = bn.channels
+        if want_bias:
+            bias = scale.blobs[scale.bias_index]
+            bias.diff[...] += dz_sums.reshape(num, channels).sum(axis=0).reshape(bias.shape)
+        if want_scale:
+            scale.blobs[0].diff[...] += dz_y_sums.reshape(num, channels).sum(axis=0).reshape(
+                scale.blobs[0].shape)
+        if row_std is None:
+            bn.input_gradient(dy2, dy2)
+
+    def restore_layer_state(self, bottom):
+        """Leave what the layers' own backward needs after a fused forward: Scale's copy of its
+        input (BatchNorm's output). The net calls this before running the chain layer by layer."""
+        saved = self.scale._saved_input
+        if saved is not None:
+            np.copyto(saved, self.batch_norm._x_norm.reshape(saved.shape))
 
 
 @register_layer("BN")
