@@ -10,7 +10,7 @@ from ..blob import Blob
 from ..fillers import fill
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
-from .neuron import _leaky_relu
+from .neuron import _leaky_relu, _plain_relu
 from ..threads import parallel_for
 from .pooling import PoolWindows, average_pool, average_pool_backward
 
@@ -727,7 +727,8 @@ class BatchNormScaleReLU:
             if beta is not None:
                 x += beta[lo:hi, None]
             if slope == 0:
-                np.maximum(x, 0, out=x)
+                flat = x.reshape(-1)
+                _plain_relu(flat, flat)
             elif slope is not None:
                 _leaky_relu(x, x, slope)
 
