@@ -681,12 +681,12 @@ class BatchNormScaleReLU:
     """An in-place BatchNorm -> Scale (-> ReLU) chain of a net run as one step (fuse.py plans it):
     y = relu(gamma * (x - mean) / std + beta) per channel.
 
-    The chain's layers run their own arithmetic in the same order on the same buffers, so the blob,
-    the running statistics and the parameter gradients come out bit for bit as the three layers
-    leave them. What changes is how often memory is walked: forward is the statistics pass plus
-    one pass that normalizes, scales and rectifies each block while it is in cache (the layers
-    take four), and backward is two passes (they take five). The Scale layer's saved copy of its
-    input is not made: BatchNorm's x_norm is that input.
+    Forward runs the layers' own arithmetic in the same order, so the blob and the running
+    statistics come out bit for bit as the three layers leave them, in two passes over the blob
+    (the statistics, then normalize, scale and rectify each block while it is in cache) where the
+    layers take four. Backward shares one reduction between Scale and BatchNorm (see run_backward):
+    two passes and about 30% fewer numpy operations than the layers' five passes, equal to
+    float32 rounding. The Scale layer's copy of its input is not made: BatchNorm's x_norm is it.
     """
 
     def __init__(self, batch_norm, scale, relu=None):
@@ -736,46 +736,61 @@ class BatchNormScaleReLU:
         return 0.0
 
     def run_backward(self, top, propagate_down, bottom):
+        # With dz the diff after the ReLU's mask and y_bn = x_norm, Scale's gradients are
+        # sum(dz) and sum(dz * y_bn) per channel, and BatchNorm's sums of its own dy = gamma * dz
+        # are gamma times those: so one reduction pass serves both layers, and
+        #   dx = gamma / std * (dz - sum(dz) / m - y_bn * sum(dz * y_bn) / m)
+        # is one more pass (global statistics: dx = gamma / std * dz).
         bn, scale = self.batch_norm, self.scale
         dy2, y2 = bn._rows_of(top[0].diff), bn._rows_of(top[0].data)
         xn2 = bn._x_norm.reshape(dy2.shape)
         rows, spatial = dy2.shape
-        num = rows // bn.channels
-        gamma, _ = self._gamma_beta(num)
+        num, channels = rows // bn.channels, bn.channels
         slope = None if self.relu is None else self.relu.negative_slope
         want_bias = scale.bias_index is not None and scale.param_propagate_down[scale.bias_index]
         want_scale = scale.param_propagate_down[0]
-        dz_sums, dz_y_sums = self._row_sums
-        dxn_sums, dxn_y_sums = bn._row_sums
-        row_std = _per_row(bn._row_stats[1], bn._std, num) if bn.use_global_stats else None
+        global_stats = bn.use_global_stats
+        sums, products = self._row_sums
 
-        def run(lo, hi):
-            dz, xn = dy2[lo:hi], xn2[lo:hi]
+        def reduce(lo, hi):
+            dz = dy2[lo:hi]
             if slope == 0:
                 np.multiply(dz, y2[lo:hi] > 0, out=dz)
             elif slope is not None:
                 dz *= np.where(y2[lo:hi] > 0, dz.dtype.type(1), dz.dtype.type(slope))
-            if want_bias:
-                np.dot(dz, bn._ones, out=dz_sums[lo:hi])
-            if want_scale:
-                np.einsum("ij,ij->i", dz, xn, out=dz_y_sums[lo:hi])
-            dz *= gamma[lo:hi, None]   # now BatchNorm's dy
-            if row_std is not None:
-                dz /= row_std[lo:hi, None]
-            else:
-                np.dot(dz, bn._ones, out=dxn_sums[lo:hi])
-                np.einsum("ij,ij->i", dz, xn, out=dxn_y_sums[lo:hi])
+            if want_bias or not global_stats:
+                np.dot(dz, bn._ones, out=sums[lo:hi])
+            if want_scale or not global_stats:
+                np.einsum("ij,ij->i", dz, xn2[lo:hi], out=products[lo:hi])
 
-        _over_rows(rows, spatial, run)
-        channels = bn.channels
+        _over_rows(rows, spatial, reduce)
+        channel_sums = sums.reshape(num, channels).sum(axis=0)
+        channel_products = products.reshape(num, channels).sum(axis=0)
         if want_bias:
             bias = scale.blobs[scale.bias_index]
-            bias.diff[...] += dz_sums.reshape(num, channels).sum(axis=0).reshape(bias.shape)
+            bias.diff[...] += channel_sums.reshape(bias.shape)
         if want_scale:
-            scale.blobs[0].diff[...] += dz_y_sums.reshape(num, channels).sum(axis=0).reshape(
-                scale.blobs[0].shape)
-        if row_std is None:
-            bn.input_gradient(dy2, dy2)
+            scale.blobs[0].diff[...] += channel_products.reshape(scale.blobs[0].shape)
+        gain = scale.blobs[0].data.reshape(-1) / bn._std            # gamma / std, (C,)
+        row_gain = _per_row(self._row_values[0], gain, num)
+        if global_stats:
+            _over_rows(rows, spatial, lambda lo, hi: np.multiply(dy2[lo:hi], row_gain[lo:hi, None],
+                                                                 out=dy2[lo:hi]))
+            return
+        inv_m = gain.dtype.type(1.0 / max(num * spatial, 1))
+        row_shift = _per_row(self._row_values[1], gain * channel_sums * inv_m, num)
+        row_slope = _per_row(bn._row_stats[2], gain * channel_products * inv_m, num)
+        bn._scratch = scratch = _buffer(bn._scratch, xn2.shape, xn2.dtype)
+
+        def gradient(lo, hi):
+            correction = scratch[lo:hi]
+            np.multiply(xn2[lo:hi], row_slope[lo:hi, None], out=correction)
+            correction += row_shift[lo:hi, None]
+            dx = dy2[lo:hi]
+            dx *= row_gain[lo:hi, None]
+            dx -= correction
+
+        _over_rows(rows, spatial, gradient)
 
     def restore_layer_state(self, bottom):
         """Leave what the layers' own backward needs after a fused forward: Scale's copy of its
