@@ -20,9 +20,8 @@ from minicaffe.proto import caffe_pb2
 # iterator buffer per call (bufsize 8192 x 4 bytes); that is not an array and is allowed.
 LIMIT = 48 * 1024
 # Known to allocate per call at the time of writing: conv.py / im2col.py (Convolution),
-# pooling.py (Pooling, and the average_pool_backward that WITHIN_CHANNEL LRN uses),
-# neuron.py (ReLU backward), common.py (InnerProduct), loss.py (EuclideanLoss forward).
-ALLOCATING = {"Convolution", "Pooling", "ReLU", "InnerProduct", "EuclideanLoss"}
+# pooling.py (Pooling, and the average_pool_backward that WITHIN_CHANNEL LRN uses).
+ALLOCATING = {"Convolution", "Pooling"}
 
 
 def _peaks(solver, steps=2):

@@ -284,7 +284,10 @@ class EuclideanLossLayer(LossLayer):
         if bottom[0].count(1) != bottom[1].count(1):
             raise self.error(f"inputs must have the same dimension, got shapes {bottom[0].shape} "
                              f"and {bottom[1].shape}")
-        self.diff = np.empty(bottom[0].shape, dtype=self.dtype)
+        # Net reshapes before every forward: keep the buffer while the shape holds.
+        diff = getattr(self, "diff", None)
+        if diff is None or diff.shape != bottom[0].shape or diff.dtype != self.dtype:
+            self.diff = np.empty(bottom[0].shape, dtype=self.dtype)
 
     def forward(self, bottom, top):
         a = bottom[0].data

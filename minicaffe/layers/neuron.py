@@ -121,17 +121,22 @@ class ReLULayer(NeuronLayer):
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
+        x = self.input_data(bottom)
+        mask = getattr(self, "_mask", None)   # x > 0, in a buffer kept across iterations
+        if mask is None or mask.size != x.size:
+            mask = self._mask = np.empty(x.size, dtype=bool)
         map_flat(self._relu_grad if self.negative_slope == 0 else self._leaky_grad,
-                 self.input_data(bottom), top[0].diff, bottom[0].diff)
+                 x, top[0].diff, bottom[0].diff, mask.reshape(x.shape))
 
     @staticmethod
-    def _relu_grad(x, dy, dx):
-        np.multiply(dy, x > 0, out=dx)
+    def _relu_grad(x, dy, dx, mask):
+        np.greater(x, 0, out=mask)
+        np.multiply(dy, mask, out=dx)
 
-    def _leaky_grad(self, x, dy, dx):
+    def _leaky_grad(self, x, dy, dx, mask):
         # dx = dy where x > 0, negative_slope * dy elsewhere (x = 0 counts as negative).
-        slope = np.where(x > 0, dx.dtype.type(1), dx.dtype.type(self.negative_slope))
-        np.multiply(dy, slope, out=dx)
+        np.greater(x, 0, out=mask)
+        np.multiply(dy, np.where(mask, dx.dtype.type(1), dx.dtype.type(self.negative_slope)), out=dx)
 
 
 @register_layer("Sigmoid")
