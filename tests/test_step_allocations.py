@@ -145,3 +145,37 @@ def test_params_finite_without_float64_sums():
     assert not net.params_finite()
     weights.reshape(-1)[3] = -np.inf
     assert not net.params_finite()
+
+
+FUSED_NET = """
+name: "fused" force_backward: true
+layer { name: "in" type: "Input" top: "x" top: "t"
+        input_param { shape { dim: 4 dim: 16 dim: 24 dim: 24 } shape { dim: 4 dim: 16 dim: 24 dim: 24 } } }
+layer { name: "bn" type: "BatchNorm" bottom: "x" top: "x" }
+layer { name: "scale" type: "Scale" bottom: "x" top: "x" scale_param { bias_term: true } }
+layer { name: "relu" type: "ReLU" bottom: "x" top: "x" }
+layer { name: "loss" type: "EuclideanLoss" bottom: "x" bottom: "t" top: "loss" }
+"""
+
+
+def test_fused_normalization_chain_steps_without_allocating():
+    """The fused BatchNorm -> Scale -> ReLU step (fuse.py) runs only without callbacks, so it is
+    measured over whole solver steps: nothing near a blob's size (147 KiB here) is allocated."""
+    param = caffe_pb2.SolverParameter(type="SGD", base_lr=0.01, momentum=0.9, lr_policy="fixed",
+                                      max_iter=10, snapshot_after_train=False)
+    text_format.Parse(FUSED_NET, param.net_param)
+    solver = caffe.get_solver(param)
+    net = solver.net
+    assert len(net._fused) == 1
+    rng = __import__("numpy").random.default_rng(0)
+    net.blobs["t"].data[...] = rng.normal(size=net.blobs["t"].shape)
+    solver.step(3)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        solver.step(2)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert net._forward_fused
+    assert peak <= LIMIT, f"a fused step allocated {peak / 1024:.0f} KiB"

@@ -693,7 +693,7 @@ class BatchNormScaleReLU:
         self.batch_norm, self.scale, self.relu = batch_norm, scale, relu
         self.layers = [layer for layer in (batch_norm, scale, relu) if layer is not None]
         self.name, self.type = batch_norm.name, "BatchNorm+Scale" + ("+ReLU" if relu else "")
-        self._row_values = self._row_sums = None
+        self._row_values = self._row_sums = self._mask = None
 
     def reshape(self, bottom, top):
         # Each layer keeps its own buffers sized, so the net can run them one by one at any time.
@@ -703,6 +703,8 @@ class BatchNormScaleReLU:
         dtype = bottom[0].dtype
         self._row_values = _buffer(self._row_values, (2, rows), dtype)   # gamma, beta per row
         self._row_sums = _buffer(self._row_sums, (2, rows), dtype)       # sum dz, sum dz * y_bn
+        if self.relu is not None:   # y > 0, the ReLU's mask, made in backward
+            self._mask = _buffer(self._mask, self.batch_norm._rows_of(bottom[0].data).shape, np.bool_)
 
     def _gamma_beta(self, num):
         scale = self.scale
@@ -754,10 +756,12 @@ class BatchNormScaleReLU:
 
         def reduce(lo, hi):
             dz = dy2[lo:hi]
-            if slope == 0:
-                np.multiply(dz, y2[lo:hi] > 0, out=dz)
-            elif slope is not None:
-                dz *= np.where(y2[lo:hi] > 0, dz.dtype.type(1), dz.dtype.type(slope))
+            if slope is not None:
+                mask = np.greater(y2[lo:hi], 0, out=self._mask[lo:hi])
+                if slope == 0:
+                    np.multiply(dz, mask, out=dz)
+                else:
+                    dz *= np.where(mask, dz.dtype.type(1), dz.dtype.type(slope))
             if want_bias or not global_stats:
                 np.dot(dz, bn._ones, out=sums[lo:hi])
             if want_scale or not global_stats:
