@@ -36,6 +36,7 @@ from ..blob import Blob
 from ..fillers import fill
 from ..im2col import col2im, conv_output_shape, deconv_output_shape, im2col
 from ..kernels import winograd
+from ..kernels.clamp import clamp_below
 from ..kernels.depthwise import DepthwiseConv, is_depthwise
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
@@ -199,8 +200,9 @@ class ConvGemm:
         self.out_dim = int(np.prod(self.out_spatial, dtype=np.int64))                  # P
         if self.layout == "auto":
             # Short output rows make batch_outer's copies crawl; batch_inner copies runs
-            # of W_out*n values instead, paying for transposing images and outputs.
-            self.batch_inner = (not self.is_1x1 and self.stride[-1] == 1
+            # of W_out*n values instead, paying for transposing images and outputs. With one
+            # image both copy runs of W_out, so batch_outer's in-place reads win outright.
+            self.batch_inner = (not self.is_1x1 and self.stride[-1] == 1 and num > 1
                                 and self.out_spatial[-1] <= BATCH_INNER_MAX_ROW)
         else:
             self.batch_inner = self.layout == "batch_inner" and not self.is_1x1
@@ -634,7 +636,9 @@ class ConvolutionLayer(_BaseConvolution):
                 self._winograd.conv(self._bottom(b.data), weight, self._top(t.data), bias=self._bias())
             else:
                 self.gemm.conv(self._bottom(b.data), weight, out=self._top(t.data), bias=self._bias())
-            if self.fused_relu_slope is not None:
+            if self.fused_relu_slope == 0:
+                clamp_below(t.data, 0, out=t.data)   # = relu(), with numpy's fast loop
+            elif self.fused_relu_slope is not None:
                 relu(t.data, t.data, self.fused_relu_slope)
 
     def backward(self, top, propagate_down, bottom):
