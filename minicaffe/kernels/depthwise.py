@@ -68,14 +68,27 @@ class DepthwiseConv:
         itemsize = np.dtype(dtype).itemsize
         per_channel = num * ((h + 2 * ph) * (w + 2 * pw) + 2 * m * ho * wo) * itemsize
         self.block = max(1, min(c, WORKING_SET_BYTES // max(1, per_channel)))
-        # Zero borders: written once here, only the interior is overwritten later.
-        self._padded = np.zeros((num, c, h + 2 * ph, w + 2 * pw), dtype) if ph or pw else None
-        self._padded_diff = np.zeros((num, c, h + 2 * ph, w + 2 * pw), dtype)
-        self._product = np.empty((num, self.block, m, ho, wo), dtype)
-        self._summed = np.empty((num, self.block, ho, wo), dtype) if m > 1 else None
+        # The strided-view path's buffers, made on first use (a multiplier-1 inference forward
+        # never uses them). Zero borders: written once, only the interior is overwritten later.
+        padded = (num, c, h + 2 * ph, w + 2 * pw)
+        self._lazy = dict(
+            _padded=(lambda: np.zeros(padded, dtype)) if ph or pw else (lambda: None),
+            _padded_diff=lambda: np.zeros(padded, dtype),
+            _product=lambda: np.empty((num, self.block, m, ho, wo), dtype),
+            _summed=(lambda: np.empty((num, self.block, ho, wo), dtype)) if m > 1 else (lambda: None))
+        for name in self._lazy:
+            self.__dict__.pop(name, None)
         self._phases = None   # the phase grids, on the first forward
         if m == 1:
             self._plan_phases(num, (h, w), np.dtype(dtype))
+
+    def __getattr__(self, name):
+        # Only reached for attributes not set yet: the lazy scratch buffers above.
+        lazy = self.__dict__.get("_lazy", {})
+        if name not in lazy:
+            raise AttributeError(name)
+        value = self.__dict__[name] = lazy[name]()
+        return value
 
     def _plan_phases(self, num, im_spatial, dtype):
         """Geometry of the phase grids (see the module docstring) and their channel blocks."""

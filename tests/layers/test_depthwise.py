@@ -168,6 +168,8 @@ def test_phase_forward_equals_grouped_gemm(monkeypatch, text, num, height, width
     plain, b = run(make_layer("Convolution", text, fillers=False, blobs=fast.blobs), x, np.float32,
                    use_depthwise=False)
     assert isinstance(fast.gemm, DepthwiseConv) and fast.gemm._phases is not None
+    # the strided-view path's scratch is made only when a backward needs it
+    assert not {"_padded", "_padded_diff", "_product"} & set(vars(fast.gemm))
     np.testing.assert_allclose(a["top"], b["top"], rtol=1e-5, atol=1e-5)
     # a second forward on new values refills the phases (their padding stays zero)
     bottom = make_blobs(-x[::-1].copy(), dtype=np.float32)
