@@ -206,14 +206,20 @@ class WinogradConv:
 # (56x56 and 28x28 ResNet/VGG layers: 1.3-2x); on 14x14 single images (16 tiles) the 36 small
 # products lose to one big GEMM. F(2x2) was slower than F(4x4) at every size where F(4x4) won,
 # and at 14x14 batch 1 its gain over im2col (0.9-1.2x) did not repeat across runs.
+# Few input channels make the 36 products' shared axis too short for BLAS: at batch 1,
+# SqueezeNet's 16->64 at 56x56 and 32->128 at 28x28 ran im2col in 0.78x and 0.8-1.0x of
+# F(4x4)'s time (medians of 8 alternated rounds, one thread), while 48->96 at 28x28 and
+# 64->64 at 56x56 stayed 1.04x and 1.4x faster with F(4x4).
 MIN_CHANNELS = 16
+MIN_IN_CHANNELS = 48
 MIN_TILES = 32
 
 
 def choose_tile(in_channels, out_channels, out_spatial, num):
     """Tile size m for F(m x m, 3x3) on a 3x3 stride-1 undilated group-1 convolution, or None."""
     oh, ow = out_spatial
-    if min(in_channels, out_channels) < MIN_CHANNELS or oh < 4 or ow < 4:
+    if min(in_channels, out_channels) < MIN_CHANNELS or in_channels < MIN_IN_CHANNELS \
+            or oh < 4 or ow < 4:
         return None
     if num * -(-oh // 4) * -(-ow // 4) < MIN_TILES:
         return None

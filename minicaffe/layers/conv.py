@@ -36,6 +36,7 @@ from ..blob import Blob
 from ..fillers import fill
 from ..im2col import col2im, conv_output_shape, deconv_output_shape, im2col
 from ..kernels import winograd
+from ..kernels.clamp import clamp_below
 from ..kernels.depthwise import DepthwiseConv, is_depthwise
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
@@ -199,8 +200,9 @@ class ConvGemm:
         self.out_dim = int(np.prod(self.out_spatial, dtype=np.int64))                  # P
         if self.layout == "auto":
             # Short output rows make batch_outer's copies crawl; batch_inner copies runs
-            # of W_out*n values instead, paying for transposing images and outputs.
-            self.batch_inner = (not self.is_1x1 and self.stride[-1] == 1
+            # of W_out*n values instead, paying for transposing images and outputs. With one
+            # image both copy runs of W_out, so batch_outer's in-place reads win outright.
+            self.batch_inner = (not self.is_1x1 and self.stride[-1] == 1 and num > 1
                                 and self.out_spatial[-1] <= BATCH_INNER_MAX_ROW)
         else:
             self.batch_inner = self.layout == "batch_inner" and not self.is_1x1
@@ -590,7 +592,29 @@ class ConvolutionLayer(_BaseConvolution):
     def compute_output_shape(self, spatial):
         return conv_output_shape(spatial, self.kernel, self.pad, self.stride, self.dilation)
 
+    def _reshape_key(self, bottom, top):
+        """Everything reshape's result depends on: a net calls reshape before every forward, and
+        recomputing the geometry costs ~35 us a layer (a millisecond per batch-1 SqueezeNet)."""
+        return (tuple(b.shape for b in bottom), tuple(map(id, bottom)), tuple(map(id, top)),
+                self.dtype, self.phase, self.winograd, self.keep_columns, self.frozen_weights,
+                getattr(self.gemm, "layout", None))
+
+    _last_reshape = None   # (key, top shape) of the last full reshape
+
     def reshape(self, bottom, top):
+        key = self._reshape_key(bottom, top)
+        last = self._last_reshape
+        if last is not None and last[0] == key:
+            for t in top:
+                t.reshape(last[1])
+            if isinstance(self.gemm, ConvGemm):
+                self.gemm._kept_source = None   # as ConvGemm.reshape does: kept columns are stale
+            return
+        self._last_reshape = None   # not valid until this reshape has succeeded
+        self._full_reshape(bottom, top)
+        self._last_reshape = (key, top[0].shape)
+
+    def _full_reshape(self, bottom, top):
         if isinstance(self.gemm, ConvGemm):
             self.gemm.keep_columns = self.keep_columns and self.phase == caffe_pb2.TRAIN
         super().reshape(bottom, top)
@@ -634,7 +658,9 @@ class ConvolutionLayer(_BaseConvolution):
                 self._winograd.conv(self._bottom(b.data), weight, self._top(t.data), bias=self._bias())
             else:
                 self.gemm.conv(self._bottom(b.data), weight, out=self._top(t.data), bias=self._bias())
-            if self.fused_relu_slope is not None:
+            if self.fused_relu_slope == 0:
+                clamp_below(t.data, 0, out=t.data)   # = relu(), with numpy's fast loop
+            elif self.fused_relu_slope is not None:
                 relu(t.data, t.data, self.fused_relu_slope)
 
     def backward(self, top, propagate_down, bottom):

@@ -109,7 +109,7 @@ def test_batch_chunks_and_weight_updates(monkeypatch):
     assert relative_error(out, plain_conv(x, weight, bias, (1, 1))) < TOL
 
 
-def conv_layer(phase, n=1, c=16, k=16, hw=28, kernel=3, stride=1, pad=1, dilation=1, group=1,
+def conv_layer(phase, n=1, c=48, k=16, hw=28, kernel=3, stride=1, pad=1, dilation=1, group=1,
                dtype=np.float32, winograd_setting=None):
     param = caffe_pb2.LayerParameter(name="conv", type="Convolution")
     text_format.Parse(f"num_output: {k} kernel_size: {kernel} stride: {stride} pad: {pad} "
@@ -135,6 +135,8 @@ DISPATCH = [  # (layer arguments, expected tile size)
     (dict(phase=TEST, group=2), None),
     (dict(phase=TEST, kernel=5, pad=2), None),
     (dict(phase=TEST, c=8), None),               # too few channels
+    (dict(phase=TEST, c=32, k=128), None),       # too few input channels for 36 short products
+    (dict(phase=TEST, c=16, k=64, hw=56), None),
     (dict(phase=TEST, k=8), None),
     (dict(phase=TEST, hw=3, pad=0), None),       # output 1x1
     (dict(phase=TEST, hw=14), None),             # 16 tiles: one big GEMM is faster
@@ -156,7 +158,7 @@ def test_dispatch_follows_the_rule(kwargs, tile):
 def test_dispatch_follows_reshapes():
     layer, bottom, top = conv_layer(TEST, hw=14)
     assert layer._winograd is None
-    bottom[0].reshape(4, 16, 14, 14)
+    bottom[0].reshape(4, 48, 14, 14)
     layer.reshape(bottom, top)
     assert layer._winograd is not None and layer._winograd.num == 4
     bottom[0].data[...] = np.random.default_rng(0).standard_normal(bottom[0].shape)
@@ -194,6 +196,7 @@ layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
 
 @pytest.mark.parametrize("inference", [False, True])
 def test_whole_net_outputs_equal_with_and_without_winograd(monkeypatch, tmp_path, inference):
+    monkeypatch.setattr(winograd, "MIN_IN_CHANNELS", 16)   # "auto" picks Winograd for these small layers
     param = text_format.Parse(VGG_LIKE, caffe_pb2.NetParameter())
     trained = Net(param, caffe.TEST)
     rng = np.random.default_rng(4)

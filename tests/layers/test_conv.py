@@ -652,3 +652,27 @@ def test_threaded_im2col_and_col2im_equal_one_thread(monkeypatch, shape, conv_te
     for other in results[1:]:
         for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)
+
+
+# -- reshape's fast path: an unchanged reshape only re-sizes the tops ----------------------
+@pytest.mark.parametrize("conv_text", ["num_output: 4 kernel_size: 3 pad: 1",
+                                       "num_output: 4 kernel_size: 1",
+                                       "num_output: 4 kernel_size: 3 stride: 2"])
+def test_repeated_reshape_keeps_the_result_and_notices_changes(conv_text):
+    layer = make_layer("Convolution", conv_text)
+    layer.phase = caffe_pb2.TEST
+    bottom, top = setup(layer, [gaussian(2, 3, 9, 9)], dtype=np.float32)
+    weight, bias = layer.blobs[0].data.astype(np.float64), layer.blobs[1].data.astype(np.float64)
+    for shape in [(2, 3, 9, 9), (2, 3, 9, 9), (1, 3, 12, 10), (1, 3, 12, 10), (2, 3, 9, 9)]:
+        bottom[0].reshape(shape)
+        bottom[0].data[...] = gaussian(*shape, seed=sum(shape))
+        top[0].reshape((1,))   # someone else resized the top: the fast path must undo it
+        layer.reshape(bottom, top)
+        layer.forward(bottom, top)
+        expected = reference_conv(bottom[0].data.astype(np.float64), weight, bias, *geometry(layer), 1)
+        assert top[0].shape == expected.shape
+        np.testing.assert_allclose(top[0].data, expected, rtol=1e-4, atol=1e-4)
+    # a setting that changes the machinery is part of the key too
+    layer.winograd = False
+    layer.reshape(bottom, top)
+    assert layer._winograd is None

@@ -146,3 +146,37 @@ def test_channel_blocks_match_one_block(monkeypatch, multiplier):
     assert blocked_layer.gemm.block == 1
     for key in whole:
         np.testing.assert_allclose(blocked[key], whole[key], rtol=1e-12, atol=1e-12)
+
+
+# The multiplier-1 forward runs on phase grids (one per stride phase), in channel blocks.
+PHASE_CONFIGS = ["kernel_size: 3 pad: 1", "kernel_size: 3 stride: 2 pad: 1",
+                 "kernel_size: 3 stride: 2", "kernel_size: 5 stride: 3 pad: 2",
+                 "kernel_size: 3 pad: 2 dilation: 2", "kernel_size: 3 stride: 2 pad: 2 dilation: 3",
+                 "kernel_h: 1 kernel_w: 3 stride_h: 2 stride_w: 1 pad_h: 0 pad_w: 1", "kernel_size: 2 stride: 2"]
+
+
+@pytest.mark.parametrize("text", PHASE_CONFIGS)
+@pytest.mark.parametrize("num,height,width", [(1, 15, 13), (3, 8, 9)])
+@pytest.mark.parametrize("working_set", [None, 1])
+def test_phase_forward_equals_grouped_gemm(monkeypatch, text, num, height, width, working_set):
+    from minicaffe.kernels import depthwise
+    if working_set is not None:
+        monkeypatch.setattr(depthwise, "WORKING_SET_BYTES", working_set)   # one channel per block
+    x = np.random.default_rng(7).standard_normal((num, 6, height, width)).astype(np.float32)
+    text = conv_text(6, 1, text)
+    fast, a = run(make_layer("Convolution", text), x, np.float32)
+    plain, b = run(make_layer("Convolution", text, fillers=False, blobs=fast.blobs), x, np.float32,
+                   use_depthwise=False)
+    assert isinstance(fast.gemm, DepthwiseConv) and fast.gemm._phases is not None
+    # the strided-view path's scratch is made only when a backward needs it
+    assert not {"_padded", "_padded_diff", "_product"} & set(vars(fast.gemm))
+    np.testing.assert_allclose(a["top"], b["top"], rtol=1e-5, atol=1e-5)
+    # a second forward on new values refills the phases (their padding stays zero)
+    bottom = make_blobs(-x[::-1].copy(), dtype=np.float32)
+    top = [Blob(dtype=np.float32)]
+    fast.reshape(bottom, top)
+    fast.forward(bottom, top)
+    plain.reshape(bottom, top)
+    expected = top[0].data.copy()
+    plain.forward(bottom, top)
+    np.testing.assert_allclose(expected, top[0].data, rtol=1e-5, atol=1e-5)
