@@ -36,7 +36,6 @@ from ..blob import Blob
 from ..fillers import fill
 from ..im2col import col2im, conv_output_shape, deconv_output_shape, im2col
 from ..kernels import winograd
-from ..kernels.clamp import clamp_below
 from ..kernels.depthwise import DepthwiseConv, is_depthwise
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
@@ -658,9 +657,7 @@ class ConvolutionLayer(_BaseConvolution):
                 self._winograd.conv(self._bottom(b.data), weight, self._top(t.data), bias=self._bias())
             else:
                 self.gemm.conv(self._bottom(b.data), weight, out=self._top(t.data), bias=self._bias())
-            if self.fused_relu_slope == 0:
-                clamp_below(t.data, 0, out=t.data)   # = relu(), with numpy's fast loop
-            elif self.fused_relu_slope is not None:
+            if self.fused_relu_slope is not None:
                 relu(t.data, t.data, self.fused_relu_slope)
 
     def backward(self, top, propagate_down, bottom):

@@ -10,7 +10,8 @@ from ..blob import Blob
 from ..fillers import fill
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
-from .neuron import _leaky_relu, _plain_relu
+from .neuron import _leaky_relu
+from ..kernels.clamp import clamp_below
 from ..threads import parallel_for
 from .pooling import PoolWindows, average_pool, average_pool_backward
 
@@ -729,8 +730,7 @@ class BatchNormScaleReLU:
             if beta is not None:
                 x += beta[lo:hi, None]
             if slope == 0:
-                flat = x.reshape(-1)
-                _plain_relu(flat, flat)
+                clamp_below(x, 0, out=x, split=False)   # this block is already one piece of the pool's work
             elif slope is not None:
                 _leaky_relu(x, x, slope)
 

@@ -20,7 +20,7 @@ def _values(shape, dtype, seed=0):
 @pytest.mark.parametrize("fmax", [False, True])
 @pytest.mark.parametrize("value", [0.0, -np.finfo(np.float32).max, 0.5])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(0,), (5,), (3, 7, 11), (2, clamp.BLOCK + 3)])
+@pytest.mark.parametrize("shape", [(0,), (5,), (3, 7, 11), (2, clamp.BLOCK + 3), (3 * clamp.BLOCK,)])
 @pytest.mark.parametrize("in_place", [False, True])
 def test_equals_the_scalar_ufunc(fmax, value, dtype, shape, in_place):
     x = _values(shape, dtype)
