@@ -18,12 +18,12 @@ __all__ = ["Blob", "BlobError", "zeros"]
 
 # Buffers from this size on come straight from the kernel (see zeros); numpy asks for huge
 # pages from 4 MiB on, and so do we.
-MMAP_MIN_BYTES = 1 << 20
+MMAP_MIN_BYTES = 256 << 10
 _HUGE_PAGE_MIN_BYTES = 4 << 20
 
 
-def zeros(size, dtype=np.float32):
-    """np.zeros(size, dtype) whose untouched pages cost no memory, whatever malloc did before.
+def zeros(shape, dtype=np.float32):
+    """np.zeros(shape, dtype) whose untouched pages cost no memory, whatever malloc did before.
 
     np.zeros is calloc, and glibc serves a calloc of up to 32 MiB from its heap once a freed
     block that size has raised its mmap threshold, clearing (so touching) every page; a net's
@@ -32,13 +32,15 @@ def zeros(size, dtype=np.float32):
     its own), which are unmapped again when the array goes.
     """
     dtype = np.dtype(dtype)
-    nbytes = int(size) * dtype.itemsize
+    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+    size = math.prod(shape)
+    nbytes = size * dtype.itemsize
     if nbytes < MMAP_MIN_BYTES:
-        return np.zeros(size, dtype=dtype)
+        return np.zeros(shape, dtype=dtype)
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
     if nbytes >= _HUGE_PAGE_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
         region.madvise(mmap.MADV_HUGEPAGE)
-    return np.frombuffer(region, dtype=dtype, count=int(size))
+    return np.frombuffer(region, dtype=dtype, count=size).reshape(shape)
 
 
 class BlobError(MinicaffeError, ValueError):

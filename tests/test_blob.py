@@ -137,6 +137,10 @@ def test_big_zeros_cost_no_memory_until_touched_even_after_big_frees():
     z = zeros(1 << 20, np.float64)
     assert z.dtype == np.float64 and z.shape == (1 << 20,) and z.flags.writeable and not z.any()
     assert zeros(3, np.int32).tolist() == [0, 0, 0]
+    big = zeros((4, 256, 128), np.float32)            # shapes as np.zeros takes them
+    assert big.shape == (4, 256, 128) and big.flags.c_contiguous and not big.any()
+    big[1, 2, 3] = 5
+    assert big.sum() == 5 and zeros((2, 0, 3)).shape == (2, 0, 3)
     b = Blob((1 << 20,))
     b.data[:10] = 1
     assert b.data[:11].tolist() == [1] * 10 + [0]

@@ -19,6 +19,8 @@ convolution layer swaps it in at one place.
 """
 import numpy as np
 
+from ..blob import zeros
+
 __all__ = ["DepthwiseConv", "is_depthwise", "WORKING_SET_BYTES"]
 
 # Channels are processed in blocks whose padded input and outputs stay within about
@@ -58,10 +60,11 @@ class DepthwiseConv:
         per_channel = num * ((h + 2 * ph) * (w + 2 * pw) + 2 * m * ho * wo) * itemsize
         self.block = max(1, min(c, WORKING_SET_BYTES // max(1, per_channel)))
         # Zero borders: written once here, only the interior is overwritten later.
-        self._padded = np.zeros((num, c, h + 2 * ph, w + 2 * pw), dtype) if ph or pw else None
-        self._padded_diff = np.zeros((num, c, h + 2 * ph, w + 2 * pw), dtype)
-        self._product = np.empty((num, self.block, m, ho, wo), dtype)
-        self._summed = np.empty((num, self.block, ho, wo), dtype) if m > 1 else None
+        # blob.zeros: untouched pages cost no memory (forward-only nets never touch _padded_diff).
+        self._padded = zeros((num, c, h + 2 * ph, w + 2 * pw), dtype) if ph or pw else None
+        self._padded_diff = zeros((num, c, h + 2 * ph, w + 2 * pw), dtype)
+        self._product = zeros((num, self.block, m, ho, wo), dtype)
+        self._summed = zeros((num, self.block, ho, wo), dtype) if m > 1 else None
 
     def _padded_input(self, im, buffer):
         if buffer is None:
