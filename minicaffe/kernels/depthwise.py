@@ -17,6 +17,8 @@ with each view.
 `DepthwiseConv` has ConvGemm's interface (reshape / conv / conv_transpose), so the
 convolution layer swaps it in at one place.
 """
+import threading
+
 import numpy as np
 
 from ..blob import zeros
@@ -32,6 +34,25 @@ def is_depthwise(in_channels, out_channels, group, num_spatial):
     """Can DepthwiseConv run this convolution? One input channel per group, 2-D."""
     return (num_spatial == 2 and group == in_channels and group > 1
             and out_channels % in_channels == 0)
+
+
+class _Padded(threading.local):
+    """The padded input and padded input gradient, one buffer each per thread for every
+    DepthwiseConv (grown to the largest): they are dead once a conv or conv_transpose call
+    returns, so a net needs one of each, not one per layer."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, role, shape, dtype):
+        size = int(np.prod(shape, dtype=np.int64))
+        buf = self.buffers.get((role, dtype))
+        if buf is None or buf.size < size:
+            buf = self.buffers[(role, dtype)] = zeros(size, dtype)
+        return buf[:size].reshape(shape)
+
+
+_PADDED = _Padded()
 
 
 class DepthwiseConv:
@@ -60,17 +81,22 @@ class DepthwiseConv:
         per_channel = num * ((h + 2 * ph) * (w + 2 * pw) + 2 * m * ho * wo) * itemsize
         self.block = max(1, min(c, WORKING_SET_BYTES // max(1, per_channel)))
         # Zero borders: written once here, only the interior is overwritten later.
-        # blob.zeros: untouched pages cost no memory (forward-only nets never touch _padded_diff).
-        self._padded = zeros((num, c, h + 2 * ph, w + 2 * pw), dtype) if ph or pw else None
-        self._padded_diff = zeros((num, c, h + 2 * ph, w + 2 * pw), dtype)
+        self._padded_shape = (num, c, h + 2 * ph, w + 2 * pw) if ph or pw else None
         self._product = zeros((num, self.block, m, ho, wo), dtype)
         self._summed = zeros((num, self.block, ho, wo), dtype) if m > 1 else None
 
-    def _padded_input(self, im, buffer):
-        if buffer is None:
+    def _padded_input(self, im):
+        """im inside a zero border of pad rows and columns, in the shared padded buffer."""
+        if self._padded_shape is None:
             return im
-        ph, pw = self.pad
-        buffer[:, :, ph: ph + im.shape[2], pw: pw + im.shape[3]] = im
+        buffer = _PADDED.get("input", self._padded_shape, im.dtype)
+        (ph, pw), (h, w) = self.pad, im.shape[2:]
+        # Another layer's values may be in the border: zero it at every call.
+        buffer[:, :, :ph].fill(0)
+        buffer[:, :, ph + h:].fill(0)
+        buffer[:, :, ph: ph + h, :pw].fill(0)
+        buffer[:, :, ph: ph + h, pw + w:].fill(0)
+        buffer[:, :, ph: ph + h, pw: pw + w] = im
         return buffer
 
     def _blocks(self):
@@ -103,7 +129,7 @@ class DepthwiseConv:
 
     def conv(self, im, w, out=None, dout=None, dw=None, bias=None):
         """out = w * im + bias (if out given); dw += dout (x) im (if dw given)."""
-        xp = self._padded_input(im, self._padded)
+        xp = self._padded_input(im)
         n, c, m = im.shape[0], self.in_channels, self.multiplier
         if out is not None:
             out5 = out.reshape(n, c, m, *self.out_spatial)
@@ -127,11 +153,12 @@ class DepthwiseConv:
         """im = w^T * dout (+ bias) (if im given, overwritten); dw += dout (x) im_data (if dw given)."""
         n, c, m = dout.shape[0], self.in_channels, self.multiplier
         if dw is not None:
-            self._weight_grad(self._padded_input(im_data, self._padded), dout, dw)
+            self._weight_grad(self._padded_input(im_data), dout, dw)
         if im is None:
             return
         dout5 = dout.reshape(n, c, m, *self.out_spatial)
-        dxp = self._padded_diff
+        ph, pw = self.pad
+        dxp = _PADDED.get("diff", (n, c, im.shape[2] + 2 * ph, im.shape[3] + 2 * pw), dout.dtype)
         dxp[...] = 0
         for a, b in self._blocks():
             grad = self._split(dout5, a, b)

@@ -146,3 +146,24 @@ def test_channel_blocks_match_one_block(monkeypatch, multiplier):
     assert blocked_layer.gemm.block == 1
     for key in whole:
         np.testing.assert_allclose(blocked[key], whole[key], rtol=1e-12, atol=1e-12)
+
+
+def test_layers_sharing_the_padded_buffers_see_zero_borders():
+    """Every DepthwiseConv of a thread pads into one buffer: a layer with a wider pad, run in
+    between, leaves values where a narrower one's border is; results must not change."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 4, 9, 8))
+    narrow, wide = conv_text(4, 1, "kernel_size: 3 pad: 1"), conv_text(4, 1, "kernel_size: 5 pad: 2")
+    ref, _ = run(make_layer("Convolution", narrow), x, np.float32)
+    top_diff = rng.standard_normal((2, 4) + ref.top_spatial)
+    _, first = run(make_layer("Convolution", narrow, fillers=False, blobs=ref.blobs), x, np.float32,
+                   True, top_diff)
+    run(make_layer("Convolution", wide), 100 + x, np.float32, True,
+        rng.standard_normal((2, 4, 9, 8)))   # fills the shared buffers with other values
+    _, again = run(make_layer("Convolution", narrow, fillers=False, blobs=ref.blobs), x, np.float32,
+                   True, top_diff)
+    _, plain = run(make_layer("Convolution", narrow, fillers=False, blobs=ref.blobs), x, np.float32,
+                   False, top_diff)
+    for key in first:
+        np.testing.assert_array_equal(again[key], first[key])
+        np.testing.assert_allclose(again[key], plain[key], rtol=1e-5, atol=1e-5)
