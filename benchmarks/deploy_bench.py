@@ -8,6 +8,7 @@ inference user would, with `Net(..., inference=True)`; `--plain` adds the defaul
 
     python benchmarks/deploy_bench.py                       # the six nets of ../shared/models/bench
     python benchmarks/deploy_bench.py --nets squeezenet --rounds 5 --threads 2
+    python benchmarks/deploy_bench.py --nets resnet152 --rounds 1   # ResNet-152 b10, built in code
     python benchmarks/deploy_bench.py --caffe /path/to/caffe   # adds a Caffe column (`caffe time`)
     python benchmarks/deploy_bench.py --pycaffe /path/to/caffe/python
 
@@ -36,7 +37,83 @@ NETS = [
     ("mobilenet", "mobilenet_v1_deploy.prototxt", 1),
     ("vgg16", "vgg16_deploy.prototxt", 1),
 ]
+# Nets built in code (no prototxt in ../shared), run only when named in --nets: ResNet-152 at
+# batch 10 is the issue's memory target and takes a minute per engine and round.
+BUILT = {"resnet152": ((3, 8, 36, 3), "ResNet-152", 10)}
 CAFFE_FORWARD = re.compile(r"Average Forward pass: ([\d.]+) ms")
+
+
+def resnet_deploy(blocks, name, batch=1):
+    """The NetParameter of an MSRA bottleneck ResNet deploy net with `blocks` blocks in stages 2..5.
+
+    Layer for layer what ../shared/models/bench/resnet50_deploy.prototxt is for blocks (3, 4, 6, 3):
+    conv1 7x7/2 + BatchNorm + Scale + ReLU, max pool 3x3/2, then per stage s bottleneck blocks
+    1x1 (w) -> 3x3 (w) -> 1x1 (4w), w = 64 * 2**(s-2), each conv bias-free and followed by an
+    in-place BatchNorm (global stats) + Scale (with bias); the first block of a stage has a 1x1
+    projection branch (stride 2 from stage 3 on, on it and on the first 1x1), the others add
+    their input. Blocks are named a, b, c, ... and, in stages of more than 6 blocks, a, b1, b2, ...
+    as in MSRA's ResNet-101/152. Then 7x7 average pool, fc1000 and Softmax.
+    """
+    from minicaffe.proto import caffe_pb2
+
+    if len(blocks) != 4 or min(blocks) < 1:
+        raise ValueError(f"resnet_deploy: blocks must be 4 positive stage lengths, got {blocks!r}")
+    net = caffe_pb2.NetParameter(name=name)
+
+    def layer(kind, layer_name, bottoms, top, **params):
+        new = net.layer.add(name=layer_name, type=kind, bottom=bottoms, top=[top])
+        for field, values in params.items():
+            getattr(new, field).MergeFrom(values)
+        return top
+
+    def conv_bn(bottom, top, tag, width, kernel, stride, relu, bias=False):
+        conv = caffe_pb2.ConvolutionParameter(num_output=width, pad=[kernel // 2], kernel_size=[kernel],
+                                              stride=[stride])
+        if not bias:
+            conv.bias_term = False
+        layer("Convolution", top, [bottom], top, convolution_param=conv)
+        layer("BatchNorm", f"bn{tag}", [top], top,
+              batch_norm_param=caffe_pb2.BatchNormParameter(use_global_stats=True))
+        layer("Scale", f"scale{tag}", [top], top, scale_param=caffe_pb2.ScaleParameter(bias_term=True))
+        if relu:
+            layer("ReLU", f"{top}_relu", [top], top)
+        return top
+
+    layer("Input", "input", [], "data", input_param=caffe_pb2.InputParameter(
+        shape=[caffe_pb2.BlobShape(dim=[batch, 3, 224, 224])]))
+    x = conv_bn("data", "conv1", "_conv1", 64, 7, 2, relu=True, bias=True)
+    x = layer("Pooling", "pool1", [x], "pool1", pooling_param=caffe_pb2.PoolingParameter(
+        pool=caffe_pb2.PoolingParameter.MAX, kernel_size=3, stride=2))
+    for stage, count in enumerate(blocks, start=2):
+        width = 64 * 2 ** (stage - 2)
+        for i in range(count):
+            block = f"{stage}{'abcdef'[i]}" if count <= 6 else f"{stage}{'a' if i == 0 else f'b{i}'}"
+            stride = 2 if i == 0 and stage > 2 else 1
+            shortcut = x
+            if i == 0:
+                shortcut = conv_bn(x, f"res{block}_branch1", f"{block}_branch1", 4 * width, 1, stride, relu=False)
+            y = conv_bn(x, f"res{block}_branch2a", f"{block}_branch2a", width, 1, stride, relu=True)
+            y = conv_bn(y, f"res{block}_branch2b", f"{block}_branch2b", width, 3, 1, relu=True)
+            y = conv_bn(y, f"res{block}_branch2c", f"{block}_branch2c", 4 * width, 1, 1, relu=False)
+            x = layer("Eltwise", f"res{block}", [shortcut, y], f"res{block}")
+            layer("ReLU", f"res{block}_relu", [x], x)
+    x = layer("Pooling", "pool5", [x], "pool5", pooling_param=caffe_pb2.PoolingParameter(
+        pool=caffe_pb2.PoolingParameter.AVE, kernel_size=7, stride=1))
+    x = layer("InnerProduct", "fc1000", [x], "fc1000",
+              inner_product_param=caffe_pb2.InnerProductParameter(num_output=1000))
+    layer("Softmax", "prob", [x], "prob")
+    return net
+
+
+def write_built_net(name, out_dir):
+    """Write the prototxt of the BUILT net `name` into out_dir; returns (its path, its batch)."""
+    from google.protobuf import text_format
+
+    blocks, title, batch = BUILT[name]
+    path = pathlib.Path(out_dir) / f"{name}_deploy.prototxt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text_format.MessageToString(resnet_deploy(blocks, title, batch)))
+    return path, batch
 
 
 def make_weights(prototxt, batch, out_dir):
@@ -128,7 +205,8 @@ def worker(engine, spec, iterations, threads, out_npy):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", default=",".join(n for n, _, _ in NETS),
-                        help="comma-separated subset of: " + ", ".join(n for n, _, _ in NETS))
+                        help="comma-separated subset of: " + ", ".join(n for n, _, _ in NETS)
+                             + "; also " + ", ".join(BUILT) + " (built in code, not run by default)")
     parser.add_argument("--rounds", type=int, default=3, help="alternated rounds per engine (medians)")
     parser.add_argument("--iterations", type=int, default=10, help="timed forwards per round")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())),
@@ -151,9 +229,9 @@ def main():
     import numpy as np
     known = {n: (BENCH / f, b) for n, f, b in NETS}
     chosen = [n.strip() for n in args.nets.split(",") if n.strip()]
-    unknown = [n for n in chosen if n not in known]
+    unknown = [n for n in chosen if n not in known and n not in BUILT]
     if unknown:
-        parser.error(f"unknown net(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+        parser.error(f"unknown net(s) {', '.join(unknown)}; choose from {', '.join([*known, *BUILT])}")
     if args.rounds < 1 or args.iterations < 1 or args.threads < 1:
         parser.error("--rounds, --iterations and --threads must be at least 1")
     engines = ["minicaffe"] + (["minicaffe-plain"] if args.plain else [])
@@ -172,7 +250,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         for name in chosen:
-            prototxt, batch = known[name]
+            prototxt, batch = known[name] if name in known else write_built_net(name, tmp / "built")
             # in a child, so that this process stays small: a child's peak RSS starts at its parent's
             prepared, _ = child_rss_mb([sys.executable, __file__, "--prepare", str(prototxt), str(batch), str(tmp)], env)
             spec = json.loads(prepared.strip().splitlines()[-1])

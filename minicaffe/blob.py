@@ -3,21 +3,49 @@
 Storage is a flat buffer that only grows; `data`/`diff` are views of its first
 `count` elements in the current shape, so `reshape` to a smaller or equal size
 never reallocates, and blobs that share storage (`share_data`/`share_diff`)
-keep seeing each other's writes.
+keep seeing each other's writes. The diff buffer grows at its first use rather than
+at `reshape`, so a net that never runs backward never allocates diffs.
 """
 import math
+import mmap
 
 import numpy as np
 
 from .errors import MinicaffeError
 from .proto import caffe_pb2
 
-__all__ = ["Blob", "BlobError"]
+__all__ = ["Blob", "BlobError", "zeros"]
 
+# Buffers from this size on come straight from the kernel (see zeros); numpy asks for huge
+# pages from 4 MiB on, and so do we.
+MMAP_MIN_BYTES = 256 << 10
+_HUGE_PAGE_MIN_BYTES = 4 << 20
+
+
+def zeros(shape, dtype=np.float32):
+    """np.zeros(shape, dtype) whose untouched pages cost no memory, whatever malloc did before.
+
+    np.zeros is calloc, and glibc serves a calloc of up to 32 MiB from its heap once a freed
+    block that size has raised its mmap threshold, clearing (so touching) every page; a net's
+    build frees such blocks all the time (Split's tops drop their own buffer, for one). Big
+    buffers therefore map zero pages of their own (private, so a forked worker's writes stay
+    its own), which are unmapped again when the array goes.
+    """
+    dtype = np.dtype(dtype)
+    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+    size = math.prod(shape)
+    nbytes = size * dtype.itemsize
+    if nbytes < MMAP_MIN_BYTES or not hasattr(mmap, "MAP_PRIVATE"):   # (Windows has no MAP_PRIVATE)
+        return np.zeros(shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+    if nbytes >= _HUGE_PAGE_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(region, dtype=dtype, count=size).reshape(shape)
 
 
 class BlobError(MinicaffeError, ValueError):
     """A blob shape or BlobProto that does not fit; the text names the blob."""
+
 
 class _Memory:
     """A growable flat buffer that several blobs can point to."""
@@ -25,11 +53,11 @@ class _Memory:
     __slots__ = ("buf",)
 
     def __init__(self, size, dtype):
-        self.buf = np.zeros(size, dtype=dtype)
+        self.buf = zeros(size, dtype)
 
     def ensure(self, size):
         if size > self.buf.size:
-            grown = np.zeros(size, dtype=self.buf.dtype)
+            grown = zeros(size, self.buf.dtype)
             grown[: self.buf.size] = self.buf
             self.buf = grown
 
@@ -114,7 +142,6 @@ class Blob:
         self._shape = shape
         self._count = math.prod(shape)
         self._data.ensure(self._count)
-        self._diff.ensure(self._count)
         return self
 
     def reshape_like(self, other):
@@ -131,6 +158,7 @@ class Blob:
 
     @property
     def diff(self):
+        self._diff.ensure(self._count)   # lazily: forward-only nets never need diffs
         return self._diff.buf[: self._count].reshape(self._shape)
 
     @diff.setter

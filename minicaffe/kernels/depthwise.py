@@ -28,6 +28,7 @@ convolution layer swaps it in at one place.
 """
 import numpy as np
 
+from ..blob import zeros
 from .pooling import _phase_slices
 
 __all__ = ["DepthwiseConv", "is_depthwise", "WORKING_SET_BYTES"]
@@ -72,8 +73,8 @@ class DepthwiseConv:
         # never uses them). Zero borders: written once, only the interior is overwritten later.
         padded = (num, c, h + 2 * ph, w + 2 * pw)
         self._lazy = dict(
-            _padded=(lambda: np.zeros(padded, dtype)) if ph or pw else (lambda: None),
-            _padded_diff=lambda: np.zeros(padded, dtype),
+            _padded=(lambda: zeros(padded, dtype)) if ph or pw else (lambda: None),
+            _padded_diff=lambda: zeros(padded, dtype),
             _product=lambda: np.empty((num, self.block, m, ho, wo), dtype),
             _summed=(lambda: np.empty((num, self.block, ho, wo), dtype)) if m > 1 else (lambda: None))
         for name in self._lazy:
@@ -179,7 +180,7 @@ class DepthwiseConv:
         (hq, wq), (ho, wo) = self.grid, self.out_spatial
         if self._phases is None:
             # Zeros outside the image (the padding) are written once; forwards only refill pixels.
-            self._phases = np.zeros((len(self.phase_copies), n, c, hq * wq), self._phase_dtype)
+            self._phases = zeros((len(self.phase_copies), n, c, hq * wq), self._phase_dtype)
             self._acc = np.empty((n, self.phase_block, ho * wq), self._phase_dtype)
             self._term = np.empty((n, self.phase_block, self.run_length), self._phase_dtype)
         for phase, ((grid_h, grid_w), (image_h, image_w)) in zip(self._phases, self.phase_copies):

@@ -59,6 +59,10 @@ TRANSFORMS = {
 WINOGRAD_BUFFER_BYTES = 16 << 20
 
 
+# Values of U transformed per block of output channels (float64 temporaries about 8x this).
+U_BLOCK_VALUES = 1 << 20
+
+
 def _fresh(role, size, dtype):
     return np.empty(int(size), dtype=dtype)
 
@@ -96,13 +100,18 @@ class WinogradConv:
         if seen is not None and seen.shape == w.shape and seen.dtype == w.dtype \
                 and (self.frozen or np.array_equal(seen, w)):
             return self._u
-        bt, g, at = TRANSFORMS[self.m]
-        a = self.alpha
+        _, g, _ = TRANSFORMS[self.m]
+        a, k, c = self.alpha, self.out_channels, self.in_channels
         # float64 for the transform itself: U is computed once, and rounding it once keeps the
-        # float32 error of F(4x4) (1/6, 1/24) at its unavoidable part.
-        u = (g @ w.astype(np.float64) @ g.T).transpose(2, 3, 0, 1)       # (alpha, alpha, K, C)
-        self._u = np.ascontiguousarray(u.reshape(a * a, self.out_channels, self.in_channels),
-                                       dtype=w.dtype)
+        # float32 error of F(4x4) (1/6, 1/24) at its unavoidable part. Blocks of output
+        # channels keep the float64 temporaries small next to U (all at once, a 512x512 layer's
+        # held 150 MB at the first forward).
+        self._u = np.empty((a * a, k, c), dtype=w.dtype)
+        step = max(1, U_BLOCK_VALUES // (a * a * c))
+        for lo in range(0, k, step):
+            hi = min(k, lo + step)
+            block = g @ w[lo:hi].astype(np.float64) @ g.T                # (k block, C, alpha, alpha)
+            self._u[:, lo:hi] = block.transpose(2, 3, 0, 1).reshape(a * a, hi - lo, c)
         # A frozen kernel never compares values: a zero-stride stand-in of w's shape and dtype
         # is enough (it saves a copy of the weights), and compares unequal if it is unfrozen.
         self._weight_seen = np.broadcast_to(w.dtype.type(0), w.shape) if self.frozen else w.copy()

@@ -6,7 +6,7 @@ layer with bias_term: true.
 """
 import numpy as np
 
-from ..blob import Blob
+from ..blob import Blob, zeros
 from ..fillers import fill
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
@@ -25,11 +25,14 @@ def _in_place(bottom, top):
 
 
 def _buffer(current, shape, dtype, fill_value=None):
-    """Reuse a scratch array when shape and dtype still match, else make a new one."""
+    """Reuse a scratch array when shape and dtype still match, else make a new one.
+
+    New ones are untouched zero pages (blob.zeros): the training-only buffers of a layer that
+    an inference net folds away or never runs backward through cost no memory."""
     if current is not None and current.shape == tuple(shape) and current.dtype == dtype:
         return current
     if fill_value is None:
-        return np.empty(shape, dtype=dtype)
+        return zeros(shape, dtype)
     return np.full(shape, fill_value, dtype=dtype)
 
 

@@ -109,6 +109,19 @@ def test_batch_chunks_and_weight_updates(monkeypatch):
     assert relative_error(out, plain_conv(x, weight, bias, (1, 1))) < TOL
 
 
+@pytest.mark.parametrize("tile", [2, 4])
+def test_weights_transformed_in_channel_blocks_equal_the_whole_transform(monkeypatch, tile):
+    monkeypatch.setattr(winograd, "U_BLOCK_VALUES", 1)       # one output channel per block
+    rng = np.random.default_rng(5)
+    _, weight, _ = well_scaled(rng, 1, 7, 5, 4, 4)
+    _, g, _ = winograd.TRANSFORMS[tile]
+    a = tile + 2
+    whole = (g @ weight.astype(np.float64) @ g.T).transpose(2, 3, 0, 1).reshape(a * a, 5, 7)
+    u = WinogradConv(7, 5, (1, 1), tile).weights(weight)
+    assert u.dtype == np.float32 and u.shape == (a * a, 5, 7) and u.flags.c_contiguous
+    np.testing.assert_array_equal(u, whole.astype(np.float32))
+
+
 def conv_layer(phase, n=1, c=48, k=16, hw=28, kernel=3, stride=1, pad=1, dilation=1, group=1,
                dtype=np.float32, winograd_setting=None):
     param = caffe_pb2.LayerParameter(name="conv", type="Convolution")
