@@ -1,26 +1,22 @@
 """benchmarks/deploy_bench.py: its ResNet builder writes ResNet-50's deploy net layer for layer,
 and its ResNet-152 has the shapes and layer counts of MSRA's."""
 import collections
-import importlib
 import pathlib
 import sys
 
 import pytest
 
+from tests.benchmark_module import load_benchmark
+
 import minicaffe
 from minicaffe.proto_io import read_net_param
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BENCHMARKS = ROOT / "benchmarks"
 RESNET50 = ROOT.parent / "shared" / "models" / "bench" / "resnet50_deploy.prototxt"
 
 
 def load_bench():
-    sys.path.insert(0, str(BENCHMARKS))  # the benchmark imports its sibling _bench_common
-    try:
-        return importlib.import_module("deploy_bench")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return load_benchmark("deploy_bench")
 
 
 @pytest.mark.skipif(not RESNET50.exists(), reason=f"{RESNET50} not found")

@@ -203,14 +203,10 @@ def test_time_layers_reports_the_chain_on_its_batchnorm(tmp_path):
 def test_resnet_train_net_fuses_every_chain():
     """ResNet-50's 53 BatchNorm -> Scale chains (33 with a ReLU) all fuse in its training net, and
     one step at batch 1 gives the plain path's loss and gradients."""
-    import sys
     from pathlib import Path
+    from tests.benchmark_module import load_benchmark
     root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        import train_bench
-    finally:
-        sys.path.pop(0)
+    train_bench = load_benchmark("train_bench")
     param = train_bench.train_net_param(root.parent / "shared" / "models" / "bench" / "resnet50_deploy.prototxt", 1)
     nets = [minicaffe.Net(param, minicaffe.TRAIN) for _ in range(2)]
     assert len(nets[0]._fused) == 53

@@ -1,5 +1,4 @@
 """benchmarks/train_bench.py: its quickest run prints its tables, and its PyTorch LeNet does minicaffe's work."""
-import importlib
 import os
 import pathlib
 import subprocess
@@ -8,16 +7,14 @@ import sys
 import numpy as np
 import pytest
 
+from tests.benchmark_module import load_benchmark
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 
 
 def load_bench():
-    sys.path.insert(0, str(BENCHMARKS))  # the benchmark imports its sibling _bench_common
-    try:
-        return importlib.import_module("train_bench")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return load_benchmark("train_bench")
 
 
 def rows(out, first_cell):
