@@ -8,7 +8,8 @@ not touched: the product runs from a copy of the layer that holds W' and b'.
 
 An in-place ReLU straight after the product (or after its folded chain) is fused as well: the
 copy gets `fused_relu_slope` and applies max(y, 0) + slope * min(y, 0) to its own output, so
-the ReLU layer is not run (nor its pass over a blob that has left the cache).
+the ReLU layer is not run (nor its pass over a blob that has left the cache). An in-place ReLU
+after an Eltwise is fused into it the same way.
 """
 import copy
 
@@ -61,6 +62,13 @@ def fold_affine_chains(layers, bottom_ids, top_ids):
     """
     folds = {}
     for i, layer in enumerate(layers):
+        if layer.type == "Eltwise":   # a residual sum and the ReLU after it (ResNets)
+            relu = _fusable_relu(layers, bottom_ids, top_ids, i + 1, top_ids[i][0])
+            if relu is not None:
+                rectified = copy.copy(layer)
+                rectified.fused_relu_slope = relu
+                folds[i] = (rectified, [i + 1])
+            continue
         if layer.type not in _PRODUCTS or len(top_ids[i]) != 1 or len(bottom_ids[i]) != 1:
             continue
         rows, foldable = _product_weight(layer)

@@ -148,3 +148,32 @@ def test_frozen_winograd_weights_follow_fold_params_and_partial_forwards(tmp_pat
     plain.blobs["data"].data[...] = x
     plain.forward(end="sc")
     np.testing.assert_allclose(lean.blobs["c"].data, plain.blobs["c"].data, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.1])
+@pytest.mark.parametrize("eltwise", ["", "operation: SUM coeff: 0.5 coeff: -1", "operation: PROD",
+                                     "operation: MAX"])
+def test_relu_fuses_into_an_eltwise(tmp_path, eltwise, slope):
+    """ResNet's residual sum and the in-place ReLU after it: one pass of the Eltwise's copy."""
+    text = (INPUT + conv("a", "data") + conv("b", "data")
+            + f'layer {{ name: "e" type: "Eltwise" bottom: "a" bottom: "b" top: "e" '
+              f'eltwise_param {{ {eltwise} }} }}\n'
+            + inplace("relu", "ReLU", "e", f"relu_param {{ negative_slope: {slope} }}"))
+    plain, lean, x = _nets(tmp_path, text)
+    _check(plain, lean, x, folded_away={"relu"})
+    fused = [layer for _, layer, _, _ in lean.forward_plan() if layer.name == "e"]
+    assert fused[0].fused_relu_slope == np.float32(slope) and lean.layer_dict["e"].fused_relu_slope is None
+
+
+def test_eltwise_sum_of_three_with_default_coeffs_matches_numpy():
+    from minicaffe.testing import make_blobs
+    layer_param = minicaffe.proto.caffe_pb2.LayerParameter(name="e", type="Eltwise")
+    from minicaffe.layer_factory import create_layer
+    layer = create_layer(layer_param, minicaffe.TEST)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((2, 3, 4)).astype(np.float32) for _ in range(3)]
+    bottom = make_blobs(*xs, dtype=np.float32)
+    top = make_blobs(np.zeros(1, np.float32), dtype=np.float32)
+    layer.setup(bottom, top)
+    layer.forward(bottom, top)
+    np.testing.assert_array_equal(top[0].data, (xs[0] + xs[1]) + xs[2])

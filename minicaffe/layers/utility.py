@@ -5,7 +5,9 @@ from ..blob import Blob
 from ..fillers import fill
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
+from ..kernels.clamp import clamp_below
 from ..threads import map_flat
+from .neuron import _leaky_relu, relu
 
 __all__ = ["EltwiseLayer", "ReductionLayer", "ArgMaxLayer", "ParameterLayer", "EmbedLayer"]
 
@@ -65,12 +67,34 @@ class EltwiseLayer(Layer):
             self.mask = np.empty(bottom[0].shape, dtype=np.int32)
             self.wins = np.empty(bottom[0].shape, dtype=bool)
 
+    # An inference net's copy of the layer with an in-place ReLU after it fused in (fold.py)
+    # sets the slope: each piece of the output is rectified while it is in cache.
+    fused_relu_slope = None
+
     def forward(self, bottom, top):
         xs = [b.data for b in bottom]
         if self.op == _ELT.MAX:
             map_flat(self._max, top[0].data, self.mask, self.wins, *xs)
-        else:
+        elif self.fused_relu_slope is None:
             map_flat(self._prod if self.op == _ELT.PROD else self._sum, top[0].data, *xs)
+        else:
+            map_flat(self._rectified_prod if self.op == _ELT.PROD else self._rectified_sum, top[0].data, *xs)
+        if self.op == _ELT.MAX and self.fused_relu_slope is not None:
+            relu(top[0].data, top[0].data, self.fused_relu_slope)
+
+    def _rectified_sum(self, out, *xs):
+        self._sum(out, *xs)
+        self._rectify(out)
+
+    def _rectified_prod(self, out, *xs):
+        self._prod(out, *xs)
+        self._rectify(out)
+
+    def _rectify(self, out):
+        if self.fused_relu_slope == 0:
+            clamp_below(out, 0, out=out, split=False)   # out is already one piece of the pool's work
+        else:
+            _leaky_relu(out, out, self.fused_relu_slope)
 
     @staticmethod
     def _prod(out, *xs):
@@ -80,11 +104,15 @@ class EltwiseLayer(Layer):
 
     def _sum(self, out, *xs):
         c = self.coeffs[0]
-        if c is None or c == 1:
+        rest = zip(xs[1:], self.coeffs[1:])
+        if (c is None or c == 1) and (self.coeffs[1] is None or self.coeffs[1] == 1):
+            np.add(xs[0], xs[1], out=out)   # one pass for the usual a + b
+            rest = zip(xs[2:], self.coeffs[2:])
+        elif c is None or c == 1:
             out[...] = xs[0]
         else:
             np.multiply(xs[0], c, out=out)
-        for x, c in zip(xs[1:], self.coeffs[1:]):
+        for x, c in rest:
             out += x if c is None or c == 1 else c * x
 
     @staticmethod
