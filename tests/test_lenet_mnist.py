@@ -10,12 +10,18 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 LENET = ROOT / "models" / "lenet"
 
 
-def test_lenet_learns_real_mnist(mnist_lmdb, tmp_path):
+def lenet_on(mnist_lmdb):
+    """models/lenet's train/test net, its Data layers reading the test session's MNIST LMDBs."""
     net = read_net_param(LENET / "lenet_train_test.prototxt")
     for layer in net.layer:
         if layer.type == "Data":
             split = "train" if "train" in layer.data_param.source else "test"
             layer.data_param.source = str(mnist_lmdb / f"mnist_{split}_lmdb")
+    return net
+
+
+def test_lenet_learns_real_mnist(mnist_lmdb, tmp_path):
+    net = lenet_on(mnist_lmdb)
     solver = read_solver_param(LENET / "lenet_solver.prototxt")
     solver.ClearField("net")
     solver.net_param.CopyFrom(net)

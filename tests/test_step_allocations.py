@@ -74,13 +74,11 @@ def _check(peaks, known=()):
 
 @pytest.mark.parametrize("solver_type", ["SGD", "Adam"])
 def test_lenet_step_allocates_no_large_arrays(mnist_lmdb, solver_type):
-    from tests.test_lenet_mnist import LENET
-    from minicaffe.proto_io import read_net_param, read_solver_param
-    net = read_net_param(LENET / "lenet_train_test.prototxt")
+    from tests.test_lenet_mnist import LENET, lenet_on
+    from minicaffe.proto_io import read_solver_param
+    net = lenet_on(mnist_lmdb)
     for layer in net.layer:
         if layer.type == "Data":
-            split = "train" if "train" in layer.data_param.source else "test"
-            layer.data_param.source = str(mnist_lmdb / f"mnist_{split}_lmdb")
             # Batches made in the calling thread: a prefetch thread's work would be
             # counted against whichever layer runs meanwhile.
             layer.data_param.prefetch = 0
