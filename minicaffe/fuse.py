@@ -2,9 +2,10 @@
 
 ResNet-style nets follow almost every convolution with three in-place layers on its output. Run
 one by one they walk the blob about nine times per iteration; as one step
-(layers.normalization.BatchNormScaleReLU) about four times, with the same results bit for bit. The
-inference path goes further (fold.py folds TEST chains into the convolution's weights); this is
-for nets that train, where the statistics change every batch.
+(layers.normalization.BatchNormScaleReLU) four times, with the same forward bit for bit and the
+same gradients to float32 rounding. The inference path goes further (fold.py folds TEST chains
+into the convolution's weights); this is for nets that train, where the statistics change every
+batch.
 
 A chain is fused only where running it as one step cannot be told apart from running its layers:
 every layer is in place on the same single blob, none has a loss weight, and either all of them
@@ -37,11 +38,9 @@ def fuse_normalization_chains(layers, bottom_ids, top_ids, layer_need_backward, 
         if layer.type != "BatchNorm" or len(bottom_ids[i]) != 1 or bottom_ids[i] != top_ids[i]:
             continue
         blob = top_ids[i][0]
-        chain = [i]
-        if i + 1 < n and _in_place_on(blob, bottom_ids, top_ids, i + 1) and _is_channel_scale(layers[i + 1]):
-            chain.append(i + 1)
-        else:
+        if not (i + 1 < n and _in_place_on(blob, bottom_ids, top_ids, i + 1) and _is_channel_scale(layers[i + 1])):
             continue
+        chain = [i, i + 1]
         relu = None
         k = i + 2
         if (k < n and layers[k].type == "ReLU" and _in_place_on(blob, bottom_ids, top_ids, k)

@@ -539,8 +539,8 @@ class Net:
             steps = self.fused_steps()[1]
         else:
             if self._forward_fused:   # the chains' layers run one by one: give them their state
-                for step, chain in self._fused.values():
-                    step.restore_layer_state(self._bottom_vecs[chain[0]])
+                for step, _ in self._fused.values():
+                    step.restore_layer_state()
             steps = [(i, self.layers[i], self.layer_need_backward[i]) for i in range(start, end - 1, -1)]
         for i, layer, need_backward in steps:
             for hook in before:

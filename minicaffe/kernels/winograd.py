@@ -219,16 +219,15 @@ class WinogradConv:
 # SqueezeNet's 16->64 at 56x56 and 32->128 at 28x28 ran im2col in 0.78x and 0.8-1.0x of
 # F(4x4)'s time (medians of 8 alternated rounds, one thread), while 48->96 at 28x28 and
 # 64->64 at 56x56 stayed 1.04x and 1.4x faster with F(4x4).
-MIN_CHANNELS = 16
 MIN_IN_CHANNELS = 48
+MIN_OUT_CHANNELS = 16
 MIN_TILES = 32
 
 
 def choose_tile(in_channels, out_channels, out_spatial, num):
     """Tile size m for F(m x m, 3x3) on a 3x3 stride-1 undilated group-1 convolution, or None."""
     oh, ow = out_spatial
-    if min(in_channels, out_channels) < MIN_CHANNELS or in_channels < MIN_IN_CHANNELS \
-            or oh < 4 or ow < 4:
+    if in_channels < MIN_IN_CHANNELS or out_channels < MIN_OUT_CHANNELS or oh < 4 or ow < 4:
         return None
     if num * -(-oh // 4) * -(-ow // 4) < MIN_TILES:
         return None

@@ -22,7 +22,7 @@ from ..rng import get_rng
 from ..kernels.clamp import clamp_below
 from ..threads import map_flat
 
-__all__ = ["relu", "NeuronLayer", "ReLULayer", "SigmoidLayer", "TanHLayer", "PReLULayer", "ELULayer",
+__all__ = ["relu", "relu_piece", "NeuronLayer", "ReLULayer", "SigmoidLayer", "TanHLayer", "PReLULayer", "ELULayer",
            "AbsValLayer", "PowerLayer", "ExpLayer", "LogLayer", "BNLLLayer", "ThresholdLayer",
            "DropoutLayer", "ClipLayer", "SwishLayer"]
 
@@ -74,6 +74,15 @@ def relu(x, y, negative_slope=0.0):
         clamp_below(x, 0, out=y)   # numpy's maximum against a scalar 0 is several times slower
     else:
         map_flat(lambda xs, ys: _leaky_relu(xs, ys, negative_slope), x, y)
+
+
+def relu_piece(x, y, negative_slope=0.0):
+    """relu() inline, for callers that already run one piece of a pass over the thread pool
+    (the fused BatchNorm chain, Eltwise with a fused ReLU)."""
+    if negative_slope == 0:
+        clamp_below(x, 0, out=y, split=False)
+    else:
+        _leaky_relu(x, y, negative_slope)
 
 
 def _leaky_relu(x, y, negative_slope):

@@ -10,9 +10,8 @@ from ..blob import Blob, zeros
 from ..fillers import fill
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
-from .neuron import _leaky_relu
-from ..kernels.clamp import clamp_below
 from ..threads import parallel_for
+from .neuron import relu_piece
 from .pooling import PoolWindows, average_pool, average_pool_backward
 
 __all__ = ["LRNLayer", "BatchNormLayer", "MVNLayer", "ScaleLayer", "BiasLayer", "BNLayer"]
@@ -265,9 +264,6 @@ class BatchNormLayer(Layer):
         """(N, C, S): batch, channels, and everything after the channels flattened."""
         num = blob.shape[0] if blob.num_axes else 1
         return (num, self.channels, blob.count() // max(num * self.channels, 1))
-
-    def _grouped(self, array, blob):
-        return array.reshape(self._grouped_shape(blob))
 
     def _channel_means(self, sums):
         """Per-channel means of the row sums (N*C,) over the batch: (C,)."""
@@ -732,10 +728,8 @@ class BatchNormScaleReLU:
             np.multiply(xn, gamma[lo:hi, None], out=x)
             if beta is not None:
                 x += beta[lo:hi, None]
-            if slope == 0:
-                clamp_below(x, 0, out=x, split=False)   # this block is already one piece of the pool's work
-            elif slope is not None:
-                _leaky_relu(x, x, slope)
+            if slope is not None:
+                relu_piece(x, x, slope)
 
         _over_rows(x2.shape[0], x2.shape[1], run)
         return 0.0
@@ -799,7 +793,7 @@ class BatchNormScaleReLU:
 
         _over_rows(rows, spatial, gradient)
 
-    def restore_layer_state(self, bottom):
+    def restore_layer_state(self):
         """Leave what the layers' own backward needs after a fused forward: Scale's copy of its
         input (BatchNorm's output). The net calls this before running the chain layer by layer."""
         saved = self.scale._saved_input

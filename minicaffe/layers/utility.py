@@ -5,9 +5,8 @@ from ..blob import Blob
 from ..fillers import fill
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
-from ..kernels.clamp import clamp_below
 from ..threads import map_flat
-from .neuron import _leaky_relu, relu
+from .neuron import relu, relu_piece
 
 __all__ = ["EltwiseLayer", "ReductionLayer", "ArgMaxLayer", "ParameterLayer", "EmbedLayer"]
 
@@ -73,28 +72,22 @@ class EltwiseLayer(Layer):
 
     def forward(self, bottom, top):
         xs = [b.data for b in bottom]
+        slope = self.fused_relu_slope
         if self.op == _ELT.MAX:
             map_flat(self._max, top[0].data, self.mask, self.wins, *xs)
-        elif self.fused_relu_slope is None:
-            map_flat(self._prod if self.op == _ELT.PROD else self._sum, top[0].data, *xs)
-        else:
-            map_flat(self._rectified_prod if self.op == _ELT.PROD else self._rectified_sum, top[0].data, *xs)
-        if self.op == _ELT.MAX and self.fused_relu_slope is not None:
-            relu(top[0].data, top[0].data, self.fused_relu_slope)
+            if slope is not None:
+                relu(top[0].data, top[0].data, slope)
+            return
+        combine = self._prod if self.op == _ELT.PROD else self._sum
+        if slope is None:
+            map_flat(combine, top[0].data, *xs)
+            return
 
-    def _rectified_sum(self, out, *xs):
-        self._sum(out, *xs)
-        self._rectify(out)
+        def rectified(out, *pieces):   # each piece rectified while it is in cache
+            combine(out, *pieces)
+            relu_piece(out, out, slope)
 
-    def _rectified_prod(self, out, *xs):
-        self._prod(out, *xs)
-        self._rectify(out)
-
-    def _rectify(self, out):
-        if self.fused_relu_slope == 0:
-            clamp_below(out, 0, out=out, split=False)   # out is already one piece of the pool's work
-        else:
-            _leaky_relu(out, out, self.fused_relu_slope)
+        map_flat(rectified, top[0].data, *xs)
 
     @staticmethod
     def _prod(out, *xs):
