@@ -22,9 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from minicaffe.blob import Blob  # noqa: E402
 from minicaffe.im2col import col2im, conv_output_shape, im2col  # noqa: E402
-from minicaffe.layer import create_layer  # noqa: E402
-from minicaffe.layer_factory import create_layer
-from minicaffe.layer_factory import create_layer
+from minicaffe.layer_factory import create_layer  # noqa: E402
 from minicaffe.proto import caffe_pb2  # noqa: E402
 
 # name: (input shape N, C, H, W; num_output, kernel, stride, pad, group)

@@ -24,9 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from minicaffe.blob import Blob  # noqa: E402
-from minicaffe.layer import create_layer  # noqa: E402
-from minicaffe.layer_factory import create_layer
-from minicaffe.layer_factory import create_layer
+from minicaffe.layer_factory import create_layer  # noqa: E402
 from minicaffe.proto import caffe_pb2  # noqa: E402
 
 # name: (N, C, H, W), num_output
