@@ -38,9 +38,41 @@ def alternated(rounds, engines):
             yield r, engine
 
 
-def print_command(script):
-    """The command line that reproduces the table below it."""
+# Run in a child with the children's environment: the name of the kernel set numpy's OpenBLAS
+# picked (OpenBLAS reads OPENBLAS_CORETYPE once, when numpy loads it), or "" if it is not OpenBLAS.
+_KERNELS_PROBE = """
+import ctypes, numpy
+paths = {l.split()[-1] for l in open('/proc/self/maps') if 'openblas' in l.lower() and '/' in l}
+for path in sorted(paths):
+    for name in ('scipy_openblas_get_corename64_', 'scipy_openblas_get_corename', 'openblas_get_corename64_',
+                 'openblas_get_corename'):
+        getter = getattr(ctypes.CDLL(path), name, None)
+        if getter is not None:
+            getter.restype = ctypes.c_char_p
+            print(getter().decode())
+            raise SystemExit
+"""
+
+
+def blas_kernels(env):
+    """Which kernels numpy's OpenBLAS runs in a child with environment `env`, as a phrase."""
+    done = subprocess.run([sys.executable, "-c", _KERNELS_PROBE], env=env, capture_output=True, text=True)
+    name = done.stdout.strip() if done.returncode == 0 else ""
+    forced = env.get("OPENBLAS_CORETYPE")
+    if not name:
+        return "numpy's BLAS is not OpenBLAS (or not found)"
+    if forced:
+        return (f"numpy's OpenBLAS runs its {name} kernels, forced by OPENBLAS_CORETYPE={forced} "
+                f"(unset it to run the kernels OpenBLAS picks for this CPU)")
+    return f"numpy's OpenBLAS runs its {name} kernels (its own pick for this CPU)"
+
+
+def print_command(script, env=None):
+    """The command line that reproduces the table below it (and, given the children's
+    environment, which BLAS kernels minicaffe ran on)."""
     print(f"\n$ python benchmarks/{pathlib.Path(script).name} {' '.join(sys.argv[1:])}".rstrip())
+    if env is not None:
+        print(blas_kernels(env))
 
 
 def print_table(header, rows):

@@ -282,7 +282,7 @@ def main():
             rows.append(row)
             print(f"{name}: " + "  ".join(f"{e} {row[e][0]:.1f} ms" for e in engines), file=sys.stderr, flush=True)
 
-    print_command(__file__)
+    print_command(__file__, env)
     print(f"forward ms (median of {args.rounds} alternated rounds x {args.iterations} forwards), "
           f"peak RSS MB, {args.threads} threads")
     header = ["net", "batch"] + [f"{e} {unit}" for e in engines for unit in ("ms", "MB")]

@@ -511,7 +511,7 @@ def main():
         splits = [(n, runner.layers(n, batch_of[n], steps_for(n)))
                   for n in (chosen if args.layers and "minicaffe" in engines else [])]
 
-    print_command(__file__)
+    print_command(__file__, runner.minicaffe_env)
     print(f"one training step (forward, backward, SGD update with momentum) in ms: median of {args.rounds} "
           f"alternated round(s) of " + ", ".join(f"{n} {steps_for(n)}" for n in chosen) + f" steps after "
           f"{args.warmup} warm-up step(s); peak RSS MB; {args.threads} threads")
