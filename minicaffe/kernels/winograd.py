@@ -59,6 +59,15 @@ TRANSFORMS = {
 WINOGRAD_BUFFER_BYTES = 16 << 20
 
 
+# The image is transformed a block of tile rows at a time, so that each step's operands stay in
+# cache: the block's transformed input V (or product M) near BLOCK_BYTES, but at least
+# MIN_BLOCK_TILES tiles, below which the 36 batched products lose speed (512 channels at 28x28).
+# VGG16's conv1_2 (64 channels, 224x224, batch 1) ran 1.4x faster so; layers of at most 256
+# tiles are one block, as before (benchmarks/winograd_bench.py).
+BLOCK_BYTES = 2 << 20
+MIN_BLOCK_TILES = 256
+
+
 # Values of U transformed per block of output channels (float64 temporaries about 8x this).
 U_BLOCK_VALUES = 1 << 20
 
@@ -143,11 +152,16 @@ class WinogradConv:
         per_image_v = a * a * self.in_channels * th * tw * self.dtype.itemsize
         self.chunk = max(1, min(num, WINOGRAD_BUFFER_BYTES // per_image_v))
         c, k, n = self.in_channels, self.out_channels, self.chunk
+        # Tile rows per block: the transforms' working set near BLOCK_BYTES, but enough tiles
+        # for the batched product to stay efficient.
+        row_bytes = a * a * max(c, k) * n * tw * self.dtype.itemsize
+        self.block_rows = min(th, max(1, BLOCK_BYTES // row_bytes, -(-MIN_BLOCK_TILES // (n * tw))))
+        block_tiles = n * self.block_rows * tw
         self._sizes = dict(
             padded=n * c * self.padded_spatial[0] * self.padded_spatial[1],
-            d=max(a * a * c, m * m * k) * n * th * tw,   # the patches, V, the output tiles
-            rows=max(a * c, m * k) * a * n * th * tw,    # B^T d, then A^T M
-            m=a * a * k * n * th * tw)
+            d=max(a * a * c, m * m * k) * block_tiles,   # the patches, V, the output tiles
+            rows=max(a * c, m * k) * a * block_tiles,    # B^T d, then A^T M
+            m=a * a * k * block_tiles)
 
     def _buf(self, role, shape):
         size = int(np.prod(shape, dtype=np.int64))
@@ -162,30 +176,36 @@ class WinogradConv:
         return out
 
     def _conv_chunk(self, im, u, out, bias):
-        bt, at = self._bt, self._at
-        m, a = self.m, self.alpha
         n, c = im.shape[:2]
-        k = self.out_channels
-        th, tw = self.tiles
         (ph, pw), (hp, wp) = self.pad, self.padded_spatial
         h, wd = im.shape[2:]
-        tiles = n * th * tw
-
         padded = self._buf("padded", (n, c, hp, wp))
         padded[:, :, :ph].fill(0)
         padded[:, :, ph + h:].fill(0)
         padded[:, :, ph:ph + h, :pw].fill(0)
         padded[:, :, ph:ph + h, pw + wd:].fill(0)
         padded[:, :, ph:ph + h, pw:pw + wd] = im
+        m, th = self.m, self.tiles[0]
+        for first in range(0, th, self.block_rows):
+            stop = min(th, first + self.block_rows)
+            self._conv_block(padded[:, :, first * m:], u, out[:, :, first * m:stop * m], stop - first, bias)
 
+    def _conv_block(self, padded, u, out, tile_rows, bias):
+        """Output rows of `tile_rows` tile rows from the padded images starting at their first
+        row: every transform's operands stay in cache (one whole-image pass each was memory-bound)."""
+        bt, at = self._bt, self._at
+        m, a = self.m, self.alpha
+        n, c = padded.shape[:2]
+        k, tw = self.out_channels, self.tiles[1]
+        tiles = n * tile_rows * tw
         # Every tile's patch d, element (x, y) outermost and channels before images, so each
         # transform below is one GEMM with a tiny (alpha x alpha) left matrix, and V comes out
         # as (alpha^2, C, tiles) for the batched product.
         sn, sc, sh, sw = padded.strides
         patches = np.lib.stride_tricks.as_strided(
-            padded, shape=(a, a, c, n, th, tw), strides=(sh, sw, sc, sn, m * sh, m * sw),
+            padded, shape=(a, a, c, n, tile_rows, tw), strides=(sh, sw, sc, sn, m * sh, m * sw),
             writeable=False)
-        d = self._buf("d", (a, a, c, n, th, tw))
+        d = self._buf("d", (a, a, c, n, tile_rows, tw))
         d[...] = patches
         rows = self._buf("rows", (a, a * c * tiles))                 # B^T d over x
         np.matmul(bt, d.reshape(a, a * c * tiles), out=rows)
@@ -197,7 +217,7 @@ class WinogradConv:
 
         half = self._buf("rows", (m, a * k * tiles))                 # A^T M over i
         np.matmul(at, prod.reshape(a, a * k * tiles), out=half)
-        res = self._buf("d", (m, m, k, n, th, tw))                   # (A^T M) A over j; V is dead
+        res = self._buf("d", (m, m, k, n, tile_rows, tw))            # (A^T M) A over j; V is dead
         np.matmul(at, half.reshape(m, a, k * tiles), out=res.reshape(m, m, k * tiles))
         for r in range(m):
             for s in range(m):

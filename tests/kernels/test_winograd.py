@@ -110,6 +110,33 @@ def test_batch_chunks_and_weight_updates(monkeypatch):
 
 
 @pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("n,c,k,h,w,ph,pw,with_bias", [c for c in CONFIGS if c[1] < 256])
+def test_tile_row_blocks_equal_one_block(monkeypatch, tile, n, c, k, h, w, ph, pw, with_bias):
+    rng = np.random.default_rng(n * 100 + h + w)
+    x, weight, bias = well_scaled(rng, n, c, k, h, w)
+    bias = bias if with_bias else None
+    whole = winograd_conv(x, weight, bias, (ph, pw), tile)
+    monkeypatch.setattr(winograd, "BLOCK_BYTES", 1)           # one tile row per block
+    monkeypatch.setattr(winograd, "MIN_BLOCK_TILES", 1)
+    conv = WinogradConv(c, k, (ph, pw), tile)
+    conv.reshape(n, (h, w), x.dtype)
+    assert conv.block_rows == 1 and conv.tiles[0] > 1
+    out = np.full_like(whole, np.nan)
+    got = conv.conv(x, weight, out, bias=bias)
+    # BLAS rounds a product differently with its width: the blocks agree to Winograd's rounding.
+    assert relative_error(got, whole) < ACCURACY[tile]
+    assert relative_error(got, plain_conv(x, weight, bias, (ph, pw))) < min(TOL, ACCURACY[tile])
+
+
+def test_block_rows_follow_the_rule():
+    conv = WinogradConv(64, 64, (1, 1), 4)
+    conv.reshape(1, (224, 224), np.float32)       # VGG16 conv1_2: 56 x 56 tiles, 516 KiB a row
+    assert conv.block_rows == max(winograd.BLOCK_BYTES // (36 * 64 * 56 * 4), -(-winograd.MIN_BLOCK_TILES // 56))
+    conv.reshape(1, (28, 28), np.float32)         # 49 tiles: one block
+    assert conv.block_rows == conv.tiles[0] == 7
+
+
+@pytest.mark.parametrize("tile", [2, 4])
 def test_weights_transformed_in_channel_blocks_equal_the_whole_transform(monkeypatch, tile):
     monkeypatch.setattr(winograd, "U_BLOCK_VALUES", 1)       # one output channel per block
     rng = np.random.default_rng(5)
