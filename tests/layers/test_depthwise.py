@@ -152,7 +152,9 @@ def test_channel_blocks_match_one_block(monkeypatch, multiplier):
 PHASE_CONFIGS = ["kernel_size: 3 pad: 1", "kernel_size: 3 stride: 2 pad: 1",
                  "kernel_size: 3 stride: 2", "kernel_size: 5 stride: 3 pad: 2",
                  "kernel_size: 3 pad: 2 dilation: 2", "kernel_size: 3 stride: 2 pad: 2 dilation: 3",
-                 "kernel_h: 1 kernel_w: 3 stride_h: 2 stride_w: 1 pad_h: 0 pad_w: 1", "kernel_size: 2 stride: 2"]
+                 "kernel_h: 1 kernel_w: 3 stride_h: 2 stride_w: 1 pad_h: 0 pad_w: 1", "kernel_size: 2 stride: 2",
+                 # the widest overrun of the spare grid row: (k_w - 1) * dil_w past the last output row
+                 "kernel_h: 2 kernel_w: 5 pad_h: 0 pad_w: 1 dilation: 2"]
 
 
 @pytest.mark.parametrize("text", PHASE_CONFIGS)
