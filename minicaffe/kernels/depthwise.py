@@ -181,32 +181,43 @@ class DepthwiseConv:
     def _conv_phases(self, im, w, out, bias):
         """out = w * im (+ bias) for multiplier 1, on the phase grids."""
         n, c = im.shape[:2]
-        (hq, wq), (ho, wo) = self.grid, self.out_spatial
-        length = self.run_length
+        hq, wq = self.grid
         if self._phases is None:
-            # Zeros outside the image (the padding) are written once; forwards only refill pixels.
-            # The spare row (hq + 1) lets the last offsets' runs overrun the last output row.
-            self._phases = zeros((len(self.phase_copies), n, c, (hq + 1) * wq), self._phase_dtype)
-            self._acc = np.empty(n * self.phase_block * length, self._phase_dtype)
-            self._term = np.empty_like(self._acc)
+            self._plan_phase_blocks(n, c)
         for phase, ((grid_h, grid_w), (image_h, image_w)) in zip(self._phases, self.phase_copies):
             phase.reshape(n, c, hq + 1, wq)[:, :, grid_h, grid_w] = im[:, :, image_h, image_w]
-        weights = w.reshape(c, -1)
-        for a, b in self._blocks_of(self.phase_block):
-            shape = (n, b - a, length)
-            acc, term = self._flat_block(self._acc, shape), self._flat_block(self._term, shape)
-            for k, (q, shift) in enumerate(self.phase_offsets):
-                run = self._phases[q, :, a:b, shift: shift + length]
-                if k == 0:
-                    np.multiply(run, weights[a:b, k: k + 1], out=acc)
-                else:
-                    np.multiply(run, weights[a:b, k: k + 1], out=term)
-                    np.add(acc, term, out=acc)
-            rows = acc.reshape(n, b - a, ho, wq)[:, :, :, :wo]
+        np.copyto(self._weight_columns, w.reshape(c, -1))
+        for a, b, acc, term, rows, terms in self._phase_blocks:
+            (run, weight), *rest = terms
+            np.multiply(run, weight, out=acc)
+            for run, weight in rest:
+                np.multiply(run, weight, out=term)
+                np.add(acc, term, out=acc)
             if bias is not None:
                 np.add(rows, bias[a:b].reshape(-1, 1, 1), out=out[:, a:b])
             else:
                 out[:, a:b] = rows
+
+    def _plan_phase_blocks(self, n, c):
+        """The phase grids and, per channel block, the views every forward computes on.
+
+        Slicing them once saves a few microseconds per block and forward (MobileNet v1's
+        depthwise layers, batch 1, one thread: 1.02-1.1x)."""
+        (hq, wq), (ho, wo), length = self.grid, self.out_spatial, self.run_length
+        # Zeros outside the image (the padding) are written once; forwards only refill pixels.
+        # The spare row (hq + 1) lets the last offsets' runs overrun the last output row.
+        self._phases = zeros((len(self.phase_copies), n, c, (hq + 1) * wq), self._phase_dtype)
+        self._weight_columns = np.empty((c, len(self.phase_offsets)), self._phase_dtype)
+        acc_buffer = np.empty(n * self.phase_block * length, self._phase_dtype)
+        term_buffer = np.empty_like(acc_buffer)
+        self._phase_blocks = []
+        for a, b in self._blocks_of(self.phase_block):
+            shape = (n, b - a, length)
+            acc, term = self._flat_block(acc_buffer, shape), self._flat_block(term_buffer, shape)
+            terms = [(self._phases[q, :, a:b, shift: shift + length], self._weight_columns[a:b, k: k + 1])
+                     for k, (q, shift) in enumerate(self.phase_offsets)]
+            rows = acc.reshape(n, b - a, ho, wq)[:, :, :, :wo]
+            self._phase_blocks.append((a, b, acc, term, rows, terms))
 
     @staticmethod
     def _flat_block(buffer, shape):

@@ -173,7 +173,10 @@ def test_phase_forward_equals_grouped_gemm(monkeypatch, text, num, height, width
     # the strided-view path's scratch is made only when a backward needs it
     assert not {"_padded", "_padded_diff", "_product"} & set(vars(fast.gemm))
     np.testing.assert_allclose(a["top"], b["top"], rtol=1e-5, atol=1e-5)
-    # a second forward on new values refills the phases (their padding stays zero)
+    # a second forward on new values and weights refills the phases (their padding stays zero)
+    # and the weight columns the channel blocks read
+    for layer in (fast, plain):
+        layer.blobs[0].data[...] *= -0.5
     bottom = make_blobs(-x[::-1].copy(), dtype=np.float32)
     top = [Blob(dtype=np.float32)]
     fast.reshape(bottom, top)
