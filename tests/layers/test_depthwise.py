@@ -152,7 +152,9 @@ def test_channel_blocks_match_one_block(monkeypatch, multiplier):
 PHASE_CONFIGS = ["kernel_size: 3 pad: 1", "kernel_size: 3 stride: 2 pad: 1",
                  "kernel_size: 3 stride: 2", "kernel_size: 5 stride: 3 pad: 2",
                  "kernel_size: 3 pad: 2 dilation: 2", "kernel_size: 3 stride: 2 pad: 2 dilation: 3",
-                 "kernel_h: 1 kernel_w: 3 stride_h: 2 stride_w: 1 pad_h: 0 pad_w: 1", "kernel_size: 2 stride: 2"]
+                 "kernel_h: 1 kernel_w: 3 stride_h: 2 stride_w: 1 pad_h: 0 pad_w: 1", "kernel_size: 2 stride: 2",
+                 # the widest overrun of the spare grid row: (k_w - 1) * dil_w past the last output row
+                 "kernel_h: 2 kernel_w: 5 pad_h: 0 pad_w: 1 dilation: 2"]
 
 
 @pytest.mark.parametrize("text", PHASE_CONFIGS)
@@ -171,7 +173,10 @@ def test_phase_forward_equals_grouped_gemm(monkeypatch, text, num, height, width
     # the strided-view path's scratch is made only when a backward needs it
     assert not {"_padded", "_padded_diff", "_product"} & set(vars(fast.gemm))
     np.testing.assert_allclose(a["top"], b["top"], rtol=1e-5, atol=1e-5)
-    # a second forward on new values refills the phases (their padding stays zero)
+    # a second forward on new values and weights refills the phases (their padding stays zero)
+    # and the weight columns the channel blocks read
+    for layer in (fast, plain):
+        layer.blobs[0].data[...] *= -0.5
     bottom = make_blobs(-x[::-1].copy(), dtype=np.float32)
     top = [Blob(dtype=np.float32)]
     fast.reshape(bottom, top)
