@@ -14,7 +14,7 @@ import numpy as np
 from .errors import MinicaffeError
 from .proto import caffe_pb2
 
-__all__ = ["Blob", "BlobError", "zeros"]
+__all__ = ["Blob", "BlobError", "zeros", "flat_view"]
 
 # Buffers from this size on come straight from the kernel (see zeros); numpy asks for huge
 # pages from 4 MiB on, and so do we.
@@ -41,6 +41,12 @@ def zeros(shape, dtype=np.float32):
     if nbytes >= _HUGE_PAGE_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
         region.madvise(mmap.MADV_HUGEPAGE)
     return np.frombuffer(region, dtype=dtype, count=size).reshape(shape)
+
+
+def flat_view(buffer, shape):
+    """The first prod(shape) values of a flat scratch buffer, viewed with `shape` (the kernels'
+    shared buffers are sized for their largest use and viewed smaller)."""
+    return buffer[:math.prod(shape)].reshape(shape)
 
 
 class BlobError(MinicaffeError, ValueError):

@@ -24,19 +24,17 @@ of every output pixel is ONE contiguous run of its phase's flattened grid, shift
 
 (phase_ij: the flattened grid of phase ((i*dil_h) % s_h, (j*dil_w) % s_w)). Each of the k*k
 multiply-adds then runs numpy's contiguous loops over whole channel planes instead of crawling
-along (strided) rows of W_out values; the Wq - W_out extra cells per row are computed and dropped. Each grid has one spare
-row, so every run is H_out*Wq cells long and the accumulator of a channel block is one
-contiguous array: numpy then adds it in one flat loop instead of one short loop per channel
-(MobileNet v1 at batch 1, one thread: 1.2-1.3x on its 28x28 and smaller layers).
+along (strided) rows of W_out values; the Wq - W_out extra cells per row are computed and
+dropped. Each grid has one spare row, so every run is H_out*Wq cells long and the accumulator of
+a channel block is one contiguous array: numpy then adds it in one flat loop instead of one short
+loop per channel (MobileNet v1 at batch 1, one thread: 1.2-1.3x on its 28x28 and smaller layers).
 
 `DepthwiseConv` has ConvGemm's interface (reshape / conv / conv_transpose), so the
 convolution layer swaps it in at one place.
 """
-import math
-
 import numpy as np
 
-from ..blob import zeros
+from ..blob import flat_view, zeros
 from .pooling import _phase_slices
 
 __all__ = ["DepthwiseConv", "is_depthwise", "WORKING_SET_BYTES"]
@@ -217,15 +215,11 @@ class DepthwiseConv:
         self._phase_blocks = []
         for a, b in self._blocks_of(self.phase_block):
             shape = (n, b - a, length)
-            acc, term = self._flat_block(acc_buffer, shape), self._flat_block(term_buffer, shape)
+            acc, term = flat_view(acc_buffer, shape), flat_view(term_buffer, shape)
             terms = [(self._phases[q, :, a:b, shift: shift + length], self._weight_columns[a:b, k: k + 1])
                      for k, (q, shift) in enumerate(self.phase_offsets)]
             rows = acc.reshape(n, b - a, ho, wq)[:, :, :, :wo]
             self._phase_blocks.append((a, b, acc, term, rows, terms))
-
-    @staticmethod
-    def _flat_block(buffer, shape):
-        return buffer[:math.prod(shape)].reshape(shape)
 
     def _blocks_of(self, size):
         for start in range(0, self.in_channels, size):

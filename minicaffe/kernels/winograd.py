@@ -22,6 +22,8 @@ seen 8e-7 for F(2x2) and 1e-5 for F(4x4), whose transforms hold 1/6, 1/24 and 8.
 """
 import numpy as np
 
+from ..blob import flat_view
+
 __all__ = ["WinogradConv", "TRANSFORMS"]
 
 # (B^T, G, A^T) for each tile size m; alpha = m + 2.
@@ -62,8 +64,8 @@ WINOGRAD_BUFFER_BYTES = 16 << 20
 # The image is transformed a block of tile rows at a time, so that each step's operands stay in
 # cache: the block's transformed input V (or product M) near BLOCK_BYTES, but at least
 # MIN_BLOCK_TILES tiles, below which the 36 batched products lose speed (512 channels at 28x28).
-# VGG16's conv1_2 (64 channels, 224x224, batch 1) ran 1.4x faster so; layers of at most 256
-# tiles are one block, as before (benchmarks/winograd_bench.py).
+# VGG16's conv1_2 (64 channels, 224x224, batch 1, one thread) went from 29 to 16-22 ms so in an
+# A/B of the two versions; layers of at most 256 tiles are one block, as before.
 BLOCK_BYTES = 2 << 20
 MIN_BLOCK_TILES = 256
 
@@ -164,8 +166,7 @@ class WinogradConv:
             m=a * a * k * block_tiles)
 
     def _buf(self, role, shape):
-        size = int(np.prod(shape, dtype=np.int64))
-        return self.scratch("winograd_" + role, self._sizes[role], self.dtype)[:size].reshape(shape)
+        return flat_view(self.scratch("winograd_" + role, self._sizes[role], self.dtype), shape)
 
     # -- forward --------------------------------------------------------------
     def conv(self, im, w, out, bias=None):

@@ -32,7 +32,7 @@ import weakref
 
 import numpy as np
 
-from ..blob import Blob
+from ..blob import Blob, flat_view
 from ..fillers import fill
 from ..im2col import col2im, conv_output_shape, deconv_output_shape, im2col
 from ..kernels import winograd
@@ -120,10 +120,6 @@ def parse_conv_geometry(layer, bottom, min_spatial=0):
         dilation=_spatial_values(layer, "dilation", None, num_spatial, 1, 1),
         force_nd=bool(param.force_nd_im2col),
     )
-
-
-def _flat_view(buf, shape):
-    return buf[:int(np.prod(shape, dtype=np.int64))].reshape(shape)
 
 
 # -- the machinery ----------------------------------------------------------------
@@ -298,16 +294,16 @@ class ConvGemm:
         padded = tuple(s + 2 * p for s, p in zip(self.im_spatial, self.pad))
         buffer = self._cols if buffer is None else buffer
         if self.batch_inner:
-            image = _flat_view(self._image_t, (c,) + self.im_spatial + (n,))
+            image = flat_view(self._image_t, (c,) + self.im_spatial + (n,))
             parallel_for(c, lambda lo, hi: np.copyto(image[lo:hi], np.moveaxis(im[:, lo:hi], 0, -1)),
                          image[0].size)
-            cols = _flat_view(buffer, (c,) + self.kernel + self.out_spatial + (n,))
+            cols = flat_view(buffer, (c,) + self.kernel + self.out_spatial + (n,))
             target, axis, workspace_shape = cols, 1, (c,) + padded + (n,)
         else:
             image = im.swapaxes(0, 1)                       # (C, n, *S): a view, no copy
-            cols = _flat_view(buffer, (c,) + self.kernel + (n,) + self.out_spatial)
+            cols = flat_view(buffer, (c,) + self.kernel + (n,) + self.out_spatial)
             target, axis, workspace_shape = np.moveaxis(cols, 1 + ndim, 1), 2, (c, n) + padded
-        workspace = _flat_view(self._padded, workspace_shape) if any(self.pad) else None
+        workspace = flat_view(self._padded, workspace_shape) if any(self.pad) else None
         self._split(lambda image, target, workspace: im2col(
             image, self.kernel, self.pad, self.stride, self.dilation, axis=axis, out=target,
             workspace=workspace, force_nd=self.force_nd), image, target, workspace)
@@ -328,7 +324,7 @@ class ConvGemm:
         geometry = (self.kernel, self.pad, self.stride, self.dilation)
         flat_im = im.reshape(n, c, -1)
         if self.batch_inner:
-            image = _flat_view(self._image_t, (c,) + self.im_spatial + (n,))
+            image = flat_view(self._image_t, (c,) + self.im_spatial + (n,))
             cols, axis = cols.reshape((c,) + self.kernel + self.out_spatial + (n,)), 1
         else:
             cols = np.moveaxis(cols.reshape((c,) + self.kernel + (n,) + self.out_spatial), 1 + ndim, 1)
@@ -343,7 +339,7 @@ class ConvGemm:
 
     def _output_matrix(self, n):
         """Scratch (C_out, n*P) matrix, ordered like the columns."""
-        return _flat_view(self._out_t, (self.out_channels, n * self.out_dim))
+        return flat_view(self._out_t, (self.out_channels, n * self.out_dim))
 
     def _as_blob_order(self, matrix, n):
         """View of the (C_out, n*P) matrix with axes (n, C_out, P)."""
@@ -383,10 +379,10 @@ class ConvGemm:
         dout_matrix = self._load_dout(dout).reshape(g, -1, dout.shape[0] * self.out_dim)
         if dw is not None:
             cols = (self._columns(im_data) if kept is None
-                    else _flat_view(kept, (g, self.kernel_dim, dout_matrix.shape[-1])))
+                    else flat_view(kept, (g, self.kernel_dim, dout_matrix.shape[-1])))
             self._weight_grad(dout_matrix, cols, dw)
         if im is not None:
-            cols = _flat_view(self._cols, (g, self.kernel_dim, dout_matrix.shape[-1]))
+            cols = flat_view(self._cols, (g, self.kernel_dim, dout_matrix.shape[-1]))
             np.matmul(w.reshape(g, -1, self.kernel_dim).swapaxes(-1, -2), dout_matrix, out=cols)
             self._col2im(cols, im, bias)
 
@@ -397,8 +393,8 @@ class ConvGemm:
         # images, copy both to (C, n*P) and make it one GEMM.
         n, g = im.shape[0], self.group
         if n > 1 and self.out_dim < ONE_GEMM_1X1_MAX_PIXELS:
-            dout_t = _flat_view(self._out_t, (self.out_channels, n, self.out_dim))
-            im_t = _flat_view(self._image_t, (self.in_channels, n, self.out_dim))
+            dout_t = flat_view(self._out_t, (self.out_channels, n, self.out_dim))
+            im_t = flat_view(self._image_t, (self.in_channels, n, self.out_dim))
             dout_t[...] = dout.reshape(n, self.out_channels, -1).transpose(1, 0, 2)
             im_t[...] = im.reshape(n, self.in_channels, -1).transpose(1, 0, 2)
             total = self._dw_sum.reshape(g, self.out_channels // g, self.kernel_dim)
@@ -407,7 +403,7 @@ class ConvGemm:
             flat_dw = dw.reshape(total.shape)
             np.add(flat_dw, total, out=flat_dw)
             return
-        per_image = _flat_view(self._dw, (n, g, self.out_channels // g, self.kernel_dim))
+        per_image = flat_view(self._dw, (n, g, self.out_channels // g, self.kernel_dim))
         np.matmul(dout.reshape(n, g, -1, self.out_dim), im.reshape(n, g, -1, self.out_dim).swapaxes(-1, -2),
                   out=per_image)
         total = self._dw_sum.reshape(per_image.shape[1:])
