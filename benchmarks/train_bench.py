@@ -438,6 +438,15 @@ def layer_table(name, split, top):
     ranked = sorted(split["layers"], key=lambda x: -(x[2] + x[3]))[:top]
     print_table(["layer", "type", "forward ms", "backward ms", "share"],
                 [[n, t, f"{f:.2f}", f"{b:.2f}", f"{(f + b) / total:.0%}"] for n, t, f, b in ranked])
+    by_type = {}
+    for _, kind, f, b in split["layers"]:
+        count, forward, backward = by_type.get(kind, (0, 0.0, 0.0))
+        by_type[kind] = (count + 1, forward + f, backward + b)
+    print(f"\n{name}: minicaffe per layer type")
+    print_table(["type", "layers", "forward ms", "backward ms", "share"],
+                [[kind, str(count), f"{f:.1f}", f"{b:.1f}", f"{(f + b) / total:.0%}"]
+                 for kind, (count, f, b) in sorted(by_type.items(), key=lambda x: -(x[1][1] + x[1][2]))
+                 if f + b > 0])
 
 
 def main():
