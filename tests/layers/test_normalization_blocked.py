@@ -49,9 +49,13 @@ def run(layer, x, dy, in_place, extra=()):
     return y, bottoms
 
 
+@pytest.mark.parametrize("row_dots", ["vecdot", "einsum"])
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("shape", [(3, 5, 10, 10), (2, 7, 100)])
-def test_batchnorm_blocked_train_matches_formula(small_blocks, in_place, shape):
+def test_batchnorm_blocked_train_matches_formula(small_blocks, monkeypatch, row_dots, in_place, shape):
+    if row_dots == "vecdot" and not hasattr(np, "vecdot"):
+        pytest.skip("np.vecdot needs numpy >= 2.0; the einsum path runs instead")
+    monkeypatch.setattr(normalization, "_VECDOT_MIN_ROW", 1 if row_dots == "vecdot" else 10 ** 9)
     rng = np.random.default_rng(0)
     x = (rng.normal(size=shape) * 2 + 0.5).astype(np.float32)
     dy = rng.uniform(-1, 1, size=shape).astype(np.float32)
@@ -194,3 +198,12 @@ def test_lrn_image_blocks_match_one_block(small_blocks, monkeypatch, text):
     window = sum(sq[:, o: o + x.shape[1]] for o in range(p.local_size))
     np.testing.assert_allclose(y_one, x64 * (p.k + p.alpha / p.local_size * window) ** -p.beta,
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("length", [3, 127, 128, 3136])
+def test_row_dots_equals_plain_sum(length):
+    rng = np.random.default_rng(5)
+    a, b = (rng.normal(size=(7, length)).astype(np.float32) for _ in range(2))
+    out = np.empty(7, np.float32)
+    normalization._row_dots(a, b, out=out)
+    np.testing.assert_allclose(out, (a.astype(np.float64) * b).sum(axis=1), rtol=1e-5, atol=1e-5)
