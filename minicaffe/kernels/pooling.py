@@ -85,10 +85,16 @@ class PhasePool:
         self.covers_image = bool(covered_h.all() and covered_w.all())
         # Windows that do not overlap (kernel == stride): offset k reads phase k, unshifted.
         self.disjoint = (w.kernel_h, w.kernel_w) == (w.stride_h, w.stride_w)
+        # Stride-1 MAX windows (GoogLeNet's and SSD's 3x3 s1 pad 1) take their peak in two
+        # passes, over each row's k_w columns and then over k_h of those row peaks: k_h + k_w - 2
+        # fmax passes instead of k_h * k_w - 1 (the max of a rectangle is the max of its rows').
+        self.separable = (is_max and (w.stride_h, w.stride_w) == (1, 1)
+                          and w.kernel_h > 1 and w.kernel_w > 1)
         size = planes * self.plane
         fill = -np.inf if is_max else 0
         self._x = np.full((len(phases), size), fill, dtype=self.dtype)
         self._acc = np.empty(size, dtype=self.dtype)      # MAX: the peak, kept for backward
+        self._row_peak = np.empty(size, dtype=self.dtype) if self.separable else None
         self._dx = None                                   # backward's buffers, on first use
         if not is_max:
             self._divisor = windows.ave_divisor(self.dtype)
@@ -122,7 +128,10 @@ class PhasePool:
             self._grid(phase[p0 * self.plane: p1 * self.plane])[grid_part] = x[p0:p1][image_part]
         acc = self._acc[f0:f1]
         (q, t), rest = self.offsets[0], self.offsets[1:]
-        if self.is_max:
+        if self.separable:
+            self._separable_peak(f0, f1)
+            y[p0:p1] = self._outputs(self._acc[p0 * self.plane: p1 * self.plane])
+        elif self.is_max:
             # fmax skips NaNs, as Caffe's `value > max` test does (clamp_below: the same fmax
             # against a constant array, whose loop is faster than numpy's scalar one).
             clamp_below(self._x[q, f0 + t: f1 + t], _MAX_START, out=acc, fmax=True, split=False)
@@ -135,6 +144,23 @@ class PhasePool:
                 np.add(acc, self._x[q, f0 + t: f1 + t], out=acc)
             np.divide(self._outputs(self._acc[p0 * self.plane: p1 * self.plane]), self._divisor,
                       out=y[p0:p1])
+
+    def _separable_peak(self, f0, f1):
+        """acc[f0:f1] = the window peaks of a stride-1 MAX pooling (one phase: the padded grid).
+
+        Row peaks are needed for the k_h - 1 grid rows below the block's last output too; those
+        rows still belong to the block's last plane, so blocks stay apart."""
+        grid, cols = self._x[0], self.cols
+        kernel_h, kernel_w = self.windows.kernel_h, self.windows.kernel_w
+        stop = f1 + (kernel_h - 1) * cols
+        rows = self._row_peak[f0:stop]
+        clamp_below(grid[f0:stop], _MAX_START, out=rows, fmax=True, split=False)
+        for j in range(1, kernel_w):
+            np.fmax(rows, grid[f0 + j: stop + j], out=rows)
+        acc = self._acc[f0:f1]
+        np.fmax(rows[:f1 - f0], rows[cols: cols + f1 - f0], out=acc)
+        for i in range(2, kernel_h):
+            np.fmax(acc, rows[i * cols: i * cols + f1 - f0], out=acc)
 
     # -- backward ----------------------------------------------------------------------
     def backward(self, dy, dx):

@@ -20,6 +20,9 @@ CONFIGS = [
     ((1, 2, 10, 9), "kernel_size: 2 stride: 3 round_mode: FLOOR"),
     ((1, 1, 3, 3), "kernel_size: 2 stride: 2 pad: 1"),
     ((2, 2, 6, 7), "kernel_size: 3 stride: 1 pad: 1"),
+    ((1, 2, 6, 7), "kernel_h: 2 kernel_w: 4 stride: 1 pad_h: 0 pad_w: 1"),   # separable MAX, non-square
+    ((1, 2, 5, 6), "kernel_h: 1 kernel_w: 3 stride: 1"),             # one row: not separable
+    ((1, 6, 14, 14), "kernel_size: 3 stride: 1 pad: 1"),           # GoogLeNet's inception pools
     ((2, 2, 4, 5), "kernel_size: 4"),
     ((1, 3, 5, 5), "kernel_size: 1 stride: 2"),
     ((3, 20, 24, 24), "kernel_size: 2 stride: 2"),         # LeNet pool1
@@ -80,12 +83,13 @@ def test_fast_kernel_equals_plain_path(monkeypatch, shape, params, method, kind,
     np.testing.assert_allclose(dx_fast, dx_plain, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("params", ["pool: MAX kernel_size: 3 stride: 2 pad: 1",
+                                    "pool: MAX kernel_size: 3 stride: 1 pad: 1"])   # separable
 @pytest.mark.parametrize("block_bytes", [1, 700, 1 << 20])
-def test_blocks_and_threads_do_not_change_the_result(monkeypatch, block_bytes):
+def test_blocks_and_threads_do_not_change_the_result(monkeypatch, block_bytes, params):
     """One plane per block, blocks that end inside a plane's grid, one block for everything."""
     x = np.random.default_rng(2).standard_normal((3, 7, 13, 11)).astype(np.float32)
     dy = lambda s: np.random.default_rng(3).standard_normal(s).astype(np.float32)  # noqa: E731
-    params = "pool: MAX kernel_size: 3 stride: 2 pad: 1"
     expected = run(params, x, False, dy)
     monkeypatch.setattr(kernel_module, "BLOCK_BYTES", block_bytes)
     from minicaffe import threads
@@ -97,7 +101,8 @@ def test_blocks_and_threads_do_not_change_the_result(monkeypatch, block_bytes):
         finally:
             threads.set_num_threads(threads._threads_from_env())
         np.testing.assert_array_equal(got[0], expected[0])
-        np.testing.assert_allclose(got[1], expected[1], rtol=1e-6, atol=1e-7)
+        # stride 1: nine windows send gradient to a pixel, summed in another order than plain's
+        np.testing.assert_allclose(got[1], expected[1], rtol=1e-5, atol=1e-6)
 
 
 def test_mask_top_keeps_the_plain_path():
@@ -107,3 +112,12 @@ def test_mask_top_keeps_the_plain_path():
     bottom, tops = Blob((1, 1, 4, 4)), [Blob(), Blob()]
     layer.setup([bottom], tops)
     assert layer._phase_pool is None
+
+
+def test_stride_one_max_takes_the_separable_peak():
+    param = text_format.Parse('name: "p" type: "Pooling" pooling_param { pool: MAX kernel_size: 3 '
+                              'stride: 1 pad: 1 }', caffe_pb2.LayerParameter())
+    layer = create_layer(param, caffe_pb2.TEST)
+    bottom, top = Blob((1, 2, 5, 5)), Blob()
+    layer.setup([bottom], [top])
+    assert layer._phase_pool.separable
