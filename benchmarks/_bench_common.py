@@ -61,10 +61,14 @@ def blas_kernels(env):
     forced = env.get("OPENBLAS_CORETYPE")
     if not name:
         return "numpy's BLAS is not OpenBLAS (or not found)"
+    # minicaffe/_blas_env.py sets it in minicaffe's own processes when it is not set
+    timeout = env.get("OPENBLAS_THREAD_TIMEOUT")
+    spin = (f"; its threads spin 2^{timeout} cycles after a GEMM (OPENBLAS_THREAD_TIMEOUT={timeout})"
+            if timeout else "; OPENBLAS_THREAD_TIMEOUT unset (minicaffe's processes set their default)")
     if forced:
         return (f"numpy's OpenBLAS runs its {name} kernels, forced by OPENBLAS_CORETYPE={forced} "
-                f"(unset it to run the kernels OpenBLAS picks for this CPU)")
-    return f"numpy's OpenBLAS runs its {name} kernels (its own pick for this CPU)"
+                f"(unset it to run the kernels OpenBLAS picks for this CPU){spin}")
+    return f"numpy's OpenBLAS runs its {name} kernels (its own pick for this CPU){spin}"
 
 
 def print_command(script, env=None):

@@ -3,6 +3,7 @@
     import minicaffe as caffe
     net = caffe.Net("deploy.prototxt", caffe.TEST, weights="model.caffemodel")
 """
+from . import _blas_env  # noqa: F401  (first: BLAS settings must precede numpy's import)
 from .proto import caffe_pb2
 from .errors import MinicaffeError  # noqa: F401
 from .blob import Blob

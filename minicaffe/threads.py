@@ -2,8 +2,9 @@
 
 numpy releases the GIL inside its loops, so an elementwise pass cut into blocks runs on all
 cores at once. GEMMs are left to the BLAS library's own threads; layers run one after another,
-so the pool's threads sleep (blocked on a lock, never spinning) while a GEMM runs and the two
-never compete for the cores.
+so the pool's threads sleep (blocked on a lock, never spinning) while a GEMM runs; OpenBLAS's
+threads, which spin after a GEMM, go to sleep within about 0.1 ms of it (minicaffe/_blas_env.py
+sets OPENBLAS_THREAD_TIMEOUT), so the two never compete for the cores for long.
 
 The thread count comes from, in order: `set_num_threads(n)` (the CLI's `--threads N`), the
 environment's `MINICAFFE_THREADS`, `OMP_NUM_THREADS`, and the number of cores. `--threads` sets

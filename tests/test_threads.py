@@ -345,3 +345,27 @@ def test_threads_flag_sets_the_pool(tmp_path, capsys, command):
         assert "--threads must be at least 1, got 0" in capsys.readouterr().err
     finally:
         threads.set_num_threads(before)
+
+
+# --- BLAS environment defaults (minicaffe/_blas_env.py) ------------------------------------------
+@pytest.mark.parametrize("given, expected", [(None, "18"), ("7", "7")])
+def test_openblas_thread_timeout_default_precedes_numpy(given, expected):
+    """Importing minicaffe first sets OPENBLAS_THREAD_TIMEOUT before numpy loads OpenBLAS; a value
+    the user set is kept."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if given is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = given
+    code = ("import sys, os, minicaffe; "
+            "print(os.environ['OPENBLAS_THREAD_TIMEOUT'], 'numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [expected, "True"]
+    # ...and the package sets it before anything imports numpy
+    code = ("import sys, builtins; real = builtins.__import__; seen = []\n"
+            "def spy(name, *a, **k):\n"
+            "    if name == 'numpy' and not seen: seen.append(__import__('os').environ.get('OPENBLAS_THREAD_TIMEOUT'))\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = spy\nimport minicaffe\nprint(seen[0])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected

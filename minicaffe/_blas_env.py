@@ -1,0 +1,21 @@
+"""Environment defaults for numpy's BLAS, set before numpy is first imported (they are read once,
+when OpenBLAS loads; a value the user set is kept).
+
+OPENBLAS_THREAD_TIMEOUT: after a GEMM, OpenBLAS's worker threads spin for 2^n cycles before they
+sleep (n = 28 by default, about a tenth of a second). minicaffe's memory-bound passes (BatchNorm,
+ReLU, pooling, im2col, the solver update) run right after GEMMs on minicaffe.threads' pool, whose
+workers then share the cores with spinning BLAS threads and gain nothing: one such pass ran in
+812 us on one thread and 892 us on two after a GEMM, 547 us on two with n = 4. n = 18 (about
+0.1 ms of spin) keeps the BLAS threads awake across the short gaps between a batch-1 net's GEMMs
+and frees the cores for the longer passes of a training step. Measured side by side on this
+project's 2-core machine (one process per setting, alternated): a ResNet-50 training step at
+batch 8 went from 1167 to 1020 ms and CaffeNet's at batch 32 from 851 to 784 ms; LeNet's step and
+batch-1 deploy nets stayed within the noise. `python benchmarks/train_bench.py` reports the
+value its children ran with.
+"""
+import os
+
+BLAS_ENV_DEFAULTS = {"OPENBLAS_THREAD_TIMEOUT": "18"}
+
+for _name, _value in BLAS_ENV_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
