@@ -159,10 +159,11 @@ def make_weights(prototxt, batch, out_dir):
 
 def worker(engine, spec, iterations, threads, out_npy):
     """Runs inside the child process: load, warm up, time `iterations` forwards, print JSON."""
+    if engine in ("minicaffe", "minicaffe-plain"):
+        import minicaffe   # before numpy, as a user's script would: it sets numpy's BLAS defaults
     import numpy as np
     prototxt, weights, x = spec["prototxt"], spec["weights"], np.load(spec["inputs"])
     if engine in ("minicaffe", "minicaffe-plain"):
-        import minicaffe
         lean = engine == "minicaffe"
         net = minicaffe.Net(prototxt, minicaffe.TEST, weights=weights, inference=lean,
                             keep_blobs=[spec["blob"]] if lean else ())

@@ -147,8 +147,8 @@ def load_weights(net, npz):
 # -- the two trainers: each returns step(i) -> the loss of that step's forward -------------------
 def minicaffe_trainer(spec):
     """minicaffe's SGDSolver on the training net, starting from the spec's weights."""
+    import minicaffe   # before numpy, as a user's script would: it sets numpy's BLAS defaults
     import numpy as np
-    import minicaffe
     from minicaffe.proto import caffe_pb2
     from minicaffe.proto_io import read_net_param
 
@@ -307,8 +307,8 @@ def worker(engine, spec, warmup, steps, threads):
 
 def layer_worker(spec, iterations):
     """Runs inside a child: `minicaffe time`'s per-layer forward/backward split on the training net."""
+    import minicaffe   # before numpy (minicaffe/_blas_env.py)
     import numpy as np
-    import minicaffe
     from minicaffe.commands.time import time_layers
 
     net = minicaffe.Net(spec["prototxt"], minicaffe.TRAIN)
