@@ -17,7 +17,4 @@ benchmarks print the value their children ran with.
 """
 import os
 
-BLAS_ENV_DEFAULTS = {"OPENBLAS_THREAD_TIMEOUT": "18"}
-
-for _name, _value in BLAS_ENV_DEFAULTS.items():
-    os.environ.setdefault(_name, _value)
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "18")

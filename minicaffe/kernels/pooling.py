@@ -128,15 +128,15 @@ class PhasePool:
             self._grid(phase[p0 * self.plane: p1 * self.plane])[grid_part] = x[p0:p1][image_part]
         acc = self._acc[f0:f1]
         (q, t), rest = self.offsets[0], self.offsets[1:]
-        if self.separable:
-            self._separable_peak(f0, f1)
-            y[p0:p1] = self._outputs(self._acc[p0 * self.plane: p1 * self.plane])
-        elif self.is_max:
-            # fmax skips NaNs, as Caffe's `value > max` test does (clamp_below: the same fmax
-            # against a constant array, whose loop is faster than numpy's scalar one).
-            clamp_below(self._x[q, f0 + t: f1 + t], _MAX_START, out=acc, fmax=True, split=False)
-            for q, t in rest:
-                np.fmax(acc, self._x[q, f0 + t: f1 + t], out=acc)
+        if self.is_max:
+            if self.separable:
+                self._separable_peak(f0, f1)
+            else:
+                # fmax skips NaNs, as Caffe's `value > max` test does (clamp_below: the same fmax
+                # against a constant array, whose loop is faster than numpy's scalar one).
+                clamp_below(self._x[q, f0 + t: f1 + t], _MAX_START, out=acc, fmax=True, split=False)
+                for q, t in rest:
+                    np.fmax(acc, self._x[q, f0 + t: f1 + t], out=acc)
             y[p0:p1] = self._outputs(self._acc[p0 * self.plane: p1 * self.plane])
         else:
             acc[...] = self._x[q, f0 + t: f1 + t]

@@ -48,11 +48,12 @@ _BLOCK = 131072
 # 2x faster than einsum("ij,ij->i") on 128 KiB blocks of 196-3136-value rows and was as exact;
 # on shorter rows (7x7 maps: 49) its per-row call costs more than einsum's one loop.
 _VECDOT_MIN_ROW = 128
+_HAS_VECDOT = hasattr(np, "vecdot")   # numpy >= 2.0
 
 
 def _row_dots(a, b, out):
     """out[i] = a[i] . b[i] for (rows, S) arrays."""
-    if a.shape[1] >= _VECDOT_MIN_ROW and hasattr(np, "vecdot"):   # numpy >= 2.0
+    if _HAS_VECDOT and a.shape[1] >= _VECDOT_MIN_ROW:
         np.vecdot(a, b, out=out)
     else:
         np.einsum("ij,ij->i", a, b, out=out)
