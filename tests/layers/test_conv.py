@@ -259,6 +259,37 @@ def test_1x1_weight_gradient_as_one_gemm_equals_per_image(monkeypatch, conv_text
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("layer_type,conv_text", [
+    ("Convolution", "num_output: 4 kernel_size: 3"),                 # 4 x 27: flipped
+    ("Convolution", "num_output: 30 kernel_size: 2 group: 3"),        # 10 x 8 per group: direct
+    ("Convolution", "num_output: 6 kernel_size: 3 stride: 2 pad: 1 group: 3"),
+    ("Deconvolution", "num_output: 4 kernel_size: 3 stride: 2"),
+])
+def test_weight_gradient_flipped_equals_direct(monkeypatch, layer_type, conv_text):
+    # The weight gradient computed as its transpose (conv.flipped_weight_grad) must equal
+    # the direct product, for every orientation the rule can pick, on both accumulations.
+    x, results = gaussian(3, 6, 7, 8), []
+    for min_depth in (0, 1 << 30):   # flip whenever cols > rows; never
+        monkeypatch.setattr(conv_module, "FLIPPED_WEIGHT_GRAD_MIN_DEPTH", min_depth)
+        layer = make_layer(layer_type, conv_text)
+        bottom, top = setup(layer, [x])
+        layer.blobs[0].data[...] = gaussian(*layer.blobs[0].shape, seed=1)
+        layer.blobs[0].diff[...] = 0.5   # accumulates
+        layer.forward(bottom, top)
+        top[0].diff[...] = gaussian(*top[0].shape, seed=2)
+        layer.backward(top, [True], bottom)
+        results.append((layer.blobs[0].diff.copy(), bottom[0].diff.copy()))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_weight_gradient_flip_rule():
+    # Long pixel axes with more kernel columns than output rows flip; short ones never do.
+    assert conv_module.flipped_weight_grad(50, 500, 4096)
+    assert not conv_module.flipped_weight_grad(500, 50, 4096)
+    assert not conv_module.flipped_weight_grad(50, 500, 1568)
+
+
 def test_channel_axis_other_than_1():
     # Axis 2: leading axes (2, 3) are all "images"; channels 4; one spatial axis.
     x = gaussian(2, 3, 4, 7)
