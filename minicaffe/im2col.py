@@ -21,10 +21,7 @@ every copy move long contiguous runs when images are small (see layers/conv.py).
 `col2im` is the adjoint (transpose) of `im2col`: it scatters the columns back
 and SUMS the values that overlapping windows bring to the same pixel.
 
-`RowGrid` is a third layout for 2-D stride-1 windows, where every copy is a long
-contiguous run instead of a row of O_2 values (see its docstring).
-
-Both im2col and col2im have a 2-D path (a single strided copy / a double loop over kernel
+Both have a 2-D path (a single strided copy / a double loop over kernel
 offsets) and an N-D path (a loop over all kernel offsets). Neither loops over
 pixels or samples: each step moves a whole slab of the batch at once.
 """
@@ -33,7 +30,7 @@ import itertools
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-__all__ = ["conv_output_shape", "deconv_output_shape", "im2col", "col2im", "RowGrid"]
+__all__ = ["conv_output_shape", "deconv_output_shape", "im2col", "col2im"]
 
 
 def _per_axis(value, ndim, name):
@@ -215,83 +212,3 @@ def col2im(cols, image_shape, kernel, pad=0, stride=1, dilation=1, *, axis=2, ou
                                                    dilation)
             out[lead_cut + im_slices] += cols[lead_cut + kernel_index + col_slices]
     return out
-
-
-class RowGrid:
-    """im2col/col2im of 2-D stride-1 windows on the flattened padded image: whole rows at once.
-
-    Lay each padded plane (H_p = H + 2*pad_h rows of W_p = W + 2*pad_w) out flat, the n
-    images of a channel one after another. Kernel offset (i, j) of output (r, c) reads
-    flat position r*W_p + c + i*d_h*W_p + j*d_w, so for a fixed offset the outputs of all
-    H_o rows, taken over the full padded width c < W_p, read ONE contiguous run of H_o*W_p
-    values, shifted by i*d_h*W_p + j*d_w. The columns are therefore
-
-        cols[ch, i, j, m, r*W_p + c] = grid[ch, m*H_p*W_p + r*W_p + c + i*d_h*W_p + j*d_w]
-
-    for c < W_p: the W_p - W_o columns past each output row are junk (reads that wrap into
-    the next row) and are dropped from products, at the cost of W_p/W_o more GEMM columns.
-    col2im adds each offset's run back in the same way; junk columns must hold zeros there
-    (a zero output gradient gives zero columns), since their positions alias real pixels.
-    Reads run at most (k_w - 1)*d_w values past a channel's last plane, into `slack`.
-    """
-
-    def __init__(self, spatial, kernel, pad, dilation):
-        (h, w), (k_h, k_w), (p_h, p_w), (d_h, d_w) = spatial, kernel, pad, dilation
-        self.spatial, self.pad = (h, w), (p_h, p_w)
-        self.rows, self.width = h + 2 * p_h, w + 2 * p_w            # H_p, W_p
-        self.out_spatial = conv_output_shape((h, w), kernel, pad, 1, dilation)
-        self.plane = self.rows * self.width
-        self.run = self.out_spatial[0] * self.width                  # columns per image
-        self.slack = (k_w - 1) * d_w
-        self.shifts = [i * d_h * self.width + j * d_w for i in range(k_h) for j in range(k_w)]
-        self.kernel = (k_h, k_w)
-
-    def channel_size(self, num):
-        """Values per channel of the flat grid of `num` images."""
-        return num * self.plane + self.slack
-
-    def planes(self, grid, num):
-        """The (C, num, H_p, W_p) planes of a flat (C, channel_size) grid."""
-        return grid[:, :num * self.plane].reshape(grid.shape[0], num, self.rows, self.width)
-
-    def _runs(self, grid, num, shift):
-        """(C, num, run) view of a flat grid: each image's run starting `shift` into its plane."""
-        item = grid.itemsize
-        return as_strided(grid[:, shift:], shape=(grid.shape[0], num, self.run),
-                          strides=(grid.strides[0], self.plane * item, item))
-
-    def load(self, images, grid):
-        """Copy (n, C, H, W) images into a flat (C, channel_size(n)) grid, zero-padded."""
-        num = images.shape[0]
-        planes = self.planes(grid, num)
-        (p_h, p_w), (h, w) = self.pad, self.spatial
-        if p_h:
-            planes[:, :, :p_h] = 0
-            planes[:, :, p_h + h:] = 0
-        if p_w:
-            planes[:, :, p_h:p_h + h, :p_w] = 0
-            planes[:, :, p_h:p_h + h, p_w + w:] = 0
-        grid[:, num * self.plane:] = 0
-        planes[:, :, p_h:p_h + h, p_w:p_w + w] = images.swapaxes(0, 1)
-
-    def im2col(self, grid, cols):
-        """cols (C, k_h, k_w, n, run) from a loaded grid (C, channel_size(n))."""
-        num = cols.shape[3]
-        flat = cols.reshape(cols.shape[0], -1, num, self.run)
-        for k, shift in enumerate(self.shifts):
-            np.copyto(flat[:, k], self._runs(grid, num, shift))
-
-    def col2im(self, cols, grid):
-        """grid (C, channel_size(n)) = the sum of the columns (C, k_h, k_w, n, run), overwritten."""
-        num = cols.shape[3]
-        flat = cols.reshape(cols.shape[0], -1, num, self.run)
-        grid[...] = 0
-        for k, shift in enumerate(self.shifts):
-            # Within one offset no two images' runs overlap (each ends inside its own plane).
-            runs = self._runs(grid, num, shift)
-            np.add(runs, flat[:, k], out=runs)
-
-    def interior(self, grid, num):
-        """(num, C, H, W) view of the image pixels of a flat grid."""
-        (p_h, p_w), (h, w) = self.pad, self.spatial
-        return self.planes(grid, num)[:, :, p_h:p_h + h, p_w:p_w + w].swapaxes(0, 1)

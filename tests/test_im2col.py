@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from minicaffe.im2col import RowGrid, col2im, conv_output_shape, deconv_output_shape, im2col
+from minicaffe.im2col import col2im, conv_output_shape, deconv_output_shape, im2col
 
 # (image shape N, C, *spatial; kernel, pad, stride, dilation)
 GEOMETRIES = [
@@ -145,28 +145,3 @@ def test_errors():
         im2col(np.zeros((4, 4)), (3, 3), axis=1)
     with pytest.raises(ValueError, match="output size"):
         deconv_output_shape((1,), (1,), pad=1)
-
-
-@pytest.mark.parametrize("shape,kernel,pad,dilation", [
-    ((2, 3, 7, 9), (3, 3), (1, 1), (1, 1)),
-    ((3, 2, 10, 8), (5, 3), (2, 0), (1, 2)),
-    ((1, 1, 5, 5), (2, 2), (0, 0), (1, 1)),
-])
-def test_row_grid_equals_im2col_and_col2im(shape, kernel, pad, dilation):
-    n, c = shape[:2]
-    x = np.random.default_rng(0).standard_normal(shape)
-    grid = RowGrid(shape[2:], kernel, pad, dilation)
-    h_o, w_o = grid.out_spatial
-    flat = np.full((c, grid.channel_size(n)), np.nan)   # load() must overwrite every cell read
-    grid.load(x, flat)
-    cols = np.empty((c,) + kernel + (n, grid.run))
-    grid.im2col(flat, cols)
-    want = im2col(x, kernel, pad, 1, dilation)           # (n, C, k_h, k_w, H_o, W_o)
-    rows = cols.reshape((c,) + kernel + (n, h_o, grid.width))
-    np.testing.assert_array_equal(rows[..., :w_o], want.transpose(1, 2, 3, 0, 4, 5))
-    dcols = np.random.default_rng(1).standard_normal(want.shape)
-    padded = np.zeros(rows.shape)                        # junk columns carry zeros
-    padded[..., :w_o] = dcols.transpose(1, 2, 3, 0, 4, 5)
-    grid.col2im(padded.reshape(cols.shape), flat)
-    np.testing.assert_allclose(grid.interior(flat, n), col2im(dcols, shape, kernel, pad, 1, dilation),
-                               rtol=1e-12, atol=1e-12)

@@ -18,11 +18,6 @@ single GEMM per group. Two orders of the n*P columns are used:
   values instead of W_out. Used for small images (LeNet's conv2), where numpy
   would otherwise crawl along 8-value rows.
 
-* row_grid, for stride-1 windows on wide rows: the images are laid out as flat zero-padded
-  planes, so one kernel offset of all output rows is one shifted contiguous run
-  (im2col.RowGrid). Each output row then carries W_p - W_o junk columns through the
-  products, which is cheap when rows are long (ResNet-50's 56x56 and 28x28 3x3 stages).
-
 A 1x1 convolution with stride 1 and no pad skips im2col, as in Caffe. Batches are
 processed in chunks so the column buffer stays near COL_BUFFER_BYTES.
 
@@ -39,7 +34,7 @@ import numpy as np
 
 from ..blob import Blob, flat_view
 from ..fillers import fill
-from ..im2col import RowGrid, col2im, conv_output_shape, deconv_output_shape, im2col
+from ..im2col import col2im, conv_output_shape, deconv_output_shape, im2col
 from ..kernels import winograd
 from ..kernels.depthwise import DepthwiseConv, is_depthwise
 from ..layer import Layer, register_layer
@@ -62,11 +57,6 @@ IM2COL_WORKING_SET_BYTES = 256 << 10
 # Output rows up to this long use the "batch_inner" column layout (see ConvGemm);
 # chosen with benchmarks/conv_bench.py.
 BATCH_INNER_MAX_ROW = 16
-
-# Stride-1 convolutions whose padded rows are at most this many times their output rows use
-# the "row_grid" layout (see ConvGemm): its copies are long contiguous runs, but its GEMMs
-# also multiply the W_p - W_o junk columns of every output row.
-ROW_GRID_MAX_WIDTH = 1.1
 
 # A 1x1 weight gradient over images of fewer pixels than this is one GEMM over (C, n*P)
 # copies of both operands; per-image GEMMs with K = P that short run at half of BLAS's
@@ -173,13 +163,12 @@ class ConvGemm:
 
     The columns of n images form one (C*K, n*P) matrix, so each product is one GEMM
     per group. Its n*P columns are ordered image by image ("batch_outer", the image
-    is read in place), pixel by pixel with the images innermost ("batch_inner",
-    the image is transposed to (C, *S, n) first), or image by image over the padded
-    width ("row_grid": n*H_o*W_p columns, of which the junk ones are dropped). A 1x1 convolution with stride 1
+    is read in place) or pixel by pixel with the images innermost ("batch_inner",
+    the image is transposed to (C, *S, n) first). A 1x1 convolution with stride 1
     and no pad needs no columns at all: the images are multiplied in place.
     """
 
-    LAYOUTS = ("auto", "batch_outer", "batch_inner", "row_grid")
+    LAYOUTS = ("auto", "batch_outer", "batch_inner")
 
     def __init__(self, in_channels, out_channels, group, kernel, pad, stride, dilation,
                  force_nd=False):
@@ -209,32 +198,24 @@ class ConvGemm:
         self.out_spatial = conv_output_shape(self.im_spatial, self.kernel, self.pad, self.stride,
                                              self.dilation)
         self.out_dim = int(np.prod(self.out_spatial, dtype=np.int64))                  # P
-        # The row grid needs 2-D stride-1 windows; a layout that does not apply falls back.
-        row_grid = (not self.is_1x1 and len(self.kernel) == 2 and not self.force_nd
-                    and self.stride == (1, 1))
         if self.layout == "auto":
             # Short output rows make batch_outer's copies crawl; batch_inner copies runs
             # of W_out*n values instead, paying for transposing images and outputs. With one
             # image both copy runs of W_out, so batch_outer's in-place reads win outright.
-            self.row_grid = row_grid and (self.im_spatial[-1] + 2 * self.pad[-1]
-                                          <= ROW_GRID_MAX_WIDTH * self.out_spatial[-1])
-            self.batch_inner = (not self.is_1x1 and not self.row_grid and self.stride[-1] == 1
-                                and num > 1 and self.out_spatial[-1] <= BATCH_INNER_MAX_ROW)
+            self.batch_inner = (not self.is_1x1 and self.stride[-1] == 1 and num > 1
+                                and self.out_spatial[-1] <= BATCH_INNER_MAX_ROW)
         else:
-            self.row_grid = self.layout == "row_grid" and row_grid
             self.batch_inner = self.layout == "batch_inner" and not self.is_1x1
-        self.grid = RowGrid(self.im_spatial, self.kernel, self.pad, self.dilation) if self.row_grid else None
-        self.col_dim = self.grid.run if self.row_grid else self.out_dim   # columns per image
         c_in, c_out = self.in_channels, self.out_channels
         padded_spatial = [s + 2 * p for s, p in zip(self.im_spatial, self.pad)]
-        col_per_image = c_in * self.kernel_count * self.col_dim
+        col_per_image = c_in * self.kernel_count * self.out_dim
         # The 1x1 path's only scratch is the per-image weight gradients it sums up.
         per_image = c_out * self.kernel_dim if self.is_1x1 else col_per_image
         per_image_bytes = max(1, per_image * self.dtype.itemsize)
         chunk = max(1, min(num, COL_BUFFER_BYTES // per_image_bytes))
         self.chunk = chunk                     # conv_transpose: GEMM then col2im
         self.conv_chunk = chunk                # conv: im2col then GEMM
-        if not self.batch_inner and not self.is_1x1 and not self.row_grid:
+        if not self.batch_inner and not self.is_1x1:
             channel_bytes = int(np.prod(padded_spatial)) * self.dtype.itemsize
             self.conv_chunk = max(1, min(chunk, IM2COL_WORKING_SET_BYTES // channel_bytes))
         self._keep(num * col_per_image, chunk == num)
@@ -243,10 +224,9 @@ class ConvGemm:
         padded = np.prod(padded_spatial)
         self._scratch_sizes = dict(
             cols=0 if self.is_1x1 else chunk * col_per_image,
-            padded=(c_in * self.grid.channel_size(chunk) if self.row_grid
-                    else chunk * c_in * padded if any(self.pad) and not self.is_1x1 else 0),
+            padded=chunk * c_in * padded if any(self.pad) and not self.is_1x1 else 0,
             image_t=chunk * c_in * np.prod(self.im_spatial) if self.batch_inner or self.is_1x1 else 0,
-            out_t=chunk * c_out * self.col_dim,
+            out_t=chunk * c_out * self.out_dim,
             dw=c_out * self.kernel_dim * (chunk if self.is_1x1 else 1),
             dw_sum=c_out * self.kernel_dim if self.is_1x1 else 0)
 
@@ -318,15 +298,6 @@ class ConvGemm:
         n, c, ndim = im.shape[0], self.in_channels, len(self.kernel)
         padded = tuple(s + 2 * p for s, p in zip(self.im_spatial, self.pad))
         buffer = self._cols if buffer is None else buffer
-        if self.row_grid:
-            grid = flat_view(self._padded, (c, self.grid.channel_size(n)))
-            cols = flat_view(buffer, (c,) + self.kernel + (n, self.col_dim))
-
-            def copy(lo, hi):
-                self.grid.load(im[:, lo:hi], grid[lo:hi])
-                self.grid.im2col(grid[lo:hi], cols[lo:hi])
-            parallel_for(c, copy, cols[0].size)
-            return cols.reshape(self.group, self.kernel_dim, -1)
         if self.batch_inner:
             image = flat_view(self._image_t, (c,) + self.im_spatial + (n,))
             parallel_for(c, lambda lo, hi: np.copyto(image[lo:hi], np.moveaxis(im[:, lo:hi], 0, -1)),
@@ -357,16 +328,6 @@ class ConvGemm:
         n, c, ndim = im.shape[0], self.in_channels, len(self.kernel)
         geometry = (self.kernel, self.pad, self.stride, self.dilation)
         flat_im = im.reshape(n, c, -1)
-        if self.row_grid:
-            grid = flat_view(self._padded, (c, self.grid.channel_size(n)))
-            cols = cols.reshape((c,) + self.kernel + (n, self.col_dim))
-            bias = _broadcast_bias(bias, 3)
-
-            def scatter(lo, hi):
-                self.grid.col2im(cols[lo:hi], grid[lo:hi])
-                _store(im[:, lo:hi], self.grid.interior(grid[lo:hi], n), None if bias is None else bias[lo:hi])
-            parallel_for(c, scatter, cols[0].size)
-            return
         if self.batch_inner:
             image = flat_view(self._image_t, (c,) + self.im_spatial + (n,))
             cols, axis = cols.reshape((c,) + self.kernel + self.out_spatial + (n,)), 1
@@ -383,14 +344,10 @@ class ConvGemm:
 
     def _output_matrix(self, n):
         """Scratch (C_out, n*P) matrix, ordered like the columns."""
-        return flat_view(self._out_t, (self.out_channels, n * self.col_dim))
+        return flat_view(self._out_t, (self.out_channels, n * self.out_dim))
 
     def _as_blob_order(self, matrix, n):
-        """View of the (C_out, n*P) matrix with axes (n, C_out, P); (n, C_out, H_o, W_o) for
-        the row grid, whose junk columns it leaves out."""
-        if self.row_grid:
-            h_o, w_o = self.out_spatial
-            return matrix.reshape(self.out_channels, n, h_o, -1)[..., :w_o].swapaxes(0, 1)
+        """View of the (C_out, n*P) matrix with axes (n, C_out, P)."""
         if self.batch_inner:
             return matrix.reshape(self.out_channels, self.out_dim, n).transpose(2, 0, 1)
         return matrix.reshape(self.out_channels, n, self.out_dim).transpose(1, 0, 2)
@@ -410,15 +367,10 @@ class ConvGemm:
 
     def _load_dout(self, dout):
         n = dout.shape[0]
-        if n == 1 and not self.batch_inner and not self.row_grid:
+        if n == 1 and not self.batch_inner:
             return dout.reshape(self.out_channels, self.out_dim)   # already in column order
         matrix = self._output_matrix(n)
-        if self.row_grid:
-            # Junk columns get a zero gradient: col2im and the weight gradient add them up.
-            rows = matrix.reshape(self.out_channels, n, self.out_spatial[0], -1)
-            rows[..., self.out_spatial[1]:] = 0
-        blob_order = self._as_blob_order(matrix, n)
-        blob_order[...] = dout.reshape(blob_order.shape)
+        self._as_blob_order(matrix, n)[...] = dout.reshape(n, self.out_channels, self.out_dim)
         return matrix
 
     def _conv(self, im, w, out, dout, dw, bias, buffer=None):
@@ -427,22 +379,16 @@ class ConvGemm:
         if dw is not None:
             self._weight_grad(self._load_dout(dout), cols, dw)
         if out is not None:
-            product = lambda result: np.matmul(  # noqa: E731
-                w.reshape(g, -1, self.kernel_dim), cols, out=result.reshape(g, -1, cols.shape[-1]))
-            if n == 1 and not self.batch_inner and not self.row_grid:
-                # One batch_outer image is already in blob order: multiply straight into it.
-                result = out.reshape(self.out_channels, -1)
-                product(result)
-                _store(result, result, bias)
-                return
-            matrix = self._output_matrix(n)
-            product(matrix)
-            values = self._as_blob_order(matrix, n)
-            _store(out.reshape(values.shape), values, _broadcast_bias(bias, values.ndim - 1))
+            flat_out = out.reshape(n, self.out_channels, self.out_dim)
+            # One batch_outer image is already in blob order: multiply straight into it.
+            direct = n == 1 and not self.batch_inner
+            result = flat_out[0] if direct else self._output_matrix(n)
+            np.matmul(w.reshape(g, -1, self.kernel_dim), cols, out=result.reshape(g, -1, cols.shape[-1]))
+            _store(flat_out, flat_out if direct else self._as_blob_order(result, n), bias)
 
     def _transpose(self, dout, w, im, im_data, dw, bias, kept=None):
         g = self.group
-        dout_matrix = self._load_dout(dout).reshape(g, -1, dout.shape[0] * self.col_dim)
+        dout_matrix = self._load_dout(dout).reshape(g, -1, dout.shape[0] * self.out_dim)
         if dw is not None:
             cols = (self._columns(im_data) if kept is None
                     else flat_view(kept, (g, self.kernel_dim, dout_matrix.shape[-1])))
@@ -514,11 +460,6 @@ def flipped_weight_grad(rows, cols, depth):
 def _identity(array):
     """What an array is (memory, shape, strides, dtype) -- not what it holds."""
     return (array.__array_interface__["data"][0], array.shape, array.strides, array.dtype)
-
-
-def _broadcast_bias(bias, ndim):
-    """A (C, 1) bias column reshaped to broadcast over (C, *spatial) with ndim axes."""
-    return None if bias is None else bias.reshape((-1,) + (1,) * (ndim - 1))
 
 
 def _store(dest, values, bias):

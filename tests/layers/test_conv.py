@@ -14,7 +14,7 @@ from tests.gradient_check import check_gradient, make_blobs
 
 conv_module = importlib.import_module("minicaffe.layers.conv")
 
-LAYOUTS = ["auto", "batch_outer", "batch_inner", "row_grid"]
+LAYOUTS = ["auto", "batch_outer", "batch_inner"]
 
 
 def make_layer(layer_type, conv_text, fillers=True, blobs=None):
@@ -103,7 +103,6 @@ FORWARD_CASES = [
     ((1, 2, 6, 7, 8), "num_output: 2 kernel_size: 3 dilation: 2"),                  # dilated 3-D
     ((2, 4, 4, 5, 4), "num_output: 2 kernel_size: 2 kernel_size: 3 kernel_size: 1 pad: 1 group: 2"),
     ((2, 3, 6, 4), "num_output: 4 kernel_size: 3 stride: 2 bias_term: false"),
-    ((3, 4, 6, 9), "num_output: 6 kernel_h: 3 kernel_w: 5 pad_h: 1 pad_w: 2 group: 2"),  # stride 1
 ]
 
 
@@ -291,45 +290,6 @@ def test_weight_gradient_flip_rule():
     assert not conv_module.flipped_weight_grad(50, 500, 1568)
 
 
-def test_row_grid_is_picked_for_wide_stride_1_rows_only():
-    def picked(shape, conv_text, layout="auto"):
-        layer = make_layer("Convolution", conv_text)
-        setup(layer, [np.zeros(shape)], layout)
-        gemm = layer.gemm
-        return "row_grid" if gemm.row_grid else "batch_inner" if gemm.batch_inner else "batch_outer"
-    assert picked((2, 3, 56, 56), "num_output: 2 kernel_size: 3 pad: 1") == "row_grid"    # 58/56
-    assert picked((2, 3, 14, 14), "num_output: 2 kernel_size: 3 pad: 1") == "batch_inner"  # 16/14
-    assert picked((1, 3, 16, 16), "num_output: 2 kernel_size: 3 pad: 1") == "batch_outer"  # 18/16
-    assert picked((2, 3, 56, 56), "num_output: 2 kernel_size: 3 stride: 2") == "batch_outer"
-    assert picked((2, 3, 56, 56), "num_output: 2 kernel_size: 3 stride: 2", "row_grid") == "batch_outer"
-    assert picked((2, 3, 6, 6), "num_output: 2 kernel_size: 3", "row_grid") == "row_grid"
-    assert picked((2, 3, 6, 6), "num_output: 2 kernel_size: 3 force_nd_im2col: true", "row_grid") == "batch_outer"
-
-
-def test_row_grid_ignores_stale_values_in_shared_scratch():
-    # The padded grid and the output matrix are scratch shared by every convolution: values
-    # left there by another layer (here NaN) must not leak into borders, junk columns or slack.
-    x = gaussian(2, 3, 6, 7)
-    results = []
-    for poison in (False, True):
-        layer = make_layer("Convolution", "num_output: 4 kernel_size: 3 pad: 1")
-        bottom, top = setup(layer, [x], "row_grid")
-        for i, blob in enumerate(layer.blobs):
-            blob.data[...] = gaussian(*blob.shape, seed=1 + i)
-        if poison:
-            for buffer in conv_module._WORKSPACE.buffers.values():
-                buffer[...] = np.nan
-        layer.forward(bottom, top)
-        top[0].diff[...] = gaussian(*top[0].shape, seed=2)
-        if poison:
-            for buffer in conv_module._WORKSPACE.buffers.values():
-                buffer[...] = np.nan
-        layer.backward(top, [True], bottom)
-        results.append((top[0].data.copy(), bottom[0].diff.copy(), layer.blobs[0].diff.copy()))
-    for a, b in zip(*results):
-        np.testing.assert_array_equal(a, b)
-
-
 def test_channel_axis_other_than_1():
     # Axis 2: leading axes (2, 3) are all "images"; channels 4; one spatial axis.
     x = gaussian(2, 3, 4, 7)
@@ -387,7 +347,6 @@ GRADIENT_CASES = [
     ("Convolution", (1, 2, 5, 6), "num_output: 2 kernel_size: 2 pad: 1 dilation: 2 force_nd_im2col: true"),
     ("Convolution", (1, 2, 3, 4, 3), "num_output: 2 kernel_size: 2 pad: 1 dilation: 1 dilation: 2 "
                                      "dilation: 1 bias_term: false"),
-    ("Convolution", (2, 4, 4, 5), "num_output: 2 kernel_h: 3 kernel_w: 2 pad: 1 group: 2"),
     ("Deconvolution", (2, 3, 3, 2), "num_output: 1 kernel_size: 2 stride: 1"),          # Caffe TestGradient
     ("Deconvolution", (2, 4, 3, 2), "num_output: 2 kernel_size: 3 stride: 2 pad: 1 group: 2"),
     ("Deconvolution", (1, 2, 3, 3), "num_output: 2 kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2 "
@@ -398,7 +357,7 @@ GRADIENT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("layout", ["batch_outer", "batch_inner", "row_grid"])
+@pytest.mark.parametrize("layout", ["batch_outer", "batch_inner"])
 @pytest.mark.parametrize("layer_type,shape,conv_text", GRADIENT_CASES)
 def test_gradients(layer_type, shape, conv_text, layout):
     layer = make_layer(layer_type, conv_text)
@@ -473,7 +432,7 @@ def test_float32_in_float32_out(layer_type):
         assert arr.dtype == np.float32
 
 
-@pytest.mark.parametrize("layout", ["batch_outer", "batch_inner", "row_grid"])
+@pytest.mark.parametrize("layout", ["batch_outer", "batch_inner"])
 def test_chunked_batches_match_whole_batch(monkeypatch, layout):
     x = gaussian(5, 3, 7, 6)
     padded_channel = (7 + 2) * (6 + 2) * 8          # bytes of one padded float64 channel
@@ -695,7 +654,7 @@ def test_loaded_blobs_with_wrong_shape_are_rejected():
         setup(layer, [np.zeros((1, 3, 5, 5))])
 
 
-@pytest.mark.parametrize("layout", ["batch_outer", "batch_inner", "row_grid"])
+@pytest.mark.parametrize("layout", ["batch_outer", "batch_inner"])
 @pytest.mark.parametrize("shape,conv_text", [
     ((3, 5, 7, 6), "num_output: 4 kernel_size: 3 pad: 1"),
     ((4, 1, 9, 8), "num_output: 3 kernel_size: 3 stride: 2 dilation: 1"),   # 1 channel: split by image
