@@ -63,6 +63,13 @@ BATCH_INNER_MAX_ROW = 16
 # speed (ResNet-50's 7x7 stage: 25 ms -> 16 ms at batch 8, one thread).
 ONE_GEMM_1X1_MAX_PIXELS = 128
 
+# A weight gradient over at most this many kernel values per output channel (K) is summed
+# from one GEMM per image, each reading dout in place: for small K the product is memory
+# bound and copying dout to column order costs more than it (LeNet's conv1, 20 x 25 over
+# 64 images of 576 pixels: 1.0 -> 0.28 ms; ResNet-50's conv1, K = 147: 13.3 -> 12.2 ms).
+# CaffeNet's conv1 (K = 363) gained nothing, ResNet-50's res3 (K = 1152) lost 15%.
+PER_IMAGE_WEIGHT_GRAD_MAX_K = 160
+
 # Weight gradients over at least this many pixels may be computed transposed (see
 # flipped_weight_grad); measured with SkylakeX and Haswell kernels on LeNet, CaffeNet and
 # ResNet-50 shapes.
@@ -207,6 +214,11 @@ class ConvGemm:
         else:
             self.batch_inner = self.layout == "batch_inner" and not self.is_1x1
         c_in, c_out = self.in_channels, self.out_channels
+        # Summing per-image products (no copy of dout) needs n * C_out * K scratch values: at
+        # most the copy of dout it replaces.
+        self._per_image_weight_grad = (not self.is_1x1 and not self.batch_inner
+                                       and self.kernel_dim <= PER_IMAGE_WEIGHT_GRAD_MAX_K
+                                       and self.kernel_dim <= self.out_dim)
         padded_spatial = [s + 2 * p for s, p in zip(self.im_spatial, self.pad)]
         col_per_image = c_in * self.kernel_count * self.out_dim
         # The 1x1 path's only scratch is the per-image weight gradients it sums up.
@@ -227,8 +239,8 @@ class ConvGemm:
             padded=chunk * c_in * padded if any(self.pad) and not self.is_1x1 else 0,
             image_t=chunk * c_in * np.prod(self.im_spatial) if self.batch_inner or self.is_1x1 else 0,
             out_t=chunk * c_out * self.out_dim,
-            dw=c_out * self.kernel_dim * (chunk if self.is_1x1 else 1),
-            dw_sum=c_out * self.kernel_dim if self.is_1x1 else 0)
+            dw=c_out * self.kernel_dim * (chunk if self.is_1x1 or self._per_image_weight_grad else 1),
+            dw_sum=c_out * self.kernel_dim if self.is_1x1 or self._per_image_weight_grad else 0)
 
     def _keep(self, size, one_chunk):
         """Own a buffer for the whole batch's columns if keep_columns and the budget allow."""
@@ -352,16 +364,26 @@ class ConvGemm:
             return matrix.reshape(self.out_channels, self.out_dim, n).transpose(2, 0, 1)
         return matrix.reshape(self.out_channels, n, self.out_dim).transpose(1, 0, 2)
 
+    def _weight_grad_of(self, dout, cols, dw, dout_matrix=None):
+        """dw += dout (x) cols, for dout (n, C_out, *O) and cols (group, K, n*P) in column order;
+        dout_matrix: dout already in column order, if the caller has it."""
+        n = dout.shape[0]
+        if dout_matrix is None and self._per_image_weight_grad and n > 1:
+            by_image = cols.reshape(self.group, self.kernel_dim, n, self.out_dim).transpose(2, 0, 1, 3)
+            self._sum_image_products(dout, by_image, dw)
+            return
+        self._weight_grad(self._load_dout(dout) if dout_matrix is None else dout_matrix, cols, dw)
+
     def _weight_grad(self, dout_matrix, cols, dw):
         g, pixels = self.group, cols.shape[-1]
         dout_matrix = dout_matrix.reshape(g, -1, pixels)
         flat_dw = dw.reshape(g, -1, self.kernel_dim)
         if flipped_weight_grad(flat_dw.shape[1], self.kernel_dim, pixels):
-            product = self._dw.reshape(g, self.kernel_dim, -1)
+            product = flat_view(self._dw, (g, self.kernel_dim, flat_dw.shape[1]))
             np.matmul(cols, dout_matrix.swapaxes(-1, -2), out=product)
             product = product.swapaxes(-1, -2)
         else:
-            product = self._dw.reshape(flat_dw.shape)
+            product = flat_view(self._dw, flat_dw.shape)
             np.matmul(dout_matrix, cols.swapaxes(-1, -2), out=product)
         np.add(flat_dw, product, out=flat_dw)
 
@@ -377,7 +399,7 @@ class ConvGemm:
         n, g = im.shape[0], self.group
         cols = self._columns(im, buffer)
         if dw is not None:
-            self._weight_grad(self._load_dout(dout), cols, dw)
+            self._weight_grad_of(dout, cols, dw)
         if out is not None:
             flat_out = out.reshape(n, self.out_channels, self.out_dim)
             # One batch_outer image is already in blob order: multiply straight into it.
@@ -387,14 +409,16 @@ class ConvGemm:
             _store(flat_out, flat_out if direct else self._as_blob_order(result, n), bias)
 
     def _transpose(self, dout, w, im, im_data, dw, bias, kept=None):
-        g = self.group
-        dout_matrix = self._load_dout(dout).reshape(g, -1, dout.shape[0] * self.out_dim)
+        g, columns = self.group, dout.shape[0] * self.out_dim
+        # dout in column order feeds the product to data; a weight gradient alone may read
+        # dout in place (_weight_grad_of).
+        dout_matrix = None if im is None else self._load_dout(dout).reshape(g, -1, columns)
         if dw is not None:
             cols = (self._columns(im_data) if kept is None
-                    else flat_view(kept, (g, self.kernel_dim, dout_matrix.shape[-1])))
-            self._weight_grad(dout_matrix, cols, dw)
+                    else flat_view(kept, (g, self.kernel_dim, columns)))
+            self._weight_grad_of(dout, cols, dw, dout_matrix)
         if im is not None:
-            cols = flat_view(self._cols, (g, self.kernel_dim, dout_matrix.shape[-1]))
+            cols = flat_view(self._cols, (g, self.kernel_dim, columns))
             np.matmul(w.reshape(g, -1, self.kernel_dim).swapaxes(-1, -2), dout_matrix, out=cols)
             self._col2im(cols, im, bias)
 
@@ -415,9 +439,14 @@ class ConvGemm:
             flat_dw = dw.reshape(total.shape)
             np.add(flat_dw, total, out=flat_dw)
             return
+        self._sum_image_products(dout, im.reshape(n, g, -1, self.out_dim), dw)
+
+    def _sum_image_products(self, dout, cols, dw):
+        """dw += the sum over images of dout_n (C_out, P) @ cols_n^T, cols (n, group, K, P):
+        one GEMM per image, each reading its operands in place (cols may be strided)."""
+        n, g = dout.shape[0], self.group
         per_image = flat_view(self._dw, (n, g, self.out_channels // g, self.kernel_dim))
-        np.matmul(dout.reshape(n, g, -1, self.out_dim), im.reshape(n, g, -1, self.out_dim).swapaxes(-1, -2),
-                  out=per_image)
+        np.matmul(dout.reshape(n, g, -1, self.out_dim), cols.swapaxes(-1, -2), out=per_image)
         total = self._dw_sum.reshape(per_image.shape[1:])
         np.sum(per_image, axis=0, out=total)
         flat_dw = dw.reshape(total.shape)

@@ -283,6 +283,30 @@ def test_weight_gradient_flipped_equals_direct(monkeypatch, layer_type, conv_tex
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("layer_type,conv_text", [
+    ("Convolution", "num_output: 4 kernel_size: 2"),                 # K = 24 <= 42 pixels
+    ("Convolution", "num_output: 6 kernel_size: 2 stride: 2 pad: 1 group: 3"),
+    ("Deconvolution", "num_output: 4 kernel_size: 3 stride: 2"),
+])
+@pytest.mark.parametrize("to_bottom", [False, True])
+def test_weight_gradient_per_image_equals_one_gemm(monkeypatch, layer_type, conv_text, to_bottom):
+    # Small-K weight gradients sum one GEMM per image reading dout in place (only when no
+    # product to data needs dout in column order); the sum equals the single GEMM's.
+    x, results = gaussian(3, 6, 7, 8), []
+    for max_k in (1 << 20, 0):
+        monkeypatch.setattr(conv_module, "PER_IMAGE_WEIGHT_GRAD_MAX_K", max_k)
+        layer = make_layer(layer_type, conv_text)
+        bottom, top = setup(layer, [x], "batch_outer")
+        assert layer.gemm._per_image_weight_grad == (max_k > 0)
+        layer.blobs[0].data[...] = gaussian(*layer.blobs[0].shape, seed=1)
+        layer.blobs[0].diff[...] = 0.5   # accumulates
+        layer.forward(bottom, top)
+        top[0].diff[...] = gaussian(*top[0].shape, seed=2)
+        layer.backward(top, [to_bottom], bottom)
+        results.append(layer.blobs[0].diff.copy())
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-12, atol=1e-12)
+
+
 def test_weight_gradient_flip_rule():
     # Long pixel axes with more kernel columns than output rows flip; short ones never do.
     assert conv_module.flipped_weight_grad(50, 500, 4096)
