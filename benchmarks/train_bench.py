@@ -164,6 +164,7 @@ def minicaffe_trainer(spec):
         label[...] = ys[i % len(ys)]
         solver.step(1)
         return solver.smoothed_loss   # average_loss 1: this step's loss
+    step.solver = solver   # for benchmarks that switch code paths between steps (wgrad_bench.py)
     return step
 
 
