@@ -242,21 +242,35 @@ def test_1x1_skips_im2col():
     assert not layer.gemm.is_1x1
 
 
+def gradients_with(monkeypatch, setting, values, layer_type, conv_text, x, layout="auto", to_bottom=True):
+    """[(layer, weight diff, bottom diff)] of one forward + backward per value of conv.<setting>;
+    the weight diff starts at 0.5, so that it must accumulate."""
+    results = []
+    for value in values:
+        monkeypatch.setattr(conv_module, setting, value)
+        layer = make_layer(layer_type, conv_text)
+        layer.use_depthwise_kernel = False
+        bottom, top = setup(layer, [x], layout)
+        layer.blobs[0].data[...] = gaussian(*layer.blobs[0].shape, seed=1)
+        layer.blobs[0].diff[...] = 0.5
+        layer.forward(bottom, top)
+        top[0].diff[...] = gaussian(*top[0].shape, seed=2)
+        layer.backward(top, [to_bottom], bottom)
+        results.append((layer, layer.blobs[0].diff.copy(), bottom[0].diff.copy()))
+    return results
+
+
+def assert_same_gradients(results):
+    (_, *first), (_, *second) = results
+    for a, b in zip(first, second):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("conv_text", ["num_output: 4 kernel_size: 1", "num_output: 6 kernel_size: 1 group: 3"])
 def test_1x1_weight_gradient_as_one_gemm_equals_per_image(monkeypatch, conv_text):
-    x, results = gaussian(3, 6, 5, 4), []
-    for max_pixels in (0, 1 << 20):   # per-image GEMMs; one GEMM over (C, n*P) copies
-        monkeypatch.setattr(conv_module, "ONE_GEMM_1X1_MAX_PIXELS", max_pixels)
-        layer = make_layer("Convolution", conv_text)
-        layer.use_depthwise_kernel = False
-        bottom, top = setup(layer, [x])
-        layer.blobs[0].data[...] = gaussian(*layer.blobs[0].shape, seed=1)
-        layer.blobs[0].diff[...] = 0.5   # accumulates
-        top[0].diff[...] = gaussian(*top[0].shape, seed=2)
-        layer.backward(top, [True], bottom)
-        results.append((layer.blobs[0].diff.copy(), bottom[0].diff.copy()))
-    for a, b in zip(*results):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    # per-image GEMMs; one GEMM over (C, n*P) copies
+    assert_same_gradients(gradients_with(monkeypatch, "ONE_GEMM_1X1_MAX_PIXELS", (0, 1 << 20),
+                                         "Convolution", conv_text, gaussian(3, 6, 5, 4)))
 
 
 @pytest.mark.parametrize("layer_type,conv_text", [
@@ -266,21 +280,10 @@ def test_1x1_weight_gradient_as_one_gemm_equals_per_image(monkeypatch, conv_text
     ("Deconvolution", "num_output: 4 kernel_size: 3 stride: 2"),
 ])
 def test_weight_gradient_flipped_equals_direct(monkeypatch, layer_type, conv_text):
-    # The weight gradient computed as its transpose (conv.flipped_weight_grad) must equal
-    # the direct product, for every orientation the rule can pick, on both accumulations.
-    x, results = gaussian(3, 6, 7, 8), []
-    for min_depth in (0, 1 << 30):   # flip whenever cols > rows; never
-        monkeypatch.setattr(conv_module, "FLIPPED_WEIGHT_GRAD_MIN_DEPTH", min_depth)
-        layer = make_layer(layer_type, conv_text)
-        bottom, top = setup(layer, [x])
-        layer.blobs[0].data[...] = gaussian(*layer.blobs[0].shape, seed=1)
-        layer.blobs[0].diff[...] = 0.5   # accumulates
-        layer.forward(bottom, top)
-        top[0].diff[...] = gaussian(*top[0].shape, seed=2)
-        layer.backward(top, [True], bottom)
-        results.append((layer.blobs[0].diff.copy(), bottom[0].diff.copy()))
-    for a, b in zip(*results):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    # The weight gradient computed as its transpose (conv.flipped_weight_grad) equals the
+    # direct product, for every orientation the rule can pick (flip whenever cols > rows; never).
+    assert_same_gradients(gradients_with(monkeypatch, "FLIPPED_WEIGHT_GRAD_MIN_DEPTH", (0, 1 << 30),
+                                         layer_type, conv_text, gaussian(3, 6, 7, 8)))
 
 
 @pytest.mark.parametrize("layer_type,conv_text", [
@@ -292,19 +295,10 @@ def test_weight_gradient_flipped_equals_direct(monkeypatch, layer_type, conv_tex
 def test_weight_gradient_per_image_equals_one_gemm(monkeypatch, layer_type, conv_text, to_bottom):
     # Small-K weight gradients sum one GEMM per image reading dout in place (only when no
     # product to data needs dout in column order); the sum equals the single GEMM's.
-    x, results = gaussian(3, 6, 7, 8), []
-    for max_k in (1 << 20, 0):
-        monkeypatch.setattr(conv_module, "PER_IMAGE_WEIGHT_GRAD_MAX_K", max_k)
-        layer = make_layer(layer_type, conv_text)
-        bottom, top = setup(layer, [x], "batch_outer")
-        assert layer.gemm._per_image_weight_grad == (max_k > 0)
-        layer.blobs[0].data[...] = gaussian(*layer.blobs[0].shape, seed=1)
-        layer.blobs[0].diff[...] = 0.5   # accumulates
-        layer.forward(bottom, top)
-        top[0].diff[...] = gaussian(*top[0].shape, seed=2)
-        layer.backward(top, [to_bottom], bottom)
-        results.append(layer.blobs[0].diff.copy())
-    np.testing.assert_allclose(results[0], results[1], rtol=1e-12, atol=1e-12)
+    results = gradients_with(monkeypatch, "PER_IMAGE_WEIGHT_GRAD_MAX_K", (1 << 20, 0), layer_type,
+                             conv_text, gaussian(3, 6, 7, 8), "batch_outer", to_bottom)
+    assert [layer.gemm._per_image_weight_grad for layer, _, _ in results] == [True, False]
+    assert_same_gradients(results)
 
 
 def test_weight_gradient_flip_rule():
