@@ -71,8 +71,8 @@ ONE_GEMM_1X1_MAX_PIXELS = 128
 PER_IMAGE_WEIGHT_GRAD_MAX_K = 160
 
 # Weight gradients over at least this many pixels may be computed transposed (see
-# flipped_weight_grad); measured with SkylakeX and Haswell kernels on LeNet, CaffeNet and
-# ResNet-50 shapes.
+# flipped_weight_grad). Measured on LeNet, CaffeNet and ResNet-50 shapes: 0.62-0.97x the time
+# with OpenBLAS's SkylakeX kernels, mixed (0.88-1.24x) with its Haswell ones.
 FLIPPED_WEIGHT_GRAD_MIN_DEPTH = 4096
 
 # In TRAIN, a convolution keeps the columns its forward built for the backward's weight
