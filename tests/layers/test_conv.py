@@ -676,6 +676,7 @@ def test_loaded_blobs_with_wrong_shape_are_rejected():
 @pytest.mark.parametrize("shape,conv_text", [
     ((3, 5, 7, 6), "num_output: 4 kernel_size: 3 pad: 1"),
     ((4, 1, 9, 8), "num_output: 3 kernel_size: 3 stride: 2 dilation: 1"),   # 1 channel: split by image
+    ((1, 3, 9, 8), "num_output: 2 kernel_size: 3 stride: 2 pad: 1"),        # 1 image: by its 3 channels
     ((2, 6, 8, 7), "num_output: 4 kernel_size: 2 stride: 2 pad: 1 group: 2"),
     ((2, 3, 9, 8), "num_output: 2 kernel_size: 3 dilation: 2"),
 ])
