@@ -234,13 +234,14 @@ class ConvGemm:
         if self._kept is not None:
             self.conv_chunk = num   # the columns are built for the whole batch at once
         padded = np.prod(padded_spatial)
+        sums_images = self.is_1x1 or self._per_image_weight_grad   # _sum_image_products' scratch
         self._scratch_sizes = dict(
             cols=0 if self.is_1x1 else chunk * col_per_image,
             padded=chunk * c_in * padded if any(self.pad) and not self.is_1x1 else 0,
             image_t=chunk * c_in * np.prod(self.im_spatial) if self.batch_inner or self.is_1x1 else 0,
             out_t=chunk * c_out * self.out_dim,
-            dw=c_out * self.kernel_dim * (chunk if self.is_1x1 or self._per_image_weight_grad else 1),
-            dw_sum=c_out * self.kernel_dim if self.is_1x1 or self._per_image_weight_grad else 0)
+            dw=c_out * self.kernel_dim * (chunk if sums_images else 1),
+            dw_sum=c_out * self.kernel_dim if sums_images else 0)
 
     def _keep(self, size, one_chunk):
         """Own a buffer for the whole batch's columns if keep_columns and the budget allow."""
@@ -436,11 +437,7 @@ class ConvGemm:
             im_t = flat_view(self._image_t, (self.in_channels, n, self.out_dim))
             dout_t[...] = dout.reshape(n, self.out_channels, -1).transpose(1, 0, 2)
             im_t[...] = im.reshape(n, self.in_channels, -1).transpose(1, 0, 2)
-            total = self._dw_sum.reshape(g, self.out_channels // g, self.kernel_dim)
-            np.matmul(dout_t.reshape(g, -1, n * self.out_dim),
-                      im_t.reshape(g, -1, n * self.out_dim).swapaxes(-1, -2), out=total)
-            flat_dw = dw.reshape(total.shape)
-            np.add(flat_dw, total, out=flat_dw)
+            self._weight_grad(dout_t, im_t.reshape(g, -1, n * self.out_dim), dw)
             return
         self._sum_image_products(dout, im.reshape(n, g, -1, self.out_dim), dw)
 
