@@ -68,6 +68,42 @@ class _Memory:
             self.buf = grown
 
 
+class _Region:
+    """Storage inside another blob's: values [offset, offset + size) of a parent _Memory.
+
+    Inference nets place a Concat's bottoms this way (memory_plan.py), so that their producers
+    write straight into the Concat's top. The regions of one Concat form a family: when any
+    member must change size (a reshape to new input dimensions), every member moves, with its
+    values, to a buffer of its own, since the regions would no longer tile the top.
+    """
+
+    __slots__ = ("parent", "offset", "size", "family", "own")
+
+    def __init__(self, parent, offset, size, family):
+        self.parent, self.offset, self.size, self.family = parent, offset, size, family
+        self.own = None
+        family.append(self)
+
+    @property
+    def buf(self):
+        if self.own is not None:
+            return self.own.buf
+        return self.parent.buf[self.offset: self.offset + self.size]
+
+    def ensure(self, size):
+        if self.own is None and size != self.size:
+            for region in self.family:
+                region._move_out()
+        if self.own is not None:
+            self.own.ensure(size)
+
+    def _move_out(self):
+        if self.own is None:
+            own = _Memory(self.size, self.parent.buf.dtype)
+            own.buf[...] = self.buf
+            self.own = own
+
+
 class _Count(int):
     """A blob's element count that can also be called as `count(start, end)`.
 

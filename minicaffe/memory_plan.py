@@ -5,10 +5,14 @@ with no backward pass to come, its buffer can go to a later blob once that last 
 as OpenCV dnn does. Blobs that already share memory (Flatten, Reshape, Split, in-place layers) are
 planned as one group, since their `_Memory` is one object. Inputs, outputs, named blobs and
 anything sharing memory with a parameter keep buffers of their own.
+
+A Concat whose bottoms are consecutive ranges of its top (nothing but ones before the concat
+axis: channels at batch 1) gets them placed there (blob._Region), when the Concat is their last
+reader: their producers then write straight into the top, and the Concat has nothing to copy.
 """
 import collections
 
-from .blob import _Memory
+from .blob import _Memory, _Region
 
 __all__ = ["share_dead_buffers"]
 
@@ -29,17 +33,26 @@ def share_dead_buffers(layers, bottom_vecs, top_vecs, keep_blobs):
             groups[key][id(blob)] = blob
     pinned = {id(blob._data) for blob in keep_blobs}
     pinned |= {id(param._data) for layer in layers for param in layer.blobs}
+    joins = _joins(layers, bottom_vecs, top_vecs, groups, last_use, pinned)
+    for top_key, parts in joins.items():   # the top's buffer is in use from its first part on
+        first_use[top_key] = min([first_use[top_key]] + [first_use[key] for key, _ in parts])
+    inside = {key for parts in joins.values() for key, _ in parts}
 
     free, alive, buffers = [], [], 0
     for key in sorted(groups, key=first_use.__getitem__):
+        if key in inside:
+            continue
+        members = list(groups[key].values())
+        need = max(blob.count for blob in members)
         if key in pinned:
+            memory = members[0]._data
+            memory.ensure(need)
+            _place_parts(memory, joins.get(key, ()), groups)
             continue
         start = first_use[key]
         for ends, memory in [item for item in alive if item[0] < start]:
             alive.remove((ends, memory))
             free.append(memory)
-        members = list(groups[key].values())
-        need = max(blob.count for blob in members)
         fitting = [m for m in free if m.buf.size >= need]
         if fitting:
             memory = min(fitting, key=lambda m: m.buf.size)
@@ -53,5 +66,36 @@ def share_dead_buffers(layers, bottom_vecs, top_vecs, keep_blobs):
         memory.ensure(need)
         for blob in members:
             blob._data = memory
+        _place_parts(memory, joins.get(key, ()), groups)
         alive.append((last_use[key], memory))
     return buffers
+
+
+def _joins(layers, bottom_vecs, top_vecs, groups, last_use, pinned):
+    """{top group: [(bottom group, offset)]} for the Concats whose bottoms can live in their top."""
+    joins, taken = {}, set()
+    for index, layer in enumerate(layers):
+        offsets = getattr(layer, "bottom_offsets_in_top", lambda bottom, top: None)(
+            bottom_vecs[index], top_vecs[index])
+        if offsets is None:
+            continue
+        top_key = id(top_vecs[index][0]._data)
+        keys = [id(blob._data) for blob in bottom_vecs[index]]
+        usable = (top_key not in taken and len(set(keys)) == len(keys) and top_key not in keys
+                  and all(key not in pinned and key not in taken and last_use[key] == index
+                          and all(member.count == blob.count for member in groups[key].values())
+                          and blob.dtype == top_vecs[index][0].dtype
+                          for key, blob in zip(keys, bottom_vecs[index])))
+        if usable:
+            joins[top_key] = list(zip(keys, offsets))
+            taken.update(keys + [top_key])
+    return joins
+
+
+def _place_parts(memory, parts, groups):
+    family = []
+    for key, offset in parts:
+        members = list(groups[key].values())
+        region = _Region(memory, offset, members[0].count, family)
+        for blob in members:
+            blob._data = region

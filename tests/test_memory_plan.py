@@ -1,4 +1,5 @@
 """Net(..., inference=True): blobs share buffers once dead, and outputs stay exactly the plain net's."""
+import importlib
 import pathlib
 
 import numpy as np
@@ -140,3 +141,99 @@ def test_time_and_test_commands_take_inference(tmp_path, capsys):
     plain.save(str(tmp_path / "w.caffemodel"))
     assert main(["test", "--model", str(model), "--weights", str(tmp_path / "w.caffemodel"),
                  "--iterations", "2", "--inference"]) == 0
+
+
+# Batch 1: each Concat's bottoms are consecutive runs of its top. "early" feeds the first Concat
+# and a layer after it, so only "late" joins its top; "cat2"'s top "out" is an output (kept).
+JOINED = """
+name: "joined"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 9 dim: 8 } } }
+layer { name: "early" type: "Convolution" bottom: "data" top: "early"
+        convolution_param { num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "late" type: "Convolution" bottom: "data" top: "late"
+        convolution_param { num_output: 5 kernel_size: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "relu" type: "ReLU" bottom: "late" top: "late" }
+layer { name: "cat1" type: "Concat" bottom: "early" bottom: "late" top: "cat1" }
+layer { name: "reuse" type: "Pooling" bottom: "early" top: "reuse" pooling_param { pool: MAX kernel_size: 3 stride: 1 pad: 1 } }
+layer { name: "a" type: "Convolution" bottom: "cat1" top: "a"
+        convolution_param { num_output: 3 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "b" type: "Pooling" bottom: "cat1" top: "b" pooling_param { pool: AVE kernel_size: 3 stride: 1 pad: 1 } }
+layer { name: "cat2" type: "Concat" bottom: "a" bottom: "b" bottom: "reuse" top: "out" }
+"""
+
+
+def _joined_net(tmp_path, **kwargs):
+    model = tmp_path / "joined.prototxt"
+    model.write_text(JOINED)
+    return _pair(tmp_path, model, **kwargs)
+
+
+def _sits_in(part, whole, offset):
+    address = lambda a: a.__array_interface__["data"][0]   # noqa: E731
+    return address(part) == address(whole) + offset * whole.itemsize
+
+
+def test_concat_bottoms_are_planned_inside_the_top(tmp_path):
+    from minicaffe.blob import _Region
+
+    plain, lean, feed = _joined_net(tmp_path)
+    expected = plain.forward(**feed)["out"].copy()
+    for _ in range(2):
+        np.testing.assert_array_equal(lean.forward(**feed)["out"], expected)
+    blobs = lean.blobs
+    # "early" is read after cat1, so cat1 keeps copying; cat2 writes into its (kept) output
+    assert not isinstance(blobs["early"]._data, _Region) and not isinstance(blobs["late"]._data, _Region)
+    out = blobs["out"].data
+    assert _sits_in(blobs["a"].data, out, 0)
+    assert _sits_in(blobs["b"].data, out, blobs["a"].count)
+    assert _sits_in(blobs["reuse"].data, out, blobs["a"].count + blobs["b"].count)
+
+
+def test_concat_without_a_late_reader_joins_and_copies_nothing(tmp_path, monkeypatch):
+    text = JOINED.replace('bottom: "early" top: "reuse"', 'bottom: "cat1" top: "reuse"')
+    model = tmp_path / "joined2.prototxt"
+    model.write_text(text)
+    plain, lean, feed = _pair(tmp_path, model)
+    expected = plain.forward(**feed)["out"].copy()
+    shape_module = importlib.import_module("minicaffe.layers.shape")   # (minicaffe.layers is pycaffe's L)
+    calls = []
+    monkeypatch.setattr(shape_module, "copy_2d", lambda pairs: calls.append(pairs))
+    np.testing.assert_array_equal(lean.forward(**feed)["out"], expected)
+    assert calls == []   # both Concats found their bottoms already in place
+    cat1 = lean.blobs["cat1"].data
+    assert _sits_in(lean.blobs["late"].data, cat1, lean.blobs["early"].count)
+
+
+def test_joined_concat_after_a_reshape_moves_its_bottoms_out(tmp_path):
+    """New input dimensions: the bottoms no longer tile the top, so they take buffers of their
+    own (values and all) and the Concat copies again; outputs stay the plain net's."""
+    plain, lean, feed = _joined_net(tmp_path)
+    lean.forward(**feed)
+    for shape in [(1, 3, 7, 11), (2, 3, 9, 8), (1, 3, 9, 8)]:
+        x = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+        expected = plain.forward(data=x)["out"].copy()
+        np.testing.assert_array_equal(lean.forward(data=x)["out"], expected)
+
+
+def test_joined_concat_keeps_named_bottoms_readable(tmp_path):
+    plain, lean, feed = _joined_net(tmp_path, keep_blobs=["a"])
+    plain.forward(**feed)
+    got = lean.forward(blobs=["a"], **feed)
+    np.testing.assert_array_equal(got["a"], plain.blobs["a"].data)
+    np.testing.assert_array_equal(got["out"], plain.blobs["out"].data)
+
+
+def test_region_family_moves_out_together_with_its_values():
+    from minicaffe.blob import Blob, _Memory, _Region
+
+    parent = _Memory(10, np.float32)
+    parent.buf[:] = np.arange(10)
+    family = []
+    a, b = Blob((4,)), Blob((6,))
+    a._data, b._data = _Region(parent, 0, 4, family), _Region(parent, 4, 6, family)
+    b.data[0] = 40
+    assert parent.buf[4] == 40
+    a.reshape(5)   # a no longer fits its run: both move out
+    assert b.data.tolist() == [40, 5, 6, 7, 8, 9] and a.data[:4].tolist() == [0, 1, 2, 3]
+    b.data[0] = -1
+    assert parent.buf[4] == 40   # b writes its own buffer now

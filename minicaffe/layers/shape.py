@@ -41,6 +41,18 @@ def _column_blocks(whole, parts, axis):
     return blocks
 
 
+def _address(array):
+    return array.__array_interface__["data"][0]
+
+
+def _already_in_place(whole, parts, offsets):
+    """Whether each part already sits in `whole` at its element offset (its copy is a no-op)."""
+    if offsets is None:
+        return False
+    base, size = _address(whole), whole.itemsize
+    return all(_address(part) == base + offset * size for part, offset in zip(parts, offsets))
+
+
 def _share(top, bottom):
     top.share_data(bottom)
     top.share_diff(bottom)
@@ -193,9 +205,23 @@ class ConcatLayer(Layer):
         if len(bottom) == 1:
             _share(top[0], bottom[0])
 
+    def bottom_offsets_in_top(self, bottom, top):
+        """Where each bottom's values start in the top's, when every bottom is one run of them
+        (only ones before the axis: channels at batch 1); else None. Inference nets place the
+        bottoms there (memory_plan.py)."""
+        if len(bottom) < 2 or any(d != 1 for d in top[0].shape[:self.axis]):
+            return None
+        starts = [0]
+        for b in bottom[:-1]:
+            starts.append(starts[-1] + b.count)
+        return starts
+
     def forward(self, bottom, top):
         if len(bottom) > 1:
-            copy_2d(_column_blocks(top[0].data, [b.data for b in bottom], self.axis))
+            whole = top[0].data
+            parts = [b.data for b in bottom]
+            if not _already_in_place(whole, parts, self.bottom_offsets_in_top(bottom, top)):
+                copy_2d(_column_blocks(whole, parts, self.axis))
 
     def backward(self, top, propagate_down, bottom):
         if len(bottom) == 1:
