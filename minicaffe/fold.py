@@ -4,7 +4,9 @@ At TEST a BatchNorm with global statistics is y = (x - mean) / sqrt(var + eps), 
 Scale or Bias is y = gamma * x + beta: both are y = a * x + c per channel. Applied in place to the
 output of W * x + b, the chain is one product with W' = a * W (row by output channel) and
 b' = a * b + c, so the folded layers' passes over memory disappear. The net's own parameters are
-not touched: the product runs from a copy of the layer that holds W' and b'.
+not touched: the product runs from a copy of the layer that holds W' and b'. Where W has more
+values than the product's output (1x1 layers on small maps at batch 1), the copy keeps the net's
+own W and scales its output by a instead (`output_scale`), so the net holds no second W.
 
 An in-place ReLU straight after the product (or after its folded chain) is fused as well: the
 copy gets `fused_relu_slope` and applies max(y, 0) + slope * min(y, 0) to its own output, so
@@ -54,8 +56,10 @@ def _product_weight(layer):
     return (w.T if layer.transpose else w), layer.axis == 1
 
 
-def fold_affine_chains(layers, bottom_ids, top_ids):
+def fold_affine_chains(layers, bottom_ids, top_ids, top_counts):
     """Plan the folding of every in-place affine chain (and ReLU) straight after a product.
+
+    top_counts[i]: the element count of layer i's (first) top, at the net's current shapes.
 
     Returns {product index: (a copy of the layer with folded params, the indices of the layers
     that copy now computes)}.
@@ -98,16 +102,23 @@ def fold_affine_chains(layers, bottom_ids, top_ids):
             folds[i] = (product, chain)
             continue
         bias = layer.blobs[1].data if layer.bias_term else 0.0
-        folded_rows = (rows * scale[:, None]).astype(rows.dtype)
-        weight = Blob(layer.blobs[0].shape, dtype=layer.blobs[0].dtype)
-        if layer.type == "InnerProduct" and layer.transpose:
-            weight.data[...] = folded_rows.T
-        else:
-            weight.data[...] = folded_rows.reshape(weight.shape)
-        folded_bias = Blob((rows.shape[0],), dtype=layer.blobs[0].dtype)
-        folded_bias.data[...] = scale * bias + shift
+        dtype = layer.blobs[0].dtype
         product = _copy_product(layer)
-        product.blobs = BlobVec([weight, folded_bias], dtype=weight.dtype)
+        if rows.size > top_counts[i]:
+            # More weights than outputs: scaling the output costs a pass over fewer values than
+            # a copy of the weights holds (MobileNet's 14x14 and 7x7 1x1 layers: 12 of its 16 MB).
+            weight = layer.blobs[0]
+            product.output_scale = scale.astype(dtype)
+        else:
+            folded_rows = (rows * scale[:, None]).astype(rows.dtype)
+            weight = Blob(layer.blobs[0].shape, dtype=dtype)
+            if layer.type == "InnerProduct" and layer.transpose:
+                weight.data[...] = folded_rows.T
+            else:
+                weight.data[...] = folded_rows.reshape(weight.shape)
+        folded_bias = Blob((rows.shape[0],), dtype=dtype)   # a * (W x + b) + c = a W x + (a b + c)
+        folded_bias.data[...] = scale * bias + shift
+        product.blobs = BlobVec([weight, folded_bias], dtype=dtype)
         product.bias_term = True
         product.fused_relu_slope = relu
         folds[i] = (product, chain)

@@ -235,7 +235,8 @@ class Net:
         if not self.inference:
             raise RuntimeError("fold_params() is for nets built with inference=True")
         # The chains are in place, so every blob still ends up holding the value it has unfolded.
-        folds = fold_affine_chains(self.layers, self.bottom_ids, self.top_ids)
+        folds = fold_affine_chains(self.layers, self.bottom_ids, self.top_ids,
+                                   [tops[0].count if tops else 0 for tops in self._top_vecs])
         skipped = {j for _, chain in folds.values() for j in chain}
         self._forward_plan = [(i, folds[i][0] if i in folds else layer, self._bottom_vecs[i], self._top_vecs[i])
                               for i, layer in enumerate(self.layers) if i not in skipped]

@@ -177,3 +177,39 @@ def test_eltwise_sum_of_three_with_default_coeffs_matches_numpy():
     layer.setup(bottom, top)
     layer.forward(bottom, top)
     np.testing.assert_array_equal(top[0].data, (xs[0] + xs[1]) + xs[2])
+
+
+SMALL_INPUT = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 16 dim: 3 dim: 3 } } }\n'
+# Products with more weights than outputs (batch 1, 3x3 maps): the copy scales its output.
+WIDE_PRODUCTS = {
+    "1x1": ('layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
+            'convolution_param { num_output: 24 kernel_size: 1 } }\n'),
+    "winograd": conv("c", "data").replace("num_output: 6", "num_output: 24"),
+    "gemm": conv("c", "data", "stride: 2").replace("num_output: 6", "num_output: 24"),
+    "inner_product": ('layer { name: "c" type: "InnerProduct" bottom: "data" top: "c" '
+                      'inner_product_param { num_output: 20 } }\n'),
+}
+
+
+@pytest.mark.parametrize("product", list(WIDE_PRODUCTS))
+@pytest.mark.parametrize("relu", [False, True])
+def test_wide_products_scale_their_output_and_share_the_weights(tmp_path, monkeypatch, product, relu):
+    if product == "winograd":
+        monkeypatch.setattr(ConvolutionLayer, "winograd", 2)
+    text = (SMALL_INPUT + WIDE_PRODUCTS[product] + inplace("bn", "BatchNorm", "c", BN)
+            + inplace("sc", "Scale", "c", SCALE_BIAS) + (inplace("relu", "ReLU", "c") if relu else ""))
+    plain, lean, x = _nets(tmp_path, text)
+    _check(plain, lean, x, folded_away={"bn", "sc"} | ({"relu"} if relu else set()))
+    folded = [layer for _, layer, _, _ in lean.forward_plan() if layer.name == "c"][0]
+    assert folded.output_scale is not None and folded.output_scale.dtype == np.float32
+    assert folded.blobs[0] is lean.params["c"][0]   # the net's own weights, not a scaled copy
+    if product == "winograd":
+        assert folded._winograd is not None
+
+
+def test_narrow_products_fold_into_a_copy_of_the_weights(tmp_path):
+    text = INPUT + conv("c", "data") + inplace("bn", "BatchNorm", "c", BN)
+    plain, lean, x = _nets(tmp_path, text)
+    _check(plain, lean, x, folded_away={"bn"})
+    folded = [layer for _, layer, _, _ in lean.forward_plan() if layer.name == "c"][0]
+    assert folded.output_scale is None and folded.blobs[0] is not lean.params["c"][0]

@@ -9,7 +9,7 @@ from ..blob import Blob
 from ..fillers import fill
 from ..layer import Layer, register_layer
 from ..threads import map_flat, map_positions
-from .neuron import relu
+from .neuron import relu, scale_and_shift
 
 # A max, a subtraction, an exp, a sum and a division per element, relative to a plain copy.
 _SOFTMAX_COST = 6
@@ -48,6 +48,7 @@ class InnerProductLayer(Layer):
     exact_num_bottom = 1
     exact_num_top = 1
     fused_relu_slope = None   # set on an inference net's copy with a ReLU fused in (fold.py)
+    output_scale = None       # ... and a folded chain's scale, when it scales the output
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.inner_product_param
@@ -84,7 +85,9 @@ class InnerProductLayer(Layer):
         x = bottom[0].data.reshape(-1, self.K)
         y = top[0].data.reshape(-1, self.num_output)
         np.matmul(x, self._weight(), out=y)
-        if self.bias_term:
+        if self.output_scale is not None:
+            scale_and_shift(y, self.output_scale, self.blobs[1].data, 1)
+        elif self.bias_term:
             y += self.blobs[1].data
         if self.fused_relu_slope is not None:
             relu(y, y, self.fused_relu_slope)

@@ -40,7 +40,7 @@ from ..kernels.depthwise import DepthwiseConv, is_depthwise
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
 from ..threads import get_num_threads, parallel_for
-from .neuron import relu
+from .neuron import relu, scale_and_shift
 
 __all__ = ["ConvolutionLayer", "DeconvolutionLayer", "Im2colLayer", "ConvGemm",
            "COL_BUFFER_BYTES", "parse_conv_geometry"]
@@ -700,13 +700,22 @@ class ConvolutionLayer(_BaseConvolution):
     # An inference net's copy of the layer with a ReLU fused into it (fold.py) sets the slope.
     fused_relu_slope = None
 
+    # ... and this, the folded chain's per-channel scale, when it scales the output instead of
+    # a copy of the weights (then blobs[1] holds the folded bias, added after the scale).
+    output_scale = None
+
     def forward(self, bottom, top):
         weight = self.blobs[0].data
+        scale = self.output_scale
+        bias = self._bias() if scale is None else None
         for b, t in zip(bottom, top):
+            out = self._top(t.data)
             if self._winograd is not None:
-                self._winograd.conv(self._bottom(b.data), weight, self._top(t.data), bias=self._bias())
+                self._winograd.conv(self._bottom(b.data), weight, out, bias=bias)
             else:
-                self.gemm.conv(self._bottom(b.data), weight, out=self._top(t.data), bias=self._bias())
+                self.gemm.conv(self._bottom(b.data), weight, out=out, bias=bias)
+            if scale is not None:
+                scale_and_shift(out, scale, self._bias(), self.channel_axis)
             if self.fused_relu_slope is not None:
                 relu(t.data, t.data, self.fused_relu_slope)
 

@@ -76,6 +76,15 @@ def relu(x, y, negative_slope=0.0):
         map_flat(lambda xs, ys: _leaky_relu(xs, ys, negative_slope), x, y)
 
 
+def scale_and_shift(y, scale, shift, channel_axis):
+    """y = scale * y + shift in place, per channel along channel_axis (scale, shift: (C,) arrays).
+    Inference nets' Convolution / InnerProduct run it on their output when a BatchNorm or Scale
+    is folded into it by scaling the output rather than a copy of the weights (fold.py)."""
+    tail = (1,) * (y.ndim - channel_axis - 1)
+    np.multiply(y, scale.reshape(scale.shape + tail), out=y)
+    np.add(y, shift.reshape(shift.shape + tail), out=y)
+
+
 def relu_piece(x, y, negative_slope=0.0):
     """relu() inline, for callers that already run one piece of a pass over the thread pool
     (the fused BatchNorm chain, Eltwise with a fused ReLU)."""
