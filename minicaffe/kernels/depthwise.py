@@ -28,16 +28,37 @@ along (strided) rows of W_out values; the Wq - W_out extra cells per row are com
 dropped. Each grid has one spare row, so every run is H_out*Wq cells long and the accumulator of
 a channel block is one contiguous array: numpy then adds it in one flat loop instead of one short
 loop per channel (MobileNet v1 at batch 1, one thread: 1.2-1.3x on its 28x28 and smaller layers).
+The grids and accumulators are scratch shared by every depthwise layer of a thread: each channel
+block is cleared (a memset) and refilled just before its passes, so a net holds one set of them,
+sized for its largest layer (MobileNet v1: 14 MB of per-layer grids before; as fast).
 
 `DepthwiseConv` has ConvGemm's interface (reshape / conv / conv_transpose), so the
 convolution layer swaps it in at one place.
 """
+import threading
+
 import numpy as np
 
 from ..blob import flat_view, zeros
 from .pooling import _phase_slices
 
 __all__ = ["DepthwiseConv", "is_depthwise", "WORKING_SET_BYTES"]
+
+class _Scratch(threading.local):
+    """Scratch arrays of one thread, one per role, grown to the largest request (conv.py's
+    workspace, for the depthwise layers)."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, role, size, dtype):
+        buf = self.buffers.get((role, dtype))
+        if buf is None or buf.size < size:
+            buf = self.buffers[(role, dtype)] = np.empty(size, dtype=dtype)
+        return buf
+
+
+_SCRATCH = _Scratch()
 
 # Channels are processed in blocks whose padded input and outputs stay within about
 # this many bytes (the L2 cache), so the k*k passes over a block hit the cache.
@@ -85,7 +106,7 @@ class DepthwiseConv:
             _summed=(lambda: np.empty((num, self.block, ho, wo), dtype)) if m > 1 else (lambda: None))
         for name in self._lazy:
             self.__dict__.pop(name, None)
-        self._phases = None   # the phase grids, on the first forward
+        self._phase_blocks = None   # the views of the phase grids, on the first forward
         if m == 1:
             self._plan_phases(num, (h, w), np.dtype(dtype))
 
@@ -183,13 +204,17 @@ class DepthwiseConv:
     def _conv_phases(self, im, w, out, bias):
         """out = w * im (+ bias) for multiplier 1, on the phase grids."""
         n, c = im.shape[:2]
-        hq, wq = self.grid
-        if self._phases is None:
-            self._plan_phase_blocks(n, c)
-        for phase, ((grid_h, grid_w), (image_h, image_w)) in zip(self._phases, self.phase_copies):
-            phase.reshape(n, c, hq + 1, wq)[:, :, grid_h, grid_w] = im[:, :, image_h, image_w]
+        buffers = self._phase_buffers()
+        if self._phase_blocks is None or any(a is not b for a, b in zip(buffers, self._planned_on)):
+            self._plan_phase_blocks(n, c, buffers)
         np.copyto(self._weight_columns, w.reshape(c, -1))
-        for a, b, acc, term, rows, terms in self._phase_blocks:
+        for a, b, grids, acc, term, rows, terms in self._phase_blocks:
+            # The grids are shared with every depthwise layer: clear this block's (the padding
+            # must read zero), then fill in its pixels, while the block is in cache anyway.
+            for grid, ((grid_h, grid_w), (image_h, image_w)) in zip(grids, self.phase_copies):
+                grid.fill(0)
+                grid.reshape(n, b - a, self.grid[0] + 1, self.grid[1])[:, :, grid_h, grid_w] = (
+                    im[:, a:b, image_h, image_w])
             (run, weight), *rest = terms
             np.multiply(run, weight, out=acc)
             for run, weight in rest:
@@ -200,26 +225,32 @@ class DepthwiseConv:
             else:
                 out[:, a:b] = rows
 
-    def _plan_phase_blocks(self, n, c):
-        """The phase grids and, per channel block, the views every forward computes on.
+    def _phase_buffers(self):
+        """This forward's scratch (grids, accumulator, product): shared by every depthwise layer
+        of the thread, so a net holds one set, sized for its largest layer."""
+        (hq, wq), length = self.grid, self.run_length
+        num, dtype = self._key[0], self._phase_dtype
+        return (_SCRATCH.get("grids", len(self.phase_copies) * num * self.in_channels * (hq + 1) * wq, dtype),
+                _SCRATCH.get("acc", num * self.phase_block * length, dtype),
+                _SCRATCH.get("term", num * self.phase_block * length, dtype))
 
-        Slicing them once saves a few microseconds per block and forward (MobileNet v1's
-        depthwise layers, batch 1, one thread: 1.02-1.1x)."""
+    def _plan_phase_blocks(self, n, c, buffers):
+        """Per channel block, the views every forward computes on (slicing them once saves a
+        few microseconds per block and forward: MobileNet v1 at batch 1, 1.02-1.1x)."""
         (hq, wq), (ho, wo), length = self.grid, self.out_spatial, self.run_length
-        # Zeros outside the image (the padding) are written once; forwards only refill pixels.
+        grid_buffer, acc_buffer, term_buffer = self._planned_on = buffers
         # The spare row (hq + 1) lets the last offsets' runs overrun the last output row.
-        self._phases = zeros((len(self.phase_copies), n, c, (hq + 1) * wq), self._phase_dtype)
+        phases = flat_view(grid_buffer, (len(self.phase_copies), n, c, (hq + 1) * wq))
         self._weight_columns = np.empty((c, len(self.phase_offsets)), self._phase_dtype)
-        acc_buffer = np.empty(n * self.phase_block * length, self._phase_dtype)
-        term_buffer = np.empty_like(acc_buffer)
         self._phase_blocks = []
         for a, b in self._blocks_of(self.phase_block):
             shape = (n, b - a, length)
             acc, term = flat_view(acc_buffer, shape), flat_view(term_buffer, shape)
-            terms = [(self._phases[q, :, a:b, shift: shift + length], self._weight_columns[a:b, k: k + 1])
+            grids = [phase[:, a:b] for phase in phases]
+            terms = [(phases[q, :, a:b, shift: shift + length], self._weight_columns[a:b, k: k + 1])
                      for k, (q, shift) in enumerate(self.phase_offsets)]
             rows = acc.reshape(n, b - a, ho, wq)[:, :, :, :wo]
-            self._phase_blocks.append((a, b, acc, term, rows, terms))
+            self._phase_blocks.append((a, b, grids, acc, term, rows, terms))
 
     def _blocks_of(self, size):
         for start in range(0, self.in_channels, size):

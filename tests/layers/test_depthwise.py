@@ -169,7 +169,7 @@ def test_phase_forward_equals_grouped_gemm(monkeypatch, text, num, height, width
     fast, a = run(make_layer("Convolution", text), x, np.float32)
     plain, b = run(make_layer("Convolution", text, fillers=False, blobs=fast.blobs), x, np.float32,
                    use_depthwise=False)
-    assert isinstance(fast.gemm, DepthwiseConv) and fast.gemm._phases is not None
+    assert isinstance(fast.gemm, DepthwiseConv) and fast.gemm._phase_blocks is not None
     # the strided-view path's scratch is made only when a backward needs it
     assert not {"_padded", "_padded_diff", "_product"} & set(vars(fast.gemm))
     np.testing.assert_allclose(a["top"], b["top"], rtol=1e-5, atol=1e-5)
@@ -185,3 +185,27 @@ def test_phase_forward_equals_grouped_gemm(monkeypatch, text, num, height, width
     expected = top[0].data.copy()
     plain.forward(bottom, top)
     np.testing.assert_allclose(expected, top[0].data, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_sharing_the_phase_scratch_keep_their_padding_zero():
+    """Depthwise layers of one thread share their grids and accumulators: a layer whose padding
+    another layer (or anything) wrote over still reads zeros there, and a layer planned before a
+    larger one grew the scratch re-slices its views."""
+    from minicaffe.kernels import depthwise
+    rng = np.random.default_rng(11)
+    small = rng.standard_normal((1, 4, 6, 5)).astype(np.float32)
+    large = rng.standard_normal((2, 6, 13, 12)).astype(np.float32)
+    layers = {}
+    for name, x, text in [("small", small, "kernel_size: 3 pad: 1"), ("large", large, "kernel_size: 3 stride: 2 pad: 2")]:
+        fast, a = run(make_layer("Convolution", conv_text(x.shape[1], 1, text)), x, np.float32)
+        plain, b = run(make_layer("Convolution", conv_text(x.shape[1], 1, text), fillers=False,
+                                  blobs=fast.blobs), x, np.float32, use_depthwise=False)
+        layers[name] = fast, x, b["top"]
+    for name in ["small", "large", "small", "large"]:
+        for buffer in depthwise._SCRATCH.buffers.values():
+            buffer[...] = np.nan
+        fast, x, expected = layers[name]
+        bottom, top = make_blobs(x, dtype=np.float32), [Blob(dtype=np.float32)]
+        fast.reshape(bottom, top)
+        fast.forward(bottom, top)
+        np.testing.assert_allclose(top[0].data, expected, rtol=1e-5, atol=1e-5, err_msg=name)
