@@ -35,7 +35,9 @@ __all__ = ["conv_output_shape", "deconv_output_shape", "im2col", "col2im"]
 
 def _per_axis(value, ndim, name):
     """An int or a sequence of ints -> a tuple of `ndim` ints."""
-    if np.ndim(value) == 0:
+    # (isinstance first: np.ndim converts a tuple to an array, a few microseconds per call of
+    # im2col, which the layers call at every forward)
+    if isinstance(value, (int, np.integer)) or (not isinstance(value, (tuple, list)) and np.ndim(value) == 0):
         return (int(value),) * ndim
     value = tuple(int(v) for v in value)
     if len(value) != ndim:
@@ -52,7 +54,10 @@ def _geometry(kernel, pad, stride, dilation):
 
 def conv_output_shape(input_shape, kernel, pad=0, stride=1, dilation=1):
     """Spatial output shape of a convolution (Caffe's ConvolutionLayer::compute_output_shape)."""
-    kernel, pad, stride, dilation = _geometry(kernel, pad, stride, dilation)
+    return _conv_output(input_shape, *_geometry(kernel, pad, stride, dilation))
+
+
+def _conv_output(input_shape, kernel, pad, stride, dilation):
     out = []
     for size, k, p, s, d in zip(input_shape, kernel, pad, stride, dilation):
         extent = d * (k - 1) + 1
@@ -114,7 +119,7 @@ def im2col(x, kernel, pad=0, stride=1, dilation=1, *, axis=2, out=None, workspac
     ndim = len(kernel)
     _check_image(x, axis, ndim)
     lead, spatial, trail = x.shape[:axis], x.shape[axis:axis + ndim], x.shape[axis + ndim:]
-    out_spatial = conv_output_shape(spatial, kernel, pad, stride, dilation)
+    out_spatial = _conv_output(spatial, kernel, pad, stride, dilation)
     col_shape = lead + kernel + out_spatial + trail
     if out is None:
         out = np.empty(col_shape, dtype=x.dtype)
@@ -188,7 +193,7 @@ def col2im(cols, image_shape, kernel, pad=0, stride=1, dilation=1, *, axis=2, ou
     ndim = len(kernel)
     image_shape = tuple(int(s) for s in image_shape)
     lead, spatial, trail = image_shape[:axis], image_shape[axis:axis + ndim], image_shape[axis + ndim:]
-    out_spatial = conv_output_shape(spatial, kernel, pad, stride, dilation)
+    out_spatial = _conv_output(spatial, kernel, pad, stride, dilation)
     col_shape = lead + kernel + out_spatial + trail
     if cols.shape != col_shape:
         raise ValueError(f"col2im: columns have shape {cols.shape}, expected {col_shape} "

@@ -320,7 +320,10 @@ class ConvGemm:
         else:
             image = im.swapaxes(0, 1)                       # (C, n, *S): a view, no copy
             cols = flat_view(buffer, (c,) + self.kernel + (n,) + self.out_spatial)
-            target, axis, workspace_shape = np.moveaxis(cols, 1 + ndim, 1), 2, (c, n) + padded
+            # (C, n, *K, *O): the columns' image axis moved next to the channels (transpose,
+            # not np.moveaxis, whose argument checks cost more than the move)
+            order = (0, 1 + ndim) + tuple(range(1, 1 + ndim)) + tuple(range(2 + ndim, 2 + 2 * ndim))
+            target, axis, workspace_shape = cols.transpose(order), 2, (c, n) + padded
         workspace = flat_view(self._padded, workspace_shape) if any(self.pad) else None
         self._split(lambda image, target, workspace: im2col(
             image, self.kernel, self.pad, self.stride, self.dilation, axis=axis, out=target,
@@ -348,7 +351,8 @@ class ConvGemm:
             image = flat_view(self._image_t, (c,) + self.im_spatial + (n,))
             cols, axis = cols.reshape((c,) + self.kernel + self.out_spatial + (n,)), 1
         else:
-            cols = np.moveaxis(cols.reshape((c,) + self.kernel + (n,) + self.out_spatial), 1 + ndim, 1)
+            order = (0, 1 + ndim) + tuple(range(1, 1 + ndim)) + tuple(range(2 + ndim, 2 + 2 * ndim))
+            cols = cols.reshape((c,) + self.kernel + (n,) + self.out_spatial).transpose(order)
             image, axis = im.swapaxes(0, 1), 2
         self._split(lambda image, cols, _: col2im(cols, image.shape, *geometry, axis=axis, out=image,
                                                    force_nd=self.force_nd), image, cols)
