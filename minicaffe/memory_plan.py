@@ -9,6 +9,7 @@ anything sharing memory with a parameter keep buffers of their own.
 A Concat whose bottoms are consecutive ranges of its top (nothing but ones before the concat
 axis: channels at batch 1) gets them placed there (blob._Region), when the Concat is their last
 reader: their producers then write straight into the top, and the Concat has nothing to copy.
+A Slice's tops are placed inside its bottom the same way, when it is the bottom's last reader.
 """
 import collections
 
@@ -34,8 +35,9 @@ def share_dead_buffers(layers, bottom_vecs, top_vecs, keep_blobs):
     pinned = {id(blob._data) for blob in keep_blobs}
     pinned |= {id(param._data) for layer in layers for param in layer.blobs}
     joins = _joins(layers, bottom_vecs, top_vecs, groups, last_use, pinned)
-    for top_key, parts in joins.items():   # the top's buffer is in use from its first part on
-        first_use[top_key] = min([first_use[top_key]] + [first_use[key] for key, _ in parts])
+    for whole, parts in joins.items():   # the whole's buffer lives as long as any part of it
+        first_use[whole] = min([first_use[whole]] + [first_use[key] for key, _ in parts])
+        last_use[whole] = max([last_use[whole]] + [last_use[key] for key, _ in parts])
     inside = {key for parts in joins.values() for key, _ in parts}
 
     free, alive, buffers = [], [], 0
@@ -72,23 +74,32 @@ def share_dead_buffers(layers, bottom_vecs, top_vecs, keep_blobs):
 
 
 def _joins(layers, bottom_vecs, top_vecs, groups, last_use, pinned):
-    """{top group: [(bottom group, offset)]} for the Concats whose bottoms can live in their top."""
+    """{whole's group: [(part's group, offset)]} for the layers whose blobs can be runs of one
+    buffer (Concat's bottoms in its top, Slice's tops in its bottom: `runs_of_one_blob`).
+
+    The layer must be the last reader of its bottoms: a Concat's top may change in place later
+    (so its bottoms are read no more), and so may a Slice's tops (so its bottom is read no more,
+    and is not kept). Each group takes part in one such layer at most."""
     joins, taken = {}, set()
     for index, layer in enumerate(layers):
-        offsets = getattr(layer, "bottom_offsets_in_top", lambda bottom, top: None)(
+        runs = getattr(layer, "runs_of_one_blob", lambda bottom, top: None)(
             bottom_vecs[index], top_vecs[index])
-        if offsets is None:
+        if runs is None:
             continue
-        top_key = id(top_vecs[index][0]._data)
-        keys = [id(blob._data) for blob in bottom_vecs[index]]
-        usable = (top_key not in taken and len(set(keys)) == len(keys) and top_key not in keys
-                  and all(key not in pinned and key not in taken and last_use[key] == index
+        whole, parts, offsets = runs
+        whole_key = id(whole._data)
+        keys = [id(blob._data) for blob in parts]
+        whole_is_read = any(blob is whole for blob in bottom_vecs[index])
+        usable = (whole_key not in taken and len(set(keys)) == len(keys) and whole_key not in keys
+                  and not (whole_is_read and whole_key in pinned)
+                  and all(last_use[id(blob._data)] == index for blob in bottom_vecs[index])
+                  and all(key not in pinned and key not in taken
                           and all(member.count == blob.count for member in groups[key].values())
-                          and blob.dtype == top_vecs[index][0].dtype
-                          for key, blob in zip(keys, bottom_vecs[index])))
+                          and blob.dtype == whole.dtype
+                          for key, blob in zip(keys, parts)))
         if usable:
-            joins[top_key] = list(zip(keys, offsets))
-            taken.update(keys + [top_key])
+            joins[whole_key] = list(zip(keys, offsets))
+            taken.update(keys + [whole_key])
     return joins
 
 

@@ -237,3 +237,58 @@ def test_region_family_moves_out_together_with_its_values():
     assert b.data.tolist() == [40, 5, 6, 7, 8, 9] and a.data[:4].tolist() == [0, 1, 2, 3]
     b.data[0] = -1
     assert parent.buf[4] == 40   # b writes its own buffer now
+
+
+# Batch 1: "slice" cuts "c" into two runs of it and is its last reader; "slice2" is not the last
+# reader of "c2" (the Eltwise reads it later), so it copies.
+SLICED = """
+name: "sliced"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 7 dim: 6 } } }
+layer { name: "c" type: "Convolution" bottom: "data" top: "c"
+        convolution_param { num_output: 6 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "slice" type: "Slice" bottom: "c" top: "s1" top: "s2" slice_param { slice_point: 2 } }
+layer { name: "relu" type: "ReLU" bottom: "s1" top: "s1" }
+layer { name: "d" type: "Convolution" bottom: "s2" top: "d"
+        convolution_param { num_output: 2 kernel_size: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "c2" type: "Convolution" bottom: "s1" top: "c2"
+        convolution_param { num_output: 4 kernel_size: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "slice2" type: "Slice" bottom: "c2" top: "t1" top: "t2" }
+layer { name: "sum" type: "Eltwise" bottom: "t1" bottom: "d" top: "sum" }
+layer { name: "sum2" type: "Eltwise" bottom: "t2" bottom: "sum" top: "sum2" }
+layer { name: "cat" type: "Concat" bottom: "c2" bottom: "sum2" top: "out" }
+"""
+
+
+def test_slice_tops_are_planned_inside_the_bottom(tmp_path, monkeypatch):
+    from minicaffe.blob import _Region
+
+    model = tmp_path / "sliced.prototxt"
+    model.write_text(SLICED)
+    plain, lean, feed = _pair(tmp_path, model)
+    expected = plain.forward(**feed)["out"].copy()
+    shape_module = importlib.import_module("minicaffe.layers.shape")
+    calls = []
+    real_copy = shape_module.copy_2d
+    monkeypatch.setattr(shape_module, "copy_2d", lambda pairs: (calls.append(len(pairs)), real_copy(pairs)))
+    for _ in range(2):
+        np.testing.assert_array_equal(lean.forward(**feed)["out"], expected)
+    assert isinstance(lean.blobs["s1"]._data, _Region) and isinstance(lean.blobs["s2"]._data, _Region)
+    assert not isinstance(lean.blobs["t1"]._data, _Region)   # c2 is read after slice2
+    assert isinstance(lean.blobs["c2"]._data, _Region)      # cat is the last reader of c2 and sum2
+    assert calls == [2, 2]   # only slice2 copies; slice and cat find their blobs in place
+    # new input dimensions: the regions move out, the outputs stay the plain net's
+    x = np.random.default_rng(5).standard_normal((2, 3, 5, 9)).astype(np.float32)
+    np.testing.assert_array_equal(lean.forward(data=x)["out"], plain.forward(data=x)["out"])
+
+
+def test_shufflenet_v2_inference_equals_the_plain_net(tmp_path):
+    path = SHARED / "forks" / "shufflenet_v2_1x_deploy.prototxt"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    from minicaffe.blob import _Region
+    plain, lean, feed = _pair(tmp_path, path, batch=1)
+    expected = {k: v.copy() for k, v in plain.forward(**feed).items()}
+    got = lean.forward(**feed)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-4 * np.abs(value).max())
+    assert any(isinstance(b._data, _Region) for b in lean.blobs.values())

@@ -45,6 +45,17 @@ def _address(array):
     return array.__array_interface__["data"][0]
 
 
+def _run_offsets(whole, parts, axis):
+    """Where each part's values start in whole's when the parts follow one another along `axis`
+    and nothing but ones comes before it (each part one run of whole); else None."""
+    if any(d != 1 for d in whole.shape[:axis]):
+        return None
+    starts = [0]
+    for part in parts[:-1]:
+        starts.append(starts[-1] + part.count)
+    return starts
+
+
 def _already_in_place(whole, parts, offsets):
     """Whether each part already sits in `whole` at its element offset (its copy is a no-op)."""
     if offsets is None:
@@ -205,22 +216,20 @@ class ConcatLayer(Layer):
         if len(bottom) == 1:
             _share(top[0], bottom[0])
 
-    def bottom_offsets_in_top(self, bottom, top):
-        """Where each bottom's values start in the top's, when every bottom is one run of them
-        (only ones before the axis: channels at batch 1); else None. Inference nets place the
-        bottoms there (memory_plan.py)."""
-        if len(bottom) < 2 or any(d != 1 for d in top[0].shape[:self.axis]):
+    def runs_of_one_blob(self, bottom, top):
+        """(top, bottoms, where each bottom starts in the top) when every bottom is one run of
+        the top's values (only ones before the axis: channels at batch 1), else None. Inference
+        nets place the bottoms there (memory_plan.py)."""
+        if len(bottom) < 2:
             return None
-        starts = [0]
-        for b in bottom[:-1]:
-            starts.append(starts[-1] + b.count)
-        return starts
+        offsets = _run_offsets(top[0], bottom, self.axis)
+        return None if offsets is None else (top[0], bottom, offsets)
 
     def forward(self, bottom, top):
         if len(bottom) > 1:
             whole = top[0].data
             parts = [b.data for b in bottom]
-            if not _already_in_place(whole, parts, self.bottom_offsets_in_top(bottom, top)):
+            if not _already_in_place(whole, parts, _run_offsets(top[0], bottom, self.axis)):
                 copy_2d(_column_blocks(whole, parts, self.axis))
 
     def backward(self, top, propagate_down, bottom):
@@ -274,11 +283,21 @@ class SliceLayer(Layer):
         if len(top) == 1:
             _share(top[0], bottom[0])
 
+    def runs_of_one_blob(self, bottom, top):
+        """(bottom, tops, where each top starts in the bottom) when every top is one run of the
+        bottom's values (channels at batch 1), else None; see ConcatLayer."""
+        if len(top) < 2:
+            return None
+        offsets = _run_offsets(bottom[0], top, self.axis)
+        return None if offsets is None else (bottom[0], top, offsets)
+
     def forward(self, bottom, top):
         if len(top) == 1:
             return
-        blocks = _column_blocks(bottom[0].data, [t.data for t in top], self.axis)
-        copy_2d([(t, part_of_bottom) for part_of_bottom, t in blocks])
+        whole = bottom[0].data
+        parts = [t.data for t in top]
+        if not _already_in_place(whole, parts, _run_offsets(bottom[0], top, self.axis)):
+            copy_2d([(part, part_of_whole) for part_of_whole, part in _column_blocks(whole, parts, self.axis)])
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0] or len(top) == 1:
