@@ -77,9 +77,11 @@ def _joins(layers, bottom_vecs, top_vecs, groups, last_use, pinned):
     """{whole's group: [(part's group, offset)]} for the layers whose blobs can be runs of one
     buffer (Concat's bottoms in its top, Slice's tops in its bottom: `runs_of_one_blob`).
 
-    The layer must be the last reader of its bottoms: a Concat's top may change in place later
-    (so its bottoms are read no more), and so may a Slice's tops (so its bottom is read no more,
-    and is not kept). Each group takes part in one such layer at most."""
+    The layer must be the last reader of what it places: a Concat's top may change in place
+    later (so a bottom placed in it is read no more), and so may a Slice's tops (so its bottom is
+    read no more, and is not kept). Each group takes part in one such layer at most; a part that
+    cannot be placed keeps a buffer of its own and the layer copies it (ShuffleNet v2: a Slice's
+    first top lives in the Slice's bottom, so the Concat that reads it next copies that one)."""
     joins, taken = {}, set()
     for index, layer in enumerate(layers):
         runs = getattr(layer, "runs_of_one_blob", lambda bottom, top: None)(
@@ -89,17 +91,18 @@ def _joins(layers, bottom_vecs, top_vecs, groups, last_use, pinned):
         whole, parts, offsets = runs
         whole_key = id(whole._data)
         keys = [id(blob._data) for blob in parts]
-        whole_is_read = any(blob is whole for blob in bottom_vecs[index])
-        usable = (whole_key not in taken and len(set(keys)) == len(keys) and whole_key not in keys
-                  and not (whole_is_read and whole_key in pinned)
-                  and all(last_use[id(blob._data)] == index for blob in bottom_vecs[index])
-                  and all(key not in pinned and key not in taken
-                          and all(member.count == blob.count for member in groups[key].values())
-                          and blob.dtype == whole.dtype
-                          for key, blob in zip(keys, parts)))
-        if usable:
-            joins[whole_key] = list(zip(keys, offsets))
-            taken.update(keys + [whole_key])
+        read_here = {id(blob._data) for blob in bottom_vecs[index]}
+        if (whole_key in taken or whole_key in keys or len(set(keys)) < len(keys)
+                or whole_key in read_here and (whole_key in pinned or last_use[whole_key] != index)):
+            continue
+        placed = [(key, offset) for key, blob, offset in zip(keys, parts, offsets)
+                  if key not in pinned and key not in taken
+                  and (key not in read_here or last_use[key] == index)
+                  and blob.dtype == whole.dtype
+                  and all(member.count == blob.count for member in groups[key].values())]
+        if placed:
+            joins[whole_key] = placed
+            taken.update([key for key, _ in placed] + [whole_key])
     return joins
 
 

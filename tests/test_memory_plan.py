@@ -173,16 +173,23 @@ def _sits_in(part, whole, offset):
     return address(part) == address(whole) + offset * whole.itemsize
 
 
-def test_concat_bottoms_are_planned_inside_the_top(tmp_path):
+def test_concat_bottoms_are_planned_inside_the_top(tmp_path, monkeypatch):
     from minicaffe.blob import _Region
 
     plain, lean, feed = _joined_net(tmp_path)
     expected = plain.forward(**feed)["out"].copy()
+    shape_module = importlib.import_module("minicaffe.layers.shape")
+    copied = []
+    real_copy = shape_module.copy_2d
+    monkeypatch.setattr(shape_module, "copy_2d", lambda pairs: (copied.append(pairs), real_copy(pairs)))
     for _ in range(2):
         np.testing.assert_array_equal(lean.forward(**feed)["out"], expected)
     blobs = lean.blobs
-    # "early" is read after cat1, so cat1 keeps copying; cat2 writes into its (kept) output
-    assert not isinstance(blobs["early"]._data, _Region) and not isinstance(blobs["late"]._data, _Region)
+    # "early" is read after cat1, so cat1 copies it (alone); "late" is written into cat1's top,
+    # and cat2 writes into its (kept) output
+    assert not isinstance(blobs["early"]._data, _Region)
+    assert _sits_in(blobs["late"].data, blobs["cat1"].data, blobs["early"].count)
+    assert [[src.size for _, src in pairs] for pairs in copied] == [[blobs["early"].count]] * 2
     out = blobs["out"].data
     assert _sits_in(blobs["a"].data, out, 0)
     assert _sits_in(blobs["b"].data, out, blobs["a"].count)

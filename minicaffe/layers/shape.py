@@ -56,12 +56,13 @@ def _run_offsets(whole, parts, axis):
     return starts
 
 
-def _already_in_place(whole, parts, offsets):
-    """Whether each part already sits in `whole` at its element offset (its copy is a no-op)."""
-    if offsets is None:
-        return False
-    base, size = _address(whole), whole.itemsize
-    return all(_address(part) == base + offset * size for part, offset in zip(parts, offsets))
+def _copy_unplaced(pairs):
+    """copy_2d the (dst, src) pairs, leaving out each one whose dst already is its src: the blobs
+    an inference net placed inside another (memory_plan.py), where the copy would be a no-op."""
+    pairs = [(dst, src) for dst, src in pairs
+             if not (_address(dst) == _address(src) and (dst.shape[0] == 1 or dst.strides == src.strides))]
+    if pairs:
+        copy_2d(pairs)
 
 
 def _share(top, bottom):
@@ -227,10 +228,7 @@ class ConcatLayer(Layer):
 
     def forward(self, bottom, top):
         if len(bottom) > 1:
-            whole = top[0].data
-            parts = [b.data for b in bottom]
-            if not _already_in_place(whole, parts, _run_offsets(top[0], bottom, self.axis)):
-                copy_2d(_column_blocks(whole, parts, self.axis))
+            _copy_unplaced(_column_blocks(top[0].data, [b.data for b in bottom], self.axis))
 
     def backward(self, top, propagate_down, bottom):
         if len(bottom) == 1:
@@ -294,10 +292,8 @@ class SliceLayer(Layer):
     def forward(self, bottom, top):
         if len(top) == 1:
             return
-        whole = bottom[0].data
-        parts = [t.data for t in top]
-        if not _already_in_place(whole, parts, _run_offsets(bottom[0], top, self.axis)):
-            copy_2d([(part, part_of_whole) for part_of_whole, part in _column_blocks(whole, parts, self.axis)])
+        blocks = _column_blocks(bottom[0].data, [t.data for t in top], self.axis)
+        _copy_unplaced([(part, part_of_whole) for part_of_whole, part in blocks])
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0] or len(top) == 1:
