@@ -288,14 +288,22 @@ def test_slice_tops_are_planned_inside_the_bottom(tmp_path, monkeypatch):
     np.testing.assert_array_equal(lean.forward(data=x)["out"], plain.forward(data=x)["out"])
 
 
-def test_shufflenet_v2_inference_equals_the_plain_net(tmp_path):
+def test_shufflenet_v2_inference_equals_the_plain_net(tmp_path, monkeypatch):
     path = SHARED / "forks" / "shufflenet_v2_1x_deploy.prototxt"
     if not path.exists():
         pytest.skip(f"{path} not found")
     from minicaffe.blob import _Region
     plain, lean, feed = _pair(tmp_path, path, batch=1)
     expected = {k: v.copy() for k, v in plain.forward(**feed).items()}
+    shape_module = importlib.import_module("minicaffe.layers.shape")
+    copied = []
+    real_copy = shape_module.copy_2d
+    monkeypatch.setattr(shape_module, "copy_2d", lambda pairs: (copied.extend(pairs), real_copy(pairs)))
     got = lean.forward(**feed)
+    # each unit's Slice places both tops in its bottom, and its Concat copies the first one: the
+    # identity half of a unit is copied once, its other half not at all
+    slices = sum(layer.type == "Slice" for layer in lean.layers)
+    assert len(copied) == slices
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-4 * np.abs(value).max())
     assert any(isinstance(b._data, _Region) for b in lean.blobs.values())
