@@ -10,6 +10,7 @@ A Concat whose bottoms are consecutive ranges of its top (nothing but ones befor
 axis: channels at batch 1) gets them placed there (blob._Region), when the Concat is their last
 reader: their producers then write straight into the top, and the Concat has nothing to copy.
 A Slice's tops are placed inside its bottom the same way, when it is the bottom's last reader.
+A part that cannot be placed keeps a buffer of its own, and only it is copied.
 """
 import collections
 

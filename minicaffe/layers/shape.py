@@ -45,15 +45,16 @@ def _address(array):
     return array.__array_interface__["data"][0]
 
 
-def _run_offsets(whole, parts, axis):
-    """Where each part's values start in whole's when the parts follow one another along `axis`
-    and nothing but ones comes before it (each part one run of whole); else None."""
-    if any(d != 1 for d in whole.shape[:axis]):
+def _runs_of(whole, parts, axis):
+    """(whole, parts, where each part starts in whole) when two or more parts follow one another
+    along `axis` and nothing but ones comes before it (each part one run of whole: channels at
+    batch 1), else None. Inference nets place the parts there (memory_plan.py)."""
+    if len(parts) < 2 or any(d != 1 for d in whole.shape[:axis]):
         return None
     starts = [0]
     for part in parts[:-1]:
         starts.append(starts[-1] + part.count)
-    return starts
+    return whole, parts, starts
 
 
 def _copy_unplaced(pairs):
@@ -218,13 +219,8 @@ class ConcatLayer(Layer):
             _share(top[0], bottom[0])
 
     def runs_of_one_blob(self, bottom, top):
-        """(top, bottoms, where each bottom starts in the top) when every bottom is one run of
-        the top's values (only ones before the axis: channels at batch 1), else None. Inference
-        nets place the bottoms there (memory_plan.py)."""
-        if len(bottom) < 2:
-            return None
-        offsets = _run_offsets(top[0], bottom, self.axis)
-        return None if offsets is None else (top[0], bottom, offsets)
+        """The bottoms as runs of the top (_runs_of), or None."""
+        return _runs_of(top[0], bottom, self.axis)
 
     def forward(self, bottom, top):
         if len(bottom) > 1:
@@ -282,12 +278,8 @@ class SliceLayer(Layer):
             _share(top[0], bottom[0])
 
     def runs_of_one_blob(self, bottom, top):
-        """(bottom, tops, where each top starts in the bottom) when every top is one run of the
-        bottom's values (channels at batch 1), else None; see ConcatLayer."""
-        if len(top) < 2:
-            return None
-        offsets = _run_offsets(bottom[0], top, self.axis)
-        return None if offsets is None else (bottom[0], top, offsets)
+        """The tops as runs of the bottom (_runs_of), or None."""
+        return _runs_of(bottom[0], top, self.axis)
 
     def forward(self, bottom, top):
         if len(top) == 1:
