@@ -161,7 +161,8 @@ PHASE_CONFIGS = ["kernel_size: 3 pad: 1", "kernel_size: 3 stride: 2 pad: 1",
 @pytest.mark.parametrize("num,height,width", [(1, 15, 13), (3, 8, 9)])
 @pytest.mark.parametrize("working_set", [None, 1])
 def test_phase_forward_equals_grouped_gemm(monkeypatch, text, num, height, width, working_set):
-    from minicaffe.kernels import depthwise
+    from minicaffe.kernels import depthwise, jit
+    monkeypatch.setattr(jit, "_enabled", False)   # the numpy path (tests/kernels/test_jit.py: numba's)
     if working_set is not None:
         monkeypatch.setattr(depthwise, "WORKING_SET_BYTES", working_set)   # one channel per block
     x = np.random.default_rng(7).standard_normal((num, 6, height, width)).astype(np.float32)
@@ -187,11 +188,12 @@ def test_phase_forward_equals_grouped_gemm(monkeypatch, text, num, height, width
     np.testing.assert_allclose(expected, top[0].data, rtol=1e-5, atol=1e-5)
 
 
-def test_layers_sharing_the_phase_scratch_keep_their_padding_zero():
+def test_layers_sharing_the_phase_scratch_keep_their_padding_zero(monkeypatch):
     """Depthwise layers of one thread share their grids and accumulators: a layer whose padding
     another layer (or anything) wrote over still reads zeros there, and a layer planned before a
     larger one grew the scratch re-slices its views."""
-    from minicaffe.kernels import depthwise
+    from minicaffe.kernels import depthwise, jit
+    monkeypatch.setattr(jit, "_enabled", False)   # the phase grids are the numpy path's
     rng = np.random.default_rng(11)
     small = rng.standard_normal((1, 4, 6, 5)).astype(np.float32)
     large = rng.standard_normal((2, 6, 13, 12)).astype(np.float32)

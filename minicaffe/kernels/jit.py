@@ -1,0 +1,69 @@
+"""Compiled kernels: the one switch between numba loops and the numpy paths they replace.
+
+numba is optional (`pip install "minicaffe[fast]"`). A kernel is a plain loop nest written in
+Python, decorated with `kernel`: with numba it is compiled to machine code on its first call
+(and cached on disk), without numba the decorator returns the Python function unchanged, which
+stays correct (the tests run it) but is far too slow to use. So callers choose their path with
+`enabled()`, at reshape time, and keep their numpy path for when it is False.
+
+Where numpy runs a kernel as many whole-array passes, each reading and writing memory (a 3x3
+depthwise convolution: nine multiplies and eight adds over every channel block), a compiled
+loop makes one pass and keeps its sums in registers. Kernels run on one thread with the GIL
+released; callers split them over minicaffe.threads' pool, as the numpy paths do, so no second
+thread pool competes with BLAS's.
+
+MINICAFFE_JIT=0 in the environment turns compiled kernels off (numba installed or not), and
+`set_enabled(False)` does so at run time, e.g. to compare both paths (see benchmarks/).
+"""
+import os
+
+try:
+    import numba
+except ImportError:  # the [fast] extra is not installed
+    numba = None
+
+__all__ = ["kernel", "enabled", "set_enabled", "available", "INSTALL_HINT"]
+
+INSTALL_HINT = 'compiled kernels need numba: pip install "minicaffe[fast]"'
+
+_enabled = None   # None: not decided yet (MINICAFFE_JIT and numba's presence decide)
+
+
+def available():
+    """Whether numba is importable."""
+    return numba is not None
+
+
+def _from_env():
+    value = os.environ.get("MINICAFFE_JIT", "").strip().lower()
+    if value in ("", "1", "on", "true", "yes"):
+        return available()
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"MINICAFFE_JIT={value!r}: use 1 (compiled kernels, if numba is installed) or 0")
+
+
+def enabled():
+    """Whether layers should run their compiled kernels (set at their next reshape)."""
+    global _enabled
+    if _enabled is None:
+        _enabled = _from_env()
+    return _enabled
+
+
+def set_enabled(flag):
+    """Turn compiled kernels on or off for layers reshaped from now on."""
+    global _enabled
+    if not isinstance(flag, bool):
+        raise ValueError(f"set_enabled takes True or False, got {flag!r}")
+    if flag and not available():
+        raise RuntimeError(INSTALL_HINT)
+    _enabled = flag
+
+
+def kernel(fn):
+    """Compile fn with numba (nopython, GIL released, cached on disk), or return it unchanged
+    when numba is missing. Bounds are not checked: callers pass arrays sized by their reshape."""
+    if numba is None:
+        return fn
+    return numba.njit(nogil=True, cache=True, boundscheck=False)(fn)

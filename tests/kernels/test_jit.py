@@ -1,0 +1,135 @@
+"""Compiled kernels (numba): each equals the numpy path it replaces, and the switch between them."""
+import numpy as np
+import pytest
+
+from minicaffe.blob import Blob
+from minicaffe.kernels import depthwise, jit
+from minicaffe.kernels.depthwise import DepthwiseConv
+from tests.gradient_check import make_blobs
+from tests.layers.test_conv import make_layer, reference_conv
+from tests.layers.test_depthwise import conv_text, run
+
+needs_numba = pytest.mark.skipif(not jit.available(), reason=f"numba is not installed ({jit.INSTALL_HINT})")
+
+# 3x3 geometries the compiled depthwise forward takes (stride 1 or 2, any padding) and some it leaves
+COMPILED = ["kernel_size: 3 pad: 1", "kernel_size: 3 stride: 2 pad: 1", "kernel_size: 3",
+            "kernel_size: 3 stride: 2", "kernel_size: 3 pad: 2", "kernel_size: 3 stride: 2 pad_h: 0 pad_w: 2",
+            "kernel_size: 3 pad: 1 bias_term: false"]
+NOT_COMPILED = [(1, "kernel_size: 3 pad: 2 dilation: 2"), (1, "kernel_size: 5 pad: 2"),
+                (1, "kernel_size: 3 stride: 3 pad: 1"), (2, "kernel_size: 3 pad: 1"),
+                (1, "kernel_h: 3 kernel_w: 1 pad_h: 1")]
+
+
+def _forward_both(monkeypatch, text, x, dtype, multiplier=1):
+    """(compiled layer, its top, numpy-path layer, its top), the same weights in both."""
+    text = conv_text(x.shape[1], multiplier, text)
+    weights, _ = run(make_layer("Convolution", text), x, dtype)   # both copy these (via BlobProto)
+    monkeypatch.setattr(jit, "_enabled", True)
+    fast, a = run(make_layer("Convolution", text, fillers=False, blobs=weights.blobs), x, dtype)
+    monkeypatch.setattr(jit, "_enabled", False)
+    plain, b = run(make_layer("Convolution", text, fillers=False, blobs=weights.blobs), x, dtype)
+    return fast, a["top"], plain, b["top"]
+
+
+@needs_numba
+@pytest.mark.parametrize("text", COMPILED)
+@pytest.mark.parametrize("num,height,width", [(1, 15, 13), (3, 8, 9), (2, 4, 3)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_depthwise_equals_numpy_path(monkeypatch, text, num, height, width, dtype):
+    x = np.random.default_rng(2).standard_normal((num, 5, height, width))
+    fast, got, plain, want = _forward_both(monkeypatch, text, x, dtype)
+    assert fast.gemm.compiled and not plain.gemm.compiled
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+@needs_numba
+@pytest.mark.parametrize("multiplier,text", NOT_COMPILED)
+def test_other_depthwise_geometries_keep_the_numpy_path(monkeypatch, multiplier, text):
+    x = np.random.default_rng(3).standard_normal((1, 4, 9, 9))
+    fast, got, _, want = _forward_both(monkeypatch, text, x, np.float32, multiplier)
+    assert isinstance(fast.gemm, DepthwiseConv) and not fast.gemm.compiled
+    np.testing.assert_array_equal(got, want)
+
+
+@needs_numba
+def test_compiled_depthwise_splits_channels_over_the_pool(monkeypatch):
+    """Channel blocks on two threads (each block writes only its channels) equal the numpy path."""
+    import minicaffe.threads as threads
+    calls = []
+    kernel = depthwise._depthwise_3x3
+    monkeypatch.setattr(depthwise, "_depthwise_3x3", lambda *args: calls.append(args[4:6]) or kernel(*args))
+    monkeypatch.setattr(threads, "MIN_PARALLEL_ELEMENTS", 1)
+    previous = threads.get_num_threads()
+    threads.set_num_threads(2)
+    try:
+        x = np.random.default_rng(4).standard_normal((2, 7, 10, 10))
+        _, got, _, want = _forward_both(monkeypatch, "kernel_size: 3 stride: 2 pad: 1", x, np.float32)
+    finally:
+        threads.set_num_threads(previous)
+    assert len(calls) > 1 and sorted(calls)[0][0] == 0 and sorted(calls)[-1][1] == 7
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_numba
+def test_compiled_depthwise_follows_new_weights_and_shapes(monkeypatch):
+    """One compiled layer reshaped to a new batch and size, with new weights, still equals the numpy path."""
+    text = conv_text(3, 1, "kernel_size: 3 pad: 1")
+    rng = np.random.default_rng(5)
+    monkeypatch.setattr(jit, "_enabled", True)
+    layer, _ = run(make_layer("Convolution", text), rng.standard_normal((1, 3, 6, 6)), np.float32)
+    for shape in [(2, 3, 9, 5), (1, 3, 4, 4)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        layer.blobs[0].data[...] = rng.standard_normal(layer.blobs[0].shape)
+        bottom, top = make_blobs(x, dtype=np.float32), [Blob(dtype=np.float32)]
+        layer.reshape(bottom, top)
+        layer.forward(bottom, top)
+        assert layer.gemm.compiled
+        monkeypatch.setattr(jit, "_enabled", False)
+        _, expected = run(make_layer("Convolution", text, fillers=False, blobs=layer.blobs), x, np.float32)
+        monkeypatch.setattr(jit, "_enabled", True)
+        np.testing.assert_allclose(top[0].data, expected["top"], rtol=1e-5, atol=1e-5)
+
+
+def test_the_python_kernel_matches_loops():
+    """The kernel's Python source (what numba compiles, and what runs without it) against the
+    obvious loops, in float64."""
+    python_kernel = getattr(depthwise._depthwise_3x3, "py_func", depthwise._depthwise_3x3)
+    rng = np.random.default_rng(6)
+    for stride, pad in [(1, 1), (2, 1), (1, 0), (2, 2)]:
+        x = rng.standard_normal((2, 3, 7, 6))
+        w = rng.standard_normal((3, 1, 3, 3))
+        bias = rng.standard_normal(3)
+        want = reference_conv(x, w, bias, (3, 3), (pad, pad), (stride, stride), (1, 1), 3)
+        got = np.full_like(want, np.nan)
+        python_kernel(x, w, bias, got, 0, 3, stride, pad, pad)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_without_numba_layers_take_the_numpy_path(monkeypatch):
+    monkeypatch.setattr(jit, "numba", None)
+    monkeypatch.setattr(jit, "_enabled", None)
+    monkeypatch.delenv("MINICAFFE_JIT", raising=False)
+    assert not jit.available() and not jit.enabled()
+    layer, _ = run(make_layer("Convolution", conv_text(3, 1, "kernel_size: 3 pad: 1")),
+                   np.ones((1, 3, 5, 5)), np.float32)
+    assert not layer.gemm.compiled
+    with pytest.raises(RuntimeError, match=r'pip install "minicaffe\[fast\]"'):
+        jit.set_enabled(True)
+
+
+@pytest.mark.parametrize("value,expected", [("0", False), ("off", False), ("", None), ("1", None)])
+def test_minicaffe_jit_environment_switch(monkeypatch, value, expected):
+    monkeypatch.setattr(jit, "_enabled", None)
+    monkeypatch.setenv("MINICAFFE_JIT", value)
+    assert jit.enabled() is (jit.available() if expected is None else expected)
+
+
+def test_bad_minicaffe_jit_value_names_the_variable(monkeypatch):
+    monkeypatch.setattr(jit, "_enabled", None)
+    monkeypatch.setenv("MINICAFFE_JIT", "fast")
+    with pytest.raises(ValueError, match="MINICAFFE_JIT='fast'"):
+        jit.enabled()
+    with pytest.raises(ValueError, match="True or False"):
+        jit.set_enabled(1)
