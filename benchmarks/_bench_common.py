@@ -3,6 +3,7 @@
 A child per engine keeps peak RSS that engine's alone (os.wait4 reports one child's usage) and
 keeps one engine's thread pools and allocator state away from the other's.
 """
+import importlib.metadata
 import os
 import pathlib
 import subprocess
@@ -71,12 +72,24 @@ def blas_kernels(env):
     return f"numpy's OpenBLAS runs its {name} kernels (its own pick for this CPU){spin}"
 
 
+def compiled_kernels(env):
+    """Whether minicaffe's children run its compiled (numba) kernels, as a phrase."""
+    if env.get("MINICAFFE_JIT", "").strip().lower() in ("0", "off", "false", "no"):
+        return "minicaffe's compiled kernels off (MINICAFFE_JIT=0)"
+    try:
+        version = importlib.metadata.version("numba")
+    except importlib.metadata.PackageNotFoundError:
+        return 'minicaffe\'s compiled kernels off: numba is not installed (pip install "minicaffe[fast]")'
+    return f"minicaffe's compiled kernels on (numba {version})"
+
+
 def print_command(script, env=None):
     """The command line that reproduces the table below it (and, given the children's
-    environment, which BLAS kernels minicaffe ran on)."""
+    environment, which BLAS kernels and whether compiled kernels minicaffe ran on)."""
     print(f"\n$ python benchmarks/{pathlib.Path(script).name} {' '.join(sys.argv[1:])}".rstrip())
     if env is not None:
         print(blas_kernels(env))
+        print(compiled_kernels(env))
 
 
 def print_table(header, rows):

@@ -4,10 +4,13 @@ Every net gets random well-scaled weights (He-normal weights, small biases, unit
 statistics), saved once as a .caffemodel that every engine loads. Each engine runs in its own
 process, so peak RSS is that engine's alone; rounds alternate between engines and the table shows
 medians. ratio = minicaffe / OpenCV (below 1 means minicaffe is faster). minicaffe runs as an
-inference user would, with `Net(..., inference=True)`; `--plain` adds the default Net's column.
+inference user would, with `Net(..., inference=True)`; `--plain` adds the default Net's column and
+`--numpy` a column of the same inference net with compiled kernels off (MINICAFFE_JIT=0), which
+shows what the numba kernels of `minicaffe[fast]` gain.
 
     python benchmarks/deploy_bench.py                       # the six nets of ../shared/models/bench
     python benchmarks/deploy_bench.py --nets squeezenet --rounds 5 --threads 2
+    python benchmarks/deploy_bench.py --nets mobilenet --numpy     # compiled kernels on vs off
     python benchmarks/deploy_bench.py --nets resnet152 --rounds 1   # ResNet-152 b10, built in code
     python benchmarks/deploy_bench.py --caffe /path/to/caffe   # adds a Caffe column (`caffe time`)
     python benchmarks/deploy_bench.py --pycaffe /path/to/caffe/python
@@ -40,6 +43,7 @@ NETS = [
 # Nets built in code (no prototxt in ../shared), run only when named in --nets: ResNet-152 at
 # batch 10 is the issue's memory target and takes a minute per engine and round.
 BUILT = {"resnet152": ((3, 8, 36, 3), "ResNet-152", 10)}
+MINICAFFE_ENGINES = ("minicaffe", "minicaffe-plain", "minicaffe-numpy")
 CAFFE_FORWARD = re.compile(r"Average Forward pass: ([\d.]+) ms")
 
 
@@ -159,12 +163,12 @@ def make_weights(prototxt, batch, out_dir):
 
 def worker(engine, spec, iterations, threads, out_npy):
     """Runs inside the child process: load, warm up, time `iterations` forwards, print JSON."""
-    if engine in ("minicaffe", "minicaffe-plain"):
+    if engine in MINICAFFE_ENGINES:
         import minicaffe   # before numpy, as a user's script would: it sets numpy's BLAS defaults
     import numpy as np
     prototxt, weights, x = spec["prototxt"], spec["weights"], np.load(spec["inputs"])
-    if engine in ("minicaffe", "minicaffe-plain"):
-        lean = engine == "minicaffe"
+    if engine in MINICAFFE_ENGINES:
+        lean = engine != "minicaffe-plain"
         net = minicaffe.Net(prototxt, minicaffe.TEST, weights=weights, inference=lean,
                             keep_blobs=[spec["blob"]] if lean else ())
         name = net.inputs[0]
@@ -217,6 +221,8 @@ def main():
     parser.add_argument("--plain", action="store_true",
                         help="add a column for the default Net, which keeps every blob (minicaffe's "
                              "column is Net(..., inference=True))")
+    parser.add_argument("--numpy", action="store_true",
+                        help="add a column for the inference net with compiled kernels off (MINICAFFE_JIT=0)")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # engine, spec JSON, output .npy
     parser.add_argument("--prepare", nargs=3, help=argparse.SUPPRESS)  # prototxt, batch, folder
     args = parser.parse_args()
@@ -235,7 +241,8 @@ def main():
         parser.error(f"unknown net(s) {', '.join(unknown)}; choose from {', '.join([*known, *BUILT])}")
     if args.rounds < 1 or args.iterations < 1 or args.threads < 1:
         parser.error("--rounds, --iterations and --threads must be at least 1")
-    engines = ["minicaffe"] + (["minicaffe-plain"] if args.plain else [])
+    engines = (["minicaffe"] + (["minicaffe-plain"] if args.plain else [])
+               + (["minicaffe-numpy"] if args.numpy else []))
     try:
         import cv2  # noqa: F401
         engines.append("opencv")
@@ -271,7 +278,7 @@ def main():
                     else:
                         cmd = [sys.executable, __file__, "--worker", engine, json.dumps(spec), str(out_npy),
                                "--iterations", str(args.iterations), "--threads", str(args.threads)]
-                        text, peak = child_rss_mb(cmd, env)
+                        text, peak = child_rss_mb(cmd, dict(env, MINICAFFE_JIT="0") if engine == "minicaffe-numpy" else env)
                         ms[engine].append(json.loads(text.strip().splitlines()[-1])["ms"])
                     rss[engine].append(peak)
             row = {"net": name, "batch": batch}

@@ -95,7 +95,7 @@ def test_compiled_depthwise_follows_new_weights_and_shapes(monkeypatch):
 def test_the_python_kernel_matches_loops():
     """The kernel's Python source (what numba compiles, and what runs without it) against the
     obvious loops, in float64."""
-    python_kernel = getattr(depthwise._depthwise_3x3, "py_func", depthwise._depthwise_3x3)
+    python_kernel = depthwise._depthwise_3x3.py_func
     rng = np.random.default_rng(6)
     for stride, pad in [(1, 1), (2, 1), (1, 0), (2, 2)]:
         x = rng.standard_normal((2, 3, 7, 6))
@@ -108,7 +108,7 @@ def test_the_python_kernel_matches_loops():
 
 
 def test_without_numba_layers_take_the_numpy_path(monkeypatch):
-    monkeypatch.setattr(jit, "numba", None)
+    monkeypatch.setattr(jit, "available", lambda: False)
     monkeypatch.setattr(jit, "_enabled", None)
     monkeypatch.delenv("MINICAFFE_JIT", raising=False)
     assert not jit.available() and not jit.enabled()
@@ -133,3 +133,26 @@ def test_bad_minicaffe_jit_value_names_the_variable(monkeypatch):
         jit.enabled()
     with pytest.raises(ValueError, match="True or False"):
         jit.set_enabled(1)
+
+
+def test_a_kernel_runs_its_python_source_without_numba(monkeypatch):
+    monkeypatch.setattr(jit, "available", lambda: False)
+    calls = []
+    doubled = jit.kernel(lambda x, out: calls.append(1) or np.multiply(x, 2, out=out))
+    out = np.empty(3)
+    doubled(np.arange(3.0), out)
+    assert doubled._compiled is doubled.py_func and calls == [1]
+    np.testing.assert_array_equal(out, [0, 2, 4])
+
+
+def test_numba_is_imported_only_when_a_kernel_runs():
+    """Importing minicaffe and running a net without compiled layers loads no numba (its LLVM
+    would add over 100 MB of resident memory)."""
+    import subprocess
+    import sys
+    code = ("import sys, numpy as np, minicaffe\n"
+            "from minicaffe.kernels import depthwise\n"
+            "assert 'numba' not in sys.modules\n"
+            "print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
