@@ -712,15 +712,20 @@ class ConvolutionLayer(_BaseConvolution):
         weight = self.blobs[0].data
         scale = self.output_scale
         bias = self._bias() if scale is None else None
+        # A kernel that can apply the fused ReLU as it writes saves a pass over the output.
+        relu_in_kernel = (self.fused_relu_slope is not None and scale is None and self._winograd is None
+                          and getattr(self.gemm, "fuses_relu", lambda: False)())
         for b, t in zip(bottom, top):
             out = self._top(t.data)
             if self._winograd is not None:
                 self._winograd.conv(self._bottom(b.data), weight, out, bias=bias)
+            elif relu_in_kernel:
+                self.gemm.conv(self._bottom(b.data), weight, out=out, bias=bias, relu_slope=self.fused_relu_slope)
             else:
                 self.gemm.conv(self._bottom(b.data), weight, out=out, bias=bias)
             if scale is not None:
                 scale_and_shift(out, scale, self._bias(), self.channel_axis)
-            if self.fused_relu_slope is not None:
+            if self.fused_relu_slope is not None and not relu_in_kernel:
                 relu(t.data, t.data, self.fused_relu_slope)
 
     def backward(self, top, propagate_down, bottom):

@@ -103,8 +103,12 @@ def test_the_python_kernel_matches_loops():
         bias = rng.standard_normal(3)
         want = reference_conv(x, w, bias, (3, 3), (pad, pad), (stride, stride), (1, 1), 3)
         got = np.full_like(want, np.nan)
-        python_kernel(x, w, bias, got, 0, 3, stride, pad, pad)
+        python_kernel(x, w, bias, got, 0, 3, stride, pad, pad, False, 0.0)
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        for slope in (0.0, 0.1):
+            python_kernel(x, w, bias, got, 0, 3, stride, pad, pad, True, slope)
+            np.testing.assert_allclose(got, np.maximum(want, 0) + slope * np.minimum(want, 0),
+                                       rtol=1e-12, atol=1e-12)
 
 
 def test_without_numba_layers_take_the_numpy_path(monkeypatch):
@@ -156,3 +160,45 @@ def test_numba_is_imported_only_when_a_kernel_runs():
             "print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@needs_numba
+@pytest.mark.parametrize("slope", [0.0, 0.2])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_inference_net_fuses_the_relu_into_the_compiled_depthwise_forward(monkeypatch, tmp_path, slope, stride):
+    """In an inference net a ReLU after a depthwise convolution runs inside the compiled kernel;
+    the net's output equals the default net's, whose ReLU is a layer of its own."""
+    import minicaffe
+    monkeypatch.setattr(jit, "_enabled", True)
+    prototxt = tmp_path / "dw.prototxt"
+    prototxt.write_text(f"""
+layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 2 dim: 6 dim: 11 dim: 10 }} }} }}
+layer {{ name: "dw" type: "Convolution" bottom: "data" top: "dw"
+  convolution_param {{ num_output: 6 group: 6 kernel_size: 3 pad: 1 stride: {stride}
+    weight_filler {{ type: "gaussian" std: 0.5 }} bias_filler {{ type: "gaussian" std: 0.5 }} }} }}
+layer {{ name: "relu" type: "ReLU" bottom: "dw" top: "dw" relu_param {{ negative_slope: {slope} }} }}
+layer {{ name: "pw" type: "Convolution" bottom: "dw" top: "pw" convolution_param {{ num_output: 4 kernel_size: 1
+    weight_filler {{ type: "gaussian" std: 0.5 }} }} }}
+""")
+    plain = minicaffe.Net(str(prototxt), minicaffe.TEST)
+    weights = tmp_path / "dw.caffemodel"
+    plain.save(str(weights))
+    lean = minicaffe.Net(str(prototxt), minicaffe.TEST, weights=str(weights), inference=True)
+    x = np.random.default_rng(8).standard_normal(plain.blobs["data"].shape).astype(np.float32)
+    calls = []
+    conv = DepthwiseConv.conv
+    monkeypatch.setattr(DepthwiseConv, "conv", lambda self, *a, **k: calls.append(k.get("relu_slope")) or conv(self, *a, **k))
+    for net in (plain, lean):
+        net.blobs["data"].data[...] = x
+        net.forward()
+    assert calls[0] is None and calls[1] == pytest.approx(slope)   # default net, then the fused one
+    np.testing.assert_allclose(lean.blobs["pw"].data, plain.blobs["pw"].data, rtol=1e-5, atol=1e-5)
+
+
+def test_relu_slope_is_refused_by_a_forward_that_cannot_fuse_it(monkeypatch):
+    monkeypatch.setattr(jit, "_enabled", False)
+    layer, _ = run(make_layer("Convolution", conv_text(3, 1, "kernel_size: 3 pad: 1")),
+                   np.ones((1, 3, 5, 5)), np.float32)
+    with pytest.raises(ValueError, match="relu_slope"):
+        layer.gemm.conv(np.ones((1, 3, 5, 5), np.float32), layer.blobs[0].data,
+                        out=np.empty((1, 3, 5, 5), np.float32), relu_slope=0.0)
