@@ -34,8 +34,8 @@ import numpy as np
 
 from ..blob import Blob, flat_view
 from ..fillers import fill
-from ..im2col import col2im, conv_output_shape, deconv_output_shape, im2col
-from ..kernels import winograd
+from ..im2col import col2im, col2im_rows, conv_output_shape, deconv_output_shape, im2col
+from ..kernels import jit, winograd
 from ..kernels.depthwise import DepthwiseConv, is_depthwise
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
@@ -196,7 +196,7 @@ class ConvGemm:
         """Size the scratch buffers for `num` images; a no-op when nothing changed."""
         if self.layout not in self.LAYOUTS:
             raise ValueError(f"unknown column layout {self.layout!r}; use one of {self.LAYOUTS}")
-        key = (num, tuple(im_spatial), np.dtype(dtype), self.layout, self.keep_columns)
+        key = (num, tuple(im_spatial), np.dtype(dtype), self.layout, self.keep_columns, jit.enabled())
         self._kept_source = None   # the kept columns are stale after any reshape
         if key == self._key:
             return
@@ -214,6 +214,9 @@ class ConvGemm:
         else:
             self.batch_inner = self.layout == "batch_inner" and not self.is_1x1
         c_in, c_out = self.in_channels, self.out_channels
+        # col2im as one compiled loop (kernels/jit.py): 2-D, stride_w 1
+        self._compiled_col2im = (jit.enabled() and not self.is_1x1 and len(self.kernel) == 2
+                                 and not self.force_nd and self.stride[-1] == 1)
         # Summing per-image products (no copy of dout) needs n * C_out * K scratch values: at
         # most the copy of dout it replaces.
         self._per_image_weight_grad = (not self.is_1x1 and not self.batch_inner
@@ -354,13 +357,33 @@ class ConvGemm:
             order = (0, 1 + ndim) + tuple(range(1, 1 + ndim)) + tuple(range(2 + ndim, 2 + 2 * ndim))
             cols = cols.reshape((c,) + self.kernel + (n,) + self.out_spatial).transpose(order)
             image, axis = im.swapaxes(0, 1), 2
-        self._split(lambda image, cols, _: col2im(cols, image.shape, *geometry, axis=axis, out=image,
-                                                   force_nd=self.force_nd), image, cols)
+        if self._compiled_col2im:
+            self._col2im_compiled(cols, image)
+        else:
+            self._split(lambda image, cols, _: col2im(cols, image.shape, *geometry, axis=axis, out=image,
+                                                       force_nd=self.force_nd), image, cols)
         if self.batch_inner:
             by_image = image.reshape(c, -1, n).transpose(2, 0, 1)
             parallel_for(n, lambda lo, hi: _store(flat_im[lo:hi], by_image[lo:hi], bias), flat_im[0].size)
         else:
             _store(flat_im, flat_im, bias)
+
+    def _col2im_compiled(self, cols, image):
+        """_col2im's sum by the compiled kernel (im2col.col2im_rows), over channel blocks."""
+        if self.batch_inner:   # cols (C, k_h, k_w, H_out, W_out, n), image (C, H, W, n)
+            lead, trail = 1, image.shape[-1]
+            cols, image = cols[:, :, :, None], image[:, None]
+        else:                  # cols (C, n, k_h, k_w, H_out, W_out) -> (C, k_h, k_w, n, ...), image (C, n, H, W)
+            lead, trail = image.shape[1], 1
+            cols = cols.transpose(0, 2, 3, 1, 4, 5)
+        c = self.in_channels
+        rows = cols.reshape(cols.shape[:5] + (-1,))
+        image = image.reshape(image.shape[:3] + (-1,))
+        # the kernel checks no bounds: the shapes must agree
+        assert rows.shape[:4] == (c,) + self.kernel + (lead,) and image.shape[:2] == (c, lead)
+        parallel_for(c, lambda lo, hi: col2im_rows(rows, image, trail, lo, hi, self.stride[0], self.pad[0],
+                                                   self.pad[1], self.dilation[0], self.dilation[1]),
+                     cols[0].size)
 
     def _output_matrix(self, n):
         """Scratch (C_out, n*P) matrix, ordered like the columns."""

@@ -202,3 +202,63 @@ def test_relu_slope_is_refused_by_a_forward_that_cannot_fuse_it(monkeypatch):
     with pytest.raises(ValueError, match="relu_slope"):
         layer.gemm.conv(np.ones((1, 3, 5, 5), np.float32), layer.blobs[0].data,
                         out=np.empty((1, 3, 5, 5), np.float32), relu_slope=0.0)
+
+
+# col2im geometries (compiled for 2-D kernels with stride_w 1), as (bottom shape, convolution_param)
+COL2IM = [((2, 3, 9, 8), "num_output: 4 kernel_size: 3 pad: 1"),
+          ((3, 2, 12, 12), "num_output: 5 kernel_size: 5"),
+          ((2, 3, 10, 9), "num_output: 4 kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 2 pad_w: 1"),
+          ((2, 4, 11, 10), "num_output: 4 kernel_size: 3 pad: 2 dilation: 2 group: 2"),
+          ((1, 3, 7, 7), "num_output: 2 kernel_size: 3 pad: 1"),
+          ((2, 2, 4, 3), "num_output: 3 kernel_size: 3 pad: 2")]
+
+
+@needs_numba
+@pytest.mark.parametrize("shape,text", COL2IM)
+@pytest.mark.parametrize("layout", ["batch_inner", "batch_outer"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_col2im_equals_numpy_col2im(monkeypatch, shape, text, layout, dtype):
+    """The convolution's backward to data (GEMM, then col2im) with the compiled col2im equals the
+    numpy one, in both column layouts; so does a Deconvolution's forward, which is the same col2im."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(shape)
+    results = {}
+    for flag in (True, False):
+        monkeypatch.setattr(jit, "_enabled", flag)
+        for kind in ("Convolution", "Deconvolution"):
+            blobs = results.get(("blobs", kind))
+            layer = make_layer(kind, text) if blobs is None else make_layer(kind, text, fillers=False, blobs=blobs)
+            bottom, top = make_blobs(x, dtype=dtype), [Blob(dtype=dtype)]
+            layer.setup(bottom, top)
+            layer.gemm.layout = layout
+            layer.reshape(bottom, top)
+            assert layer.gemm._compiled_col2im is flag
+            if blobs is None:   # the numpy run below copies these weights (via BlobProto, as does this one)
+                results[("blobs", kind)] = layer.blobs
+                layer = make_layer(kind, text, fillers=False, blobs=layer.blobs)
+                layer.setup(bottom, top)
+                layer.gemm.layout = layout
+                layer.reshape(bottom, top)
+            layer.forward(bottom, top)
+            top[0].diff[...] = np.random.default_rng(10).standard_normal(top[0].shape)
+            layer.backward(top, [True], bottom)
+            results[(flag, kind)] = (top[0].data.copy(), bottom[0].diff.copy())
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for kind in ("Convolution", "Deconvolution"):
+        for got, want in zip(results[(True, kind)], results[(False, kind)]):
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=kind)
+
+
+def test_col2im_rows_python_source_matches_col2im():
+    """The kernel's Python source against im2col.col2im, both layouts' shapes."""
+    from minicaffe.im2col import col2im, col2im_rows
+    rng = np.random.default_rng(12)
+    kernel, pad, stride, dilation = (3, 2), (1, 2), (2, 1), (1, 2)
+    image_shape = (3, 7, 8)                                 # (C, H, W), one lead image, trail 1
+    out_h = (7 + 2 - 3) // 2 + 1
+    out_w = (8 + 4 - (2 * 1 + 1)) // 1 + 1
+    cols = rng.standard_normal((3,) + kernel + (out_h, out_w))
+    want = col2im(cols, image_shape, kernel, pad, stride, dilation, axis=1)
+    got = np.full((3, 1, 7, 8), np.nan)
+    col2im_rows.py_func(cols[:, :, :, None], got, 1, 0, 3, stride[0], pad[0], pad[1], dilation[0], dilation[1])
+    np.testing.assert_allclose(got[:, 0], want, rtol=1e-12, atol=1e-12)
