@@ -16,6 +16,7 @@ ratio = minicaffe / PyTorch (below 1 means minicaffe is faster).
     python benchmarks/train_bench.py --quick                # smoke run: 1 round, 2 steps
     python benchmarks/train_bench.py --nets lenet --rounds 5 --threads 2 --layers
     python benchmarks/train_bench.py --caffe /path/to/caffe  # adds a `caffe time` column
+    python benchmarks/train_bench.py --nets lenet --numpy    # adds minicaffe with compiled kernels off
 
 PyTorch is `pip install torch==2.13.0` (the CPU build); without it its column is skipped with a
 message. It is a benchmark-only reference, never a minicaffe dependency: torch is imported only
@@ -296,7 +297,7 @@ def torch_trainer(spec, threads):
 
 def worker(engine, spec, warmup, steps, threads):
     """Runs inside the child process: warm up, time `steps` training steps, print JSON."""
-    step = minicaffe_trainer(spec) if engine == "minicaffe" else torch_trainer(spec, threads)
+    step = minicaffe_trainer(spec) if engine.startswith("minicaffe") else torch_trainer(spec, threads)
     losses = [step(i) for i in range(warmup)]
     times = []
     for i in range(warmup, warmup + steps):
@@ -370,7 +371,8 @@ class Runner:
             return float(found.group(1)), peak, None
         cmd = [sys.executable, __file__, "--worker", engine, json.dumps(spec), "--steps", str(steps),
                "--warmup", str(a.warmup), "--threads", str(a.threads)]
-        text, peak = child_rss_mb(cmd, self.minicaffe_env if engine == "minicaffe" else self.env)
+        env = {"minicaffe": self.minicaffe_env, "minicaffe-numpy": dict(self.minicaffe_env, MINICAFFE_JIT="0")}
+        text, peak = child_rss_mb(cmd, env.get(engine, self.env))
         result = last_json(text)
         return result["ms"], peak, result["first_loss"]
 
@@ -391,7 +393,8 @@ class Runner:
         return last_json(text)
 
 
-LABELS = {"minicaffe": "minicaffe", "torch": "PyTorch", "caffe": "Caffe"}
+LABELS = {"minicaffe": "minicaffe", "torch": "PyTorch", "caffe": "Caffe",
+          "minicaffe-numpy": "minicaffe without compiled kernels"}
 
 
 def net_table(rows, engines):
@@ -468,6 +471,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 steps, 1 warm-up step")
     parser.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=True,
                         help="the LeNet batch 16 / 64 / 256 table (default on)")
+    parser.add_argument("--numpy", action="store_true",
+                        help="add a column for minicaffe with its compiled kernels off (MINICAFFE_JIT=0)")
     parser.add_argument("--layers", action="store_true", help="add minicaffe's per-layer forward/backward split")
     parser.add_argument("--top", type=int, default=10, help="layers shown per net with --layers (default 10)")
     parser.add_argument("--mnist", default=str(SHARED / "data" / "mnist"), help="folder of the MNIST IDX files")
@@ -503,6 +508,8 @@ def main():
         engines.remove("torch")
         if not engines and not args.caffe:
             parser.error("no engine left to run")
+    if args.numpy:
+        engines.append("minicaffe-numpy")
     default_steps = {n: s for n, _, _, s in NETS}
     scaling_batches = SCALING_BATCHES if args.scaling and engines else ()  # Caffe is not in that table
 
