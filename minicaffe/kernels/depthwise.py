@@ -82,7 +82,8 @@ def is_depthwise(in_channels, out_channels, group, num_spatial):
 @jit.kernel
 def _depthwise_3x3(x, w, bias, out, c0, c1, stride, pad_h, pad_w, relu, slope):
     """out[n, c] = sum_ij w[c, 0, i, j] * x_padded[n, c, stride*r + i, stride*q + j] + bias[c] for
-    channels c0:c1; a 3x3 kernel, stride 1 or 2; then, if relu, Caffe's max(v, 0) + slope*min(v, 0).
+    channels c0:c1; a 3x3 kernel, stride 1 or 2; then, if relu, Caffe's max(v, 0) + slope*min(v, 0)
+    (slope in out's dtype, so no float64 enters the loops).
     Each channel is first copied into a zero-bordered plane, so every tap reads in bounds; the
     offsets are literals, so the loops vectorize (numba cannot prove a runtime offset non-negative,
     and its negative-index check stops vectorization)."""
@@ -110,9 +111,10 @@ def _depthwise_3x3(x, w, bias, out, c0, c1, stride, pad_h, pad_w, relu, slope):
                                 + w4 * b[2 * q + 1] + w5 * b[2 * q + 2] + w6 * d[2 * q]
                                 + w7 * d[2 * q + 1] + w8 * d[2 * q + 2] + beta)
                 if relu:
+                    zero = slope - slope
                     for q in range(out_w):
-                        v = o[q]
-                        o[q] = max(v, 0) + slope * min(v, 0)
+                        if o[q] < zero:
+                            o[q] = zero + slope * o[q]   # zero + (-0.0) is +0.0, as in Caffe's sum
 
 
 def compiled_3x3_applies(multiplier, kernel, stride, dilation):
@@ -227,20 +229,19 @@ class DepthwiseConv:
     def _spread(self, view):
         return view if self.multiplier == 1 else view[:, :, None]
 
-    def fuses_relu(self):
-        """Whether conv() takes relu_slope (the compiled forward applies the ReLU as it writes)."""
-        return self.compiled
+    # Whether conv() takes relu_slope (the compiled forward applies the ReLU as it writes).
+    fuses_relu = property(lambda self: self.compiled)
 
     def conv(self, im, w, out=None, dout=None, dw=None, bias=None, relu_slope=None):
         """out = w * im + bias (if out given), then a ReLU with relu_slope if given (only where
-        fuses_relu()); dw += dout (x) im (if dw given)."""
-        if relu_slope is not None and not self.fuses_relu():
+        fuses_relu); dw += dout (x) im (if dw given)."""
+        if relu_slope is not None and not self.fuses_relu:
             raise ValueError("relu_slope is only taken by the compiled forward (see fuses_relu)")
         n, c, m = im.shape[0], self.in_channels, self.multiplier
         if out is not None and self.compiled:
             bias = self._no_bias if bias is None else bias
             pad_h, pad_w = self.pad
-            relu, slope = relu_slope is not None, 0.0 if relu_slope is None else float(relu_slope)
+            relu, slope = relu_slope is not None, out.dtype.type(relu_slope or 0)
             parallel_for(c, lambda a, b: _depthwise_3x3(im, w, bias, out, a, b, self.stride[0], pad_h, pad_w,
                                                         relu, slope),
                          n * (im[0, 0].size + out[0, 0].size))

@@ -14,8 +14,8 @@ thread pool competes with BLAS's.
 
 MINICAFFE_JIT=0 in the environment turns compiled kernels off (numba installed or not), and
 `set_enabled(False)` does so at run time, e.g. to compare both paths (benchmarks/deploy_bench.py
---numpy). The price of compiled kernels is memory: numba's LLVM adds about 170 MB to the peak RSS
-of a process that runs one (MobileNet v1 at batch 1: 200 MB instead of 81).
+--numpy). The price of compiled kernels is memory: numba's LLVM adds about 150 MB to the peak RSS
+of a process that runs one (MobileNet v1 at batch 1, inference: 232 MB instead of 82).
 """
 import importlib.util
 import os
@@ -64,7 +64,7 @@ def set_enabled(flag):
 class kernel:
     """Decorator: fn compiled by numba (nopython, GIL released, cached on disk) at its first call,
     or fn itself when numba is missing. Bounds are not checked: callers pass arrays sized by their
-    reshape. numba (and LLVM, over 100 MB of resident code) is imported only then, so a net none of
+    reshape. numba (and its LLVM, about 150 MB of resident code) is imported only then, so a net none of
     whose layers runs a compiled kernel costs no memory for it."""
 
     def __init__(self, fn):

@@ -737,7 +737,7 @@ class ConvolutionLayer(_BaseConvolution):
         bias = self._bias() if scale is None else None
         # A kernel that can apply the fused ReLU as it writes saves a pass over the output.
         relu_in_kernel = (self.fused_relu_slope is not None and scale is None and self._winograd is None
-                          and getattr(self.gemm, "fuses_relu", lambda: False)())
+                          and getattr(self.gemm, "fuses_relu", False))
         for b, t in zip(bottom, top):
             out = self._top(t.data)
             if self._winograd is not None:
