@@ -69,6 +69,9 @@ class Layer:
     # Check dtypes/shapes/unwritten tops as the layer runs. None means: yes for
     # layers defined outside minicaffe (their code has no tests here), no for built-ins.
     check_io = None
+    # Set by the Net: True when its backward never runs (an inference net, or no loss depends on
+    # the layer), so the layer need not keep what backward reads (pooling's argmax state).
+    forward_only = False
 
     type = None  # filled in by register_layer
 

@@ -205,6 +205,8 @@ class Net:
                 raise type(exc)(f"{os.fspath(self.source)}: {exc}") from exc.__cause__
             raise
         self.inference = bool(inference)
+        for layer, need_backward in zip(self.layers, self.layer_need_backward):
+            layer.forward_only = self.inference or not need_backward
         self._forward_plan, self._fold_stale = None, False
         if weights:
             for w in ([weights] if isinstance(weights, (str, os.PathLike)) else weights):

@@ -24,14 +24,23 @@ copied back to the image (phases partition the image, so that copy is a plain as
 Work is cut into blocks of whole planes (sized for the L2 cache) and spread over the thread pool
 (minicaffe.threads). A block computes flat positions up to its last plane's last real output,
 whose shifted reads and writes end exactly at that plane's end, so blocks never touch each other.
+
+With numba (kernels/jit.py), a MAX pooling whose backward never runs (an inference net, or a
+layer no loss depends on) keeps no state for backward and runs `_max_pool` instead: per output
+row, the peak over its k_h input rows (one contiguous pass per row), then the peak over each
+window's k_w columns of that row, with literal offsets for the common windows (3x3 stride 1 or 2,
+2x2 stride 2). That reads the input once, where the phase grid copies it and makes k_h*k_w
+passes (one thread: 2.5-3.3x on 3x3 s2 layers, 2.7-8x on VGG's 2x2 s2, 1.05-1.5x on GoogLeNet's
+3x3 s1 ones).
 """
 import numpy as np
 
 from ..im2col import _valid_range
 from ..threads import parallel_for
+from . import jit
 from .clamp import clamp_below
 
-__all__ = ["PhasePool", "MAX_WASTE", "BLOCK_BYTES"]
+__all__ = ["PhasePool", "CompiledMaxPool", "MAX_WASTE", "BLOCK_BYTES"]
 
 # Largest Hq*Wq / (PH*PW) the phase grid is used for (3x3 s2 on 27x27 outputs: 1.08). GoogLeNet's
 # 3x3 s1 pad 1 MAX pools on 7x7 maps (1.65) run 0.44 ms on the grid against 2.1 ms on the plain
@@ -222,6 +231,73 @@ class PhasePool:
                 if k < last:
                     np.logical_or(taken, equal, out=taken)
             route(k, q, equal)
+
+
+@jit.kernel
+def _max_pool(x, out, p0, p1, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w):
+    """out[p, r, q] = Caffe's max over the clipped window (r, q) of plane x[p], for planes p0:p1.
+
+    Caffe starts each max at -FLT_MAX and takes a value only if it is greater, so NaNs never win
+    and a window of -inf gives -FLT_MAX: the first row copied is clamped so, and every later
+    comparison is `v > peak`. `row` holds the current output row's column peaks, with pad_w
+    cells of -FLT_MAX before them and enough after for the last window."""
+    height, width = x.shape[1], x.shape[2]
+    out_h, out_w = out.shape[1], out.shape[2]
+    lowest = x.dtype.type(-3.4028234663852886e38)
+    row = np.full(max((out_w - 1) * stride_w + kernel_w, pad_w + width), lowest, x.dtype)
+    peaks = row[pad_w:pad_w + width]
+    for p in range(p0, p1):
+        for r in range(out_h):
+            top = r * stride_h - pad_h
+            bottom = min(top + kernel_h, height)
+            top = max(top, 0)
+            src = x[p, top]
+            for q in range(width):
+                v = src[q]
+                peaks[q] = v if v > lowest else lowest
+            for h in range(top + 1, bottom):
+                src = x[p, h]
+                for q in range(width):
+                    v = src[q]
+                    peaks[q] = v if v > peaks[q] else peaks[q]
+            dst = out[p, r]
+            if kernel_w == 3 and stride_w == 2:
+                for q in range(out_w):
+                    a, b, c = row[2 * q], row[2 * q + 1], row[2 * q + 2]
+                    a = b if b > a else a
+                    dst[q] = c if c > a else a
+            elif kernel_w == 3 and stride_w == 1:
+                for q in range(out_w):
+                    a, b, c = row[q], row[q + 1], row[q + 2]
+                    a = b if b > a else a
+                    dst[q] = c if c > a else a
+            elif kernel_w == 2 and stride_w == 2:
+                for q in range(out_w):
+                    a, b = row[2 * q], row[2 * q + 1]
+                    dst[q] = b if b > a else a
+            else:
+                for q in range(out_w):
+                    peak = row[q * stride_w]
+                    for j in range(1, kernel_w):
+                        v = row[q * stride_w + j]
+                        peak = v if v > peak else peak
+                    dst[q] = peak
+
+
+class CompiledMaxPool:
+    """MAX pooling forward of `planes` planes by `_max_pool`, for layers whose backward never runs
+    (it keeps nothing for one). Any geometry; needs numba (`jit.enabled()`)."""
+
+    def __init__(self, windows, planes):
+        self.windows, self.planes = windows, planes
+
+    def forward(self, x, y):
+        w = self.windows
+        x = x.reshape(self.planes, w.height, w.width)
+        y = y.reshape(self.planes, w.pooled_h, w.pooled_w)
+        parallel_for(self.planes, lambda p0, p1: _max_pool(
+            x, y, p0, p1, w.kernel_h, w.kernel_w, w.stride_h, w.stride_w, w.pad_h, w.pad_w),
+            w.height * w.width + w.pooled_h * w.pooled_w)
 
 
 def _phase_slices(phase, pad, stride, size, grid_size):

@@ -18,7 +18,8 @@ import math
 import numpy as np
 
 from ..blob import Blob
-from ..kernels.pooling import PhasePool
+from ..kernels import jit
+from ..kernels.pooling import CompiledMaxPool, PhasePool
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
 from ..rng import get_rng
@@ -242,7 +243,7 @@ class PoolingLayer(Layer):
         """Padded copies of the input and of its gradient, and the chosen element per window
         (for the plain path; a fast kernel holds its own buffers)."""
         self._pick_kernel(w, num * channels, dtype, has_mask_top=self._num_tops > 1)
-        if self._phase_pool is not None or self._whole_plane:
+        if self._phase_geometry is not None or self._whole_plane:
             self._padded = self._padded_diff = self._chosen = None
             return
         is_max = self.pool == _PP.MAX
@@ -280,7 +281,10 @@ class PoolingLayer(Layer):
 
     def _pick_kernel(self, w, planes, dtype, has_mask_top):
         """The one place that picks the pooling kernel (see the module docstring)."""
+        self._phase_geometry = None   # the PhasePool's arguments: it is made at its first use
         self._phase_pool = None
+        self._phase_state_stale = False
+        self._compiled_max = None     # a forward_only layer's kernel (it keeps no backward state)
         self._whole_plane = False
         if not self.use_fast_kernel or self.pool not in (_PP.MAX, _PP.AVE):
             return
@@ -288,13 +292,25 @@ class PoolingLayer(Layer):
                 and w.kernel_h >= w.height and w.kernel_w >= w.width:
             self._whole_plane = True   # one window holds the whole image
         elif not has_mask_top and PhasePool.applies(w):
-            self._phase_pool = PhasePool(w, self.pool == _PP.MAX, planes, dtype)
+            self._phase_geometry = (w, self.pool == _PP.MAX, planes, dtype)
+            if self.pool == _PP.MAX and jit.enabled():
+                self._compiled_max = CompiledMaxPool(w, planes)
+
+    def _phase(self):
+        if self._phase_pool is None:
+            self._phase_pool = PhasePool(*self._phase_geometry)
+        return self._phase_pool
 
     # -- forward -----------------------------------------------------------------
     def forward(self, bottom, top):
         x, y = bottom[0].data, top[0].data
-        if self._phase_pool is not None:
-            self._phase_pool.forward(x, y)
+        if self._phase_geometry is not None:
+            if self.forward_only and self._compiled_max is not None:
+                self._compiled_max.forward(x, y)
+                self._phase_state_stale = True
+            else:
+                self._phase().forward(x, y)
+                self._phase_state_stale = False
         elif self._whole_plane:
             planes = y.reshape(-1, 1)
             np.sum(x.reshape(planes.shape[0], -1), axis=1, keepdims=True, out=planes)
@@ -407,8 +423,14 @@ class PoolingLayer(Layer):
         if not propagate_down[0]:
             return
         dy, dx = top[0].diff, bottom[0].diff
-        if self._phase_pool is not None:
-            self._phase_pool.backward(dy, dx)
+        if self._phase_geometry is not None:
+            phase = self._phase()
+            if self._phase_state_stale:
+                # The last forward ran the compiled kernel, which keeps no state for backward
+                # (a forward_only layer, run backward by hand): recompute it from the input.
+                phase.forward(bottom[0].data, np.empty(top[0].shape, top[0].dtype))
+                self._phase_state_stale = False
+            phase.backward(dy, dx)
         elif self._whole_plane:
             np.divide(dy.reshape(-1, 1), self.windows.ave_divisor(dy.dtype).item(),
                       out=dx.reshape(dy.size, -1))

@@ -5,6 +5,7 @@ import pytest
 from minicaffe.blob import Blob
 from minicaffe.kernels import depthwise, jit
 from minicaffe.kernels.depthwise import DepthwiseConv
+from minicaffe.kernels.pooling import PhasePool
 from tests.gradient_check import make_blobs
 from tests.layers.test_conv import make_layer, reference_conv
 from tests.layers.test_depthwise import conv_text, run
@@ -262,3 +263,136 @@ def test_col2im_rows_python_source_matches_col2im():
     got = np.full((3, 1, 7, 8), np.nan)
     col2im_rows.py_func(cols[:, :, :, None], got, 1, 0, 3, stride[0], pad[0], pad[1], dilation[0], dilation[1])
     np.testing.assert_allclose(got[:, 0], want, rtol=1e-12, atol=1e-12)
+
+
+# -- max pooling ---------------------------------------------------------------------------------
+
+def _pool_layer(params, shape, dtype, forward_only, compiled, monkeypatch):
+    from google.protobuf import text_format
+    from minicaffe.layer_factory import create_layer
+    from minicaffe.proto import caffe_pb2
+    monkeypatch.setattr(jit, "_enabled", compiled)
+    param = text_format.Parse(f'name: "p" type: "Pooling" pooling_param {{ pool: MAX {params} }}',
+                              caffe_pb2.LayerParameter())
+    layer = create_layer(param, caffe_pb2.TEST)
+    layer.forward_only = forward_only
+    bottom, top = Blob(shape, dtype=dtype), Blob(dtype=dtype)
+    layer.setup([bottom], [top])
+    return layer, bottom, top
+
+
+def _pool_forward(params, x, forward_only, compiled, monkeypatch, fast=True):
+    layer, bottom, top = _pool_layer(params, x.shape, x.dtype, forward_only, compiled, monkeypatch)
+    layer.use_fast_kernel = fast
+    layer.reshape([bottom], [top])
+    bottom.data[...] = x
+    top.data[...] = 12345.0
+    layer.forward([bottom], [top])
+    return layer, bottom, top
+
+
+@needs_numba
+@pytest.mark.parametrize("shape,params", [
+    (s, p) for s, p in __import__("tests.kernels.test_pooling_kernels", fromlist=["CONFIGS"]).CONFIGS
+    if "global" not in p and "kernel_size: 7" not in p])
+@pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_max_pool_equals_the_plain_path(monkeypatch, shape, params, kind, dtype):
+    """A forward_only layer's compiled MAX forward equals the plain (non-kernel) path exactly:
+    the pooling geometries of test_pooling_kernels, ties, NaN (never wins) and -inf."""
+    from tests.kernels.test_pooling_kernels import inputs
+    x = inputs(np.random.default_rng(13), shape, kind, dtype)
+    fast, _, got = _pool_forward(params, x, True, True, monkeypatch)
+    # Taken wherever the phase grid is (other geometries keep the plain path); no phase buffers made
+    assert (fast._compiled_max is not None) == PhasePool.applies(fast.windows)
+    assert fast._phase_pool is None
+    _, _, want = _pool_forward(params, x, False, False, monkeypatch, fast=False)
+    np.testing.assert_array_equal(got.data, want.data)
+
+
+@needs_numba
+def test_compiled_max_pool_only_runs_where_backward_never_does(monkeypatch):
+    x = np.random.default_rng(14).standard_normal((2, 3, 9, 9)).astype(np.float32)
+    layer, _, _ = _pool_forward("kernel_size: 3 stride: 2", x, False, True, monkeypatch)
+    assert layer._compiled_max is not None and layer._phase_pool is not None   # phase path ran
+
+
+@needs_numba
+def test_backward_after_a_compiled_forward_rebuilds_its_state(monkeypatch):
+    """A forward_only layer run backward by hand still routes the gradient to each window's first
+    maximum (the phase state is recomputed from the input), and leaves its top alone."""
+    x = np.random.default_rng(15).integers(0, 3, (2, 3, 9, 8)).astype(np.float32)   # ties
+    dy = np.random.default_rng(16).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    results = []
+    for forward_only, compiled in [(True, True), (False, False)]:
+        layer, bottom, top = _pool_forward("kernel_size: 3 stride: 2", x, forward_only, compiled, monkeypatch)
+        top.diff[...] = dy
+        before = top.data.copy()
+        layer.backward([top], [True], [bottom])
+        np.testing.assert_array_equal(top.data, before)
+        results.append(bottom.diff.copy())
+    np.testing.assert_array_equal(*results)
+
+
+@needs_numba
+def test_compiled_max_pool_splits_planes_over_the_pool(monkeypatch):
+    import minicaffe.threads as threads
+    x = np.random.default_rng(17).standard_normal((4, 16, 30, 30)).astype(np.float32)
+    monkeypatch.setattr(threads, "MIN_PARALLEL_ELEMENTS", 1)
+    threads.set_num_threads(2)
+    try:
+        _, _, got = _pool_forward("kernel_size: 3 stride: 2", x, True, True, monkeypatch)
+    finally:
+        threads.set_num_threads(threads._threads_from_env())
+    _, _, want = _pool_forward("kernel_size: 3 stride: 2", x, False, False, monkeypatch, fast=False)
+    np.testing.assert_array_equal(got.data, want.data)
+
+
+def test_max_pool_python_source_matches_loops():
+    """The kernel's Python source against Caffe's loop (start at -FLT_MAX, take v > max), float64,
+    with every specialised window (3x3 s1/s2, 2x2 s2) and a generic one, padded and clipped."""
+    from minicaffe.kernels.pooling import _max_pool
+    from minicaffe.layers.pooling import PoolWindows
+    rng = np.random.default_rng(18)
+    x = rng.standard_normal((3, 7, 8))
+    x.flat[::9] = np.nan
+    x.flat[4::13] = -np.inf
+    for k, s, p in [(3, 2, 0), (3, 2, 1), (3, 1, 1), (2, 2, 0), (2, 2, 1), (4, 3, 1), (1, 1, 0)]:
+        w = PoolWindows(7, 8, k, k, s, s, p, p)
+        want = np.empty((3, w.pooled_h, w.pooled_w))
+        for c in range(3):
+            for r in range(w.pooled_h):
+                for q in range(w.pooled_w):
+                    h0, w0 = r * s - p, q * s - p
+                    peak = -np.finfo(np.float32).max
+                    for h in range(max(h0, 0), min(h0 + k, 7)):
+                        for v in x[c, h, max(w0, 0):min(w0 + k, 8)]:
+                            if v > peak:
+                                peak = v
+                    want[c, r, q] = peak
+        got = np.full_like(want, 12345.0)
+        _max_pool.py_func(x, got, 0, 3, k, k, s, s, p, p)
+        np.testing.assert_array_equal(got, want, err_msg=f"kernel {k} stride {s} pad {p}")
+
+
+def test_the_net_marks_layers_whose_backward_never_runs(tmp_path):
+    from minicaffe.net import Net
+    from minicaffe.proto import caffe_pb2
+    text = '''
+    layer { name: "data" type: "Input" top: "data" top: "label"
+            input_param { shape { dim: 2 dim: 1 dim: 6 dim: 6 } shape { dim: 2 } } }
+    layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+            convolution_param { num_output: 2 kernel_size: 3 } }
+    layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool"
+            pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+    layer { name: "ip" type: "InnerProduct" bottom: "pool" top: "ip" inner_product_param { num_output: 3 } }
+    '''
+    loss = 'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }'
+    path = tmp_path / "net.prototxt"
+    path.write_text(text)
+    deploy = Net(str(path), caffe_pb2.TEST)
+    assert all(layer.forward_only for layer in deploy.layers)
+    path.write_text(text + loss)
+    train = Net(str(path), caffe_pb2.TRAIN)
+    assert [layer.forward_only for layer in train.layers] == [True, False, False, False, False]
+    assert all(layer.forward_only for layer in Net(str(path), caffe_pb2.TEST, inference=True).layers)

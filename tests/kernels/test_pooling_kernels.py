@@ -41,7 +41,7 @@ def run(params, x, fast, dy, block_bytes=None):
     bottom, top = Blob(x.shape, dtype=x.dtype), Blob(dtype=x.dtype)
     bottom.data[...] = x
     layer.setup([bottom], [top])
-    picked = layer._phase_pool is not None or layer._whole_plane
+    picked = layer._phase_geometry is not None or layer._whole_plane
     layer.forward([bottom], [top])
     top.diff[...] = dy(top.shape)
     bottom.diff[...] = 7.0   # garbage: backward overwrites
@@ -111,7 +111,7 @@ def test_mask_top_keeps_the_plain_path():
     layer = create_layer(param, caffe_pb2.TRAIN)
     bottom, tops = Blob((1, 1, 4, 4)), [Blob(), Blob()]
     layer.setup([bottom], tops)
-    assert layer._phase_pool is None
+    assert layer._phase_geometry is None
 
 
 def test_stride_one_max_takes_the_separable_peak():
@@ -120,4 +120,4 @@ def test_stride_one_max_takes_the_separable_peak():
     layer = create_layer(param, caffe_pb2.TEST)
     bottom, top = Blob((1, 2, 5, 5)), Blob()
     layer.setup([bottom], [top])
-    assert layer._phase_pool.separable
+    assert layer._phase().separable
