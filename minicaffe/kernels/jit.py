@@ -20,13 +20,14 @@ of a process that runs one (MobileNet v1 at batch 1, inference: 232 MB instead o
 import importlib.util
 import os
 import threading
+import types
 
 __all__ = ["kernel", "enabled", "set_enabled", "available", "INSTALL_HINT"]
 
 INSTALL_HINT = 'compiled kernels need numba: pip install "minicaffe[fast]"'
 
 _enabled = None   # None: not decided yet (MINICAFFE_JIT and numba's presence decide)
-_compile_lock = threading.Lock()
+_compile_lock = threading.RLock()   # a kernel compiles the kernels it calls first
 
 
 def available():
@@ -65,7 +66,8 @@ class kernel:
     """Decorator: fn compiled by numba (nopython, GIL released, cached on disk) at its first call,
     or fn itself when numba is missing. Bounds are not checked: callers pass arrays sized by their
     reshape. numba (and its LLVM, about 150 MB of resident code) is imported only then, so a net none of
-    whose layers runs a compiled kernel costs no memory for it."""
+    whose layers runs a compiled kernel costs no memory for it. A kernel may call other kernels
+    (module globals): they are compiled first and called as compiled code."""
 
     def __init__(self, fn):
         self.py_func = fn
@@ -73,16 +75,25 @@ class kernel:
         self._compiled = None
 
     def __call__(self, *args):
-        compiled = self._compiled
-        if compiled is None:
+        return self.compiled()(*args)
+
+    def compiled(self):
+        """The function that runs: numba's compiled dispatcher, or py_func without numba."""
+        if self._compiled is None:
             with _compile_lock:
                 if self._compiled is None:
                     self._compiled = self._compile()
-            compiled = self._compiled
-        return compiled(*args)
+        return self._compiled
 
     def _compile(self):
         if not available():
             return self.py_func
         import numba
-        return numba.njit(nogil=True, cache=True, boundscheck=False)(self.py_func)
+        fn = self.py_func
+        callees = {name: value.compiled() for name in fn.__code__.co_names
+                   if isinstance(value := fn.__globals__.get(name), kernel)}
+        if callees:   # numba resolves globals at typing time: point them at the compiled callees
+            fn = types.FunctionType(fn.__code__, {**fn.__globals__, **callees}, fn.__name__,
+                                    fn.__defaults__, fn.__closure__)
+            fn.__qualname__, fn.__module__ = self.py_func.__qualname__, self.py_func.__module__
+        return numba.njit(nogil=True, cache=True, boundscheck=False)(fn)

@@ -23,6 +23,8 @@ seen 8e-7 for F(2x2) and 1e-5 for F(4x4), whose transforms hold 1/6, 1/24 and 8.
 import numpy as np
 
 from ..blob import flat_view
+from ..threads import parallel_for
+from . import jit
 
 __all__ = ["WinogradConv", "TRANSFORMS"]
 
@@ -134,7 +136,7 @@ class WinogradConv:
 
     # -- geometry -------------------------------------------------------------
     def reshape(self, num, im_spatial, dtype):
-        key = (num, tuple(im_spatial), np.dtype(dtype))
+        key = (num, tuple(im_spatial), np.dtype(dtype), jit.enabled())
         if key == self._key:
             return
         self._key = key
@@ -150,32 +152,66 @@ class WinogradConv:
             raise ValueError(f"output size {self.out_spatial} is empty")
         self.tiles = (-(-oh // m), -(-ow // m))
         th, tw = self.tiles
+        # The compiled transforms (F(4x4) only) lay each tile row out with one spare tile.
+        self.compiled = jit.enabled() and m == 4
+        self.pitch = tw + 1 if self.compiled else tw
         # Padded up to whole tiles: the extra rows/columns are zeros and their outputs dropped.
         self.padded_spatial = (th * m + 2, tw * m + 2)
-        per_image_v = a * a * self.in_channels * th * tw * self.dtype.itemsize
+        per_image_v = a * a * self.in_channels * th * self.pitch * self.dtype.itemsize
         self.chunk = max(1, min(num, WINOGRAD_BUFFER_BYTES // per_image_v))
         c, k, n = self.in_channels, self.out_channels, self.chunk
         # Tile rows per block: the transforms' working set near BLOCK_BYTES, but enough tiles
         # for the batched product to stay efficient.
-        row_bytes = a * a * max(c, k) * n * tw * self.dtype.itemsize
-        self.block_rows = min(th, max(1, BLOCK_BYTES // row_bytes, -(-MIN_BLOCK_TILES // (n * tw))))
-        block_tiles = n * self.block_rows * tw
-        self._sizes = dict(
-            padded=n * c * self.padded_spatial[0] * self.padded_spatial[1],
-            d=max(a * a * c, m * m * k) * block_tiles,   # the patches, V, the output tiles
-            rows=max(a * c, m * k) * a * block_tiles,    # B^T d, then A^T M
-            m=a * a * k * block_tiles)
+        row_bytes = a * a * max(c, k) * n * self.pitch * self.dtype.itemsize
+        self.block_rows = min(th, max(1, BLOCK_BYTES // row_bytes, -(-MIN_BLOCK_TILES // (n * self.pitch))))
+        block_tiles = n * self.block_rows * self.pitch
+        if self.compiled:
+            self._sizes = dict(d=a * a * c * block_tiles, m=a * a * k * block_tiles)
+        else:
+            self._sizes = dict(
+                padded=n * c * self.padded_spatial[0] * self.padded_spatial[1],
+                d=max(a * a * c, m * m * k) * block_tiles,   # the patches, V, the output tiles
+                rows=max(a * c, m * k) * a * block_tiles,    # B^T d, then A^T M
+                m=a * a * k * block_tiles)
 
     def _buf(self, role, shape):
         return flat_view(self.scratch("winograd_" + role, self._sizes[role], self.dtype), shape)
 
     # -- forward --------------------------------------------------------------
-    def conv(self, im, w, out, bias=None):
+    @property
+    def fuses_relu(self):
+        """Whether conv() takes relu_slope (the compiled output transform applies it)."""
+        return self.compiled
+
+    def conv(self, im, w, out, bias=None, relu_slope=None):
+        if relu_slope is not None and not self.compiled:
+            raise ValueError("relu_slope needs the compiled Winograd transforms (see fuses_relu)")
         u = self.weights(w)
         for start in range(0, self.num, self.chunk):
             stop = min(self.num, start + self.chunk)
-            self._conv_chunk(im[start:stop], u, out[start:stop], bias)
+            if self.compiled:
+                self._conv_chunk_compiled(im[start:stop], u, out[start:stop], bias, relu_slope)
+            else:
+                self._conv_chunk(im[start:stop], u, out[start:stop], bias)
         return out
+
+    def _conv_chunk_compiled(self, im, u, out, bias, relu_slope):
+        n, c = im.shape[:2]
+        k, a, pitch = self.out_channels, self.alpha, self.pitch
+        if bias is None:
+            bias = np.zeros(k, self.dtype)
+        relu = relu_slope is not None
+        slope = out.dtype.type(relu_slope if relu else 0)
+        th = self.tiles[0]
+        for first in range(0, th, self.block_rows):
+            cells = (min(th, first + self.block_rows) - first) * pitch
+            v = self._buf("d", (a * a, c, n, cells))
+            parallel_for(c, lambda c0, c1: _winograd_input_4x4(
+                im, v, first, pitch, c0, c1, self.pad[0], self.pad[1]), n * a * a * cells)
+            prod = self._buf("m", (a * a, k, n, cells))
+            np.matmul(u, v.reshape(a * a, c, n * cells), out=prod.reshape(a * a, k, n * cells))
+            parallel_for(k, lambda k0, k1: _winograd_output_4x4(
+                prod, out, bias, first, pitch, k0, k1, relu, slope), n * a * a * cells)
 
     def _conv_chunk(self, im, u, out, bias):
         n, c = im.shape[:2]
@@ -235,6 +271,133 @@ class WinogradConv:
                 np.add(src, bias.reshape(-1, 1, 1), out=dest)
             else:
                 dest[...] = src
+
+
+# -- compiled F(4x4, 3x3) transforms (numba, kernels/jit.py) --------------------------------------
+# The numpy path above gathers every tile's 6x6 patch (2.25x the input) and runs each transform
+# step as a GEMM with a tiny left matrix over all tiles: memory-bound passes that took longer
+# than the batched product on VGG16's and ResNet-50's large layers. With numba the input and
+# output transforms are one kernel each, reading the image and writing the output directly.
+#
+# They vectorize only as long contiguous loops with literal offsets (loops over one tile row's
+# tiles are too short, and stride-4 reads are not vectorized). So a block's tiles sit on a flat
+# grid of pitch tw + 1 (one spare tile per tile row, computed and dropped), and each channel is
+# first split into its 16 phases mod 4: phase (a, b) holds the padded rows 4R + a and columns
+# 4J + b. Row i of tile (R, J)'s patch is then grid row R + i // 4 of row phase i % 4, column j
+# is grid column J + j // 4 of column phase j % 4, and B^T d B is 24 + 36 four-term sums over
+# whole phase planes, shifted by 0, 1 or a pitch.
+
+@jit.kernel
+def _bt_rows(d0, d1, d2, d3, d4, d5, o0, o1, o2, o3, o4, o5, count):
+    """o_x[t] = sum_i B^T[x, i] d_i[t] for t < count: F(4x4)'s B^T, one loop per row of it."""
+    f = o0.dtype.type
+    two, four, five = f(2), f(4), f(5)   # typed: a float64 literal would make the loop float64
+    for t in range(count):
+        o0[t] = four * d0[t] - five * d2[t] + d4[t]
+    for t in range(count):
+        o1[t] = d3[t] + d4[t] - four * (d1[t] + d2[t])
+    for t in range(count):
+        o2[t] = four * (d1[t] - d2[t]) - d3[t] + d4[t]
+    for t in range(count):
+        o3[t] = two * (d3[t] - d1[t]) - d2[t] + d4[t]
+    for t in range(count):
+        o4[t] = two * (d1[t] - d3[t]) - d2[t] + d4[t]
+    for t in range(count):
+        o5[t] = four * d1[t] - five * d3[t] + d5[t]
+
+
+@jit.kernel
+def _at_rows(m0, m1, m2, m3, m4, m5, o0, o1, o2, o3, count):
+    """o_r[t] = sum_i A^T[r, i] m_i[t] for t < count: F(4x4)'s A^T, one loop per row of it."""
+    f = o0.dtype.type
+    two, four, eight = f(2), f(4), f(8)
+    for t in range(count):
+        o0[t] = m0[t] + m1[t] + m2[t] + m3[t] + m4[t]
+    for t in range(count):
+        o1[t] = m1[t] - m2[t] + two * (m3[t] - m4[t])
+    for t in range(count):
+        o2[t] = m1[t] + m2[t] + four * (m3[t] + m4[t])
+    for t in range(count):
+        o3[t] = m1[t] - m2[t] + eight * (m3[t] - m4[t]) + m5[t]
+
+
+@jit.kernel
+def _winograd_input_4x4(im, v, first, pitch, c0, c1, pad_h, pad_w):
+    """v[x*6 + y, c, n, R*pitch + J] = (B^T d B)[x, y], d the 6x6 patch of tile (first + R, J) in
+    the zero-padded image im[n, c], for channels c0:c1; J = pitch - 1 is the spare tile."""
+    num, height, width = im.shape[0], im.shape[2], im.shape[3]
+    cells = v.shape[3]
+    rows = cells // pitch
+    # 16 phase planes over rows + 1 grid rows (a patch reaches into the next tile row) and a
+    # spare cell for the last tile's column shift; then the 24 row-transformed planes. Cells
+    # outside the image are the same for every channel: zeroed once, never written.
+    phases = np.zeros((16, (rows + 1) * pitch + 1), im.dtype)
+    half = np.zeros((24, cells + 1), im.dtype)
+    lo, hi = np.empty(4, np.int64), np.empty(4, np.int64)
+    for b in range(4):    # grid columns J whose image column 4J + b - pad_w is inside: lo <= J < hi
+        lo[b] = max(0, (pad_w - b + 3) // 4)
+        hi[b] = max(lo[b], min(pitch, (width - 1 + pad_w - b) // 4 + 1))
+    top = max(0, pad_h - 4 * first)                             # block rows inside the image
+    bottom = min(4 * (rows + 1), height + pad_h - 4 * first)
+    for n in range(num):
+        for c in range(c0, c1):
+            for row in range(top, bottom):
+                grid_row, a = row // 4, row % 4
+                image_row = im[n, c, 4 * first + row - pad_h]
+                for b in range(4):
+                    src = image_row[4 * lo[b] + b - pad_w:]
+                    dst = phases[a * 4 + b, grid_row * pitch + lo[b]:]
+                    for j in range(hi[b] - lo[b]):
+                        dst[j] = src[4 * j]
+            for b in range(4):    # B^T over the patch rows, per column phase b
+                _bt_rows(phases[b], phases[4 + b], phases[8 + b], phases[12 + b], phases[b, pitch:],
+                         phases[4 + b, pitch:], half[b], half[4 + b], half[8 + b], half[12 + b],
+                         half[16 + b], half[20 + b], cells)
+            for x in range(6):    # then B over the patch columns, into v
+                row = half[x * 4:x * 4 + 4]
+                _bt_rows(row[0], row[1], row[2], row[3], row[0, 1:], row[1, 1:], v[x * 6, c, n],
+                         v[x * 6 + 1, c, n], v[x * 6 + 2, c, n], v[x * 6 + 3, c, n],
+                         v[x * 6 + 4, c, n], v[x * 6 + 5, c, n], cells)
+
+
+@jit.kernel
+def _winograd_output_4x4(m, out, bias, first, pitch, k0, k1, relu, slope):
+    """out[n, k, 4(first + R) + r, 4J + s] = (A^T M A)[r, s] + bias[k], M[i, j] = m[i*6 + j, k, n,
+    R*pitch + J], for channels k0:k1 (rows and columns past the output's edge dropped); then, if
+    relu, Caffe's max(v, 0) + slope*min(v, 0) (slope in out's dtype)."""
+    num, out_h, out_w = out.shape[0], out.shape[2], out.shape[3]
+    cells = m.shape[3]
+    rows = cells // pitch
+    half = np.empty((24, cells), m.dtype)     # half[r*6 + j] = sum_i A^T[r, i] M[i, j]
+    line = np.empty(4 * pitch, m.dtype)
+    four, eight = m.dtype.type(4), m.dtype.type(8)
+    zero = slope - slope
+    for n in range(num):
+        for k in range(k0, k1):
+            for j in range(6):
+                _at_rows(m[j, k, n], m[6 + j, k, n], m[12 + j, k, n], m[18 + j, k, n], m[24 + j, k, n],
+                         m[30 + j, k, n], half[j], half[6 + j], half[12 + j], half[18 + j], cells)
+            beta = bias[k]
+            for grid_row in range(rows):
+                for r in range(4):
+                    y = 4 * (first + grid_row) + r
+                    if y >= out_h:
+                        break
+                    h = half[r * 6:r * 6 + 6, grid_row * pitch:(grid_row + 1) * pitch]
+                    h0, h1, h2, h3, h4, h5 = h[0], h[1], h[2], h[3], h[4], h[5]
+                    for q in range(pitch - 1):
+                        s12, d12, s34, d34 = h1[q] + h2[q], h1[q] - h2[q], h3[q] + h4[q], h3[q] - h4[q]
+                        line[4 * q] = h0[q] + s12 + s34
+                        line[4 * q + 1] = d12 + (d34 + d34)
+                        line[4 * q + 2] = s12 + four * s34
+                        line[4 * q + 3] = d12 + eight * d34 + h5[q]
+                    dst = out[n, k, y]
+                    for q in range(out_w):
+                        dst[q] = line[q] + beta
+                    if relu:
+                        for q in range(out_w):
+                            if dst[q] < zero:
+                                dst[q] = zero + slope * dst[q]   # zero + (-0.0) is +0.0, as in Caffe
 
 
 # The rule for choosing Winograd per layer (benchmarks/winograd_bench.py, OMP_NUM_THREADS=1):

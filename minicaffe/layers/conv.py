@@ -673,7 +673,7 @@ class ConvolutionLayer(_BaseConvolution):
         recomputing the geometry costs ~35 us a layer (a millisecond per batch-1 SqueezeNet)."""
         return (tuple(b.shape for b in bottom), tuple(map(id, bottom)), tuple(map(id, top)),
                 self.dtype, self.phase, self.winograd, self.keep_columns, self.frozen_weights,
-                getattr(self.gemm, "layout", None))
+                getattr(self.gemm, "layout", None), jit.enabled())
 
     _last_reshape = None   # (key, top shape) of the last full reshape
 
@@ -735,17 +735,16 @@ class ConvolutionLayer(_BaseConvolution):
         weight = self.blobs[0].data
         scale = self.output_scale
         bias = self._bias() if scale is None else None
+        kernel = self.gemm if self._winograd is None else self._winograd
         # A kernel that can apply the fused ReLU as it writes saves a pass over the output.
-        relu_in_kernel = (self.fused_relu_slope is not None and scale is None and self._winograd is None
-                          and getattr(self.gemm, "fuses_relu", False))
+        relu_in_kernel = (self.fused_relu_slope is not None and scale is None
+                          and getattr(kernel, "fuses_relu", False))
         for b, t in zip(bottom, top):
             out = self._top(t.data)
-            if self._winograd is not None:
-                self._winograd.conv(self._bottom(b.data), weight, out, bias=bias)
-            elif relu_in_kernel:
-                self.gemm.conv(self._bottom(b.data), weight, out=out, bias=bias, relu_slope=self.fused_relu_slope)
+            if relu_in_kernel:
+                kernel.conv(self._bottom(b.data), weight, out=out, bias=bias, relu_slope=self.fused_relu_slope)
             else:
-                self.gemm.conv(self._bottom(b.data), weight, out=out, bias=bias)
+                kernel.conv(self._bottom(b.data), weight, out=out, bias=bias)
             if scale is not None:
                 scale_and_shift(out, scale, self._bias(), self.channel_axis)
             if self.fused_relu_slope is not None and not relu_in_kernel:

@@ -396,3 +396,92 @@ def test_the_net_marks_layers_whose_backward_never_runs(tmp_path):
     train = Net(str(path), caffe_pb2.TRAIN)
     assert [layer.forward_only for layer in train.layers] == [True, False, False, False, False]
     assert all(layer.forward_only for layer in Net(str(path), caffe_pb2.TEST, inference=True).layers)
+
+
+# -- Winograd F(4x4, 3x3) transforms --------------------------------------------------------------
+
+@needs_numba
+@pytest.mark.parametrize("slope", [0.0, 0.1])
+def test_inference_net_fuses_the_relu_into_the_compiled_winograd_output(monkeypatch, tmp_path, slope):
+    """A ReLU after a Winograd convolution runs in the compiled output transform of an inference
+    net; the output equals the default net's (a ReLU layer of its own, on the numpy transforms)."""
+    import minicaffe
+    from minicaffe.kernels import winograd
+    monkeypatch.setattr(winograd, "MIN_IN_CHANNELS", 4)
+    monkeypatch.setattr(winograd, "MIN_TILES", 1)
+    monkeypatch.setattr(winograd, "MIN_OUT_CHANNELS", 1)
+    prototxt = tmp_path / "wg.prototxt"
+    prototxt.write_text(f"""
+layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 2 dim: 5 dim: 13 dim: 10 }} }} }}
+layer {{ name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param {{ num_output: 6 kernel_size: 3 pad: 1
+    weight_filler {{ type: "gaussian" std: 0.3 }} bias_filler {{ type: "gaussian" std: 0.5 }} }} }}
+layer {{ name: "relu" type: "ReLU" bottom: "conv" top: "conv" relu_param {{ negative_slope: {slope} }} }}
+""")
+    monkeypatch.setattr(jit, "_enabled", False)
+    plain = minicaffe.Net(str(prototxt), minicaffe.TEST)
+    weights = tmp_path / "wg.caffemodel"
+    plain.save(str(weights))
+    x = np.random.default_rng(19).standard_normal(plain.blobs["data"].shape).astype(np.float32)
+    want = plain.forward(data=x)["conv"].copy()
+    assert plain.layers[1]._winograd is not None and not plain.layers[1]._winograd.compiled
+    monkeypatch.setattr(jit, "_enabled", True)
+    lean = minicaffe.Net(str(prototxt), minicaffe.TEST, weights=str(weights), inference=True)
+    calls = []
+    conv = winograd.WinogradConv.conv
+    monkeypatch.setattr(winograd.WinogradConv, "conv",
+                        lambda self, *a, **k: calls.append((self.compiled, k.get("relu_slope"))) or conv(self, *a, **k))
+    got = lean.forward(data=x)["conv"]
+    assert calls == [(True, pytest.approx(slope))]
+    # the two paths round F(4x4)'s transforms differently: test_winograd.py's ACCURACY bound
+    assert np.abs(got - want).max() / np.abs(want).max() < 5e-5
+
+
+def test_winograd_refuses_relu_slope_without_the_compiled_transforms(monkeypatch):
+    from minicaffe.kernels.winograd import WinogradConv
+    monkeypatch.setattr(jit, "_enabled", False)
+    conv = WinogradConv(2, 2, (1, 1), 4)
+    conv.reshape(1, (6, 6), np.float32)
+    assert not conv.fuses_relu
+    with pytest.raises(ValueError, match="relu_slope"):
+        conv.conv(np.ones((1, 2, 6, 6), np.float32), np.ones((2, 2, 3, 3), np.float32),
+                  np.empty((1, 2, 6, 6), np.float32), relu_slope=0.0)
+
+
+@pytest.mark.parametrize("pad,height,width,first,rows", [((1, 1), 9, 11, 0, 3), ((0, 2), 10, 5, 1, 1),
+                                                          ((2, 0), 6, 7, 0, 2)])
+def test_winograd_kernels_python_source_matches_the_numpy_transforms(pad, height, width, first, rows):
+    """The compiled transforms' Python source, on one block of tile rows, against the numpy path's
+    B^T d B (patches of the padded image) and A^T M A, in float64."""
+    from minicaffe.kernels import winograd
+    bt, _, at = winograd.TRANSFORMS[4]
+    rng = np.random.default_rng(20)
+    im = rng.standard_normal((2, 3, height, width))
+    out_h, out_w = height + 2 * pad[0] - 2, width + 2 * pad[1] - 2
+    tw = -(-out_w // 4)
+    pitch = tw + 1
+    rows = min(rows, -(-out_h // 4) - first)
+    padded = np.zeros((2, 3, 4 * (first + rows + 1) + 2, 4 * pitch + 2))
+    padded[:, :, pad[0]:pad[0] + height, pad[1]:pad[1] + width] = im
+    v = np.full((36, 3, 2, rows * pitch), np.nan)
+    winograd._winograd_input_4x4.py_func(im, v, first, pitch, 0, 3, pad[0], pad[1])
+    for r in range(rows):
+        for j in range(tw):            # the spare tile j = tw is dropped, whatever it holds
+            y0, x0 = 4 * (first + r), 4 * j
+            patch = padded[:, :, y0:y0 + 6, x0:x0 + 6]
+            want = np.einsum("xi,ncij,yj->xycn", bt, patch, bt).reshape(36, 3, 2)
+            np.testing.assert_allclose(v[:, :, :, r * pitch + j], want, rtol=1e-12, atol=1e-12)
+    m = rng.standard_normal((36, 4, 2, rows * pitch))
+    bias = rng.standard_normal(4)
+    out = np.full((2, 4, out_h, out_w), 7.0)
+    winograd._winograd_output_4x4.py_func(m, out, bias, first, pitch, 0, 4, False, 0.0)
+    want = out.copy()
+    for r in range(rows):
+        for j in range(tw):
+            tile = np.einsum("ri,ijkn,sj->knrs", at, m[:, :, :, r * pitch + j].reshape(6, 6, 4, 2), at)
+            y0, x0 = 4 * (first + r), 4 * j
+            h, w = min(4, out_h - y0), min(4, out_w - x0)
+            want[:, :, y0:y0 + h, x0:x0 + w] = tile[:, :, :h, :w].transpose(1, 0, 2, 3) + bias[:, None, None]
+    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
+    winograd._winograd_output_4x4.py_func(m, out, bias, first, pitch, 0, 4, True, 0.25)
+    np.testing.assert_allclose(out, np.maximum(want, 0) + 0.25 * np.minimum(want, 0), rtol=1e-12, atol=1e-12)

@@ -8,7 +8,7 @@ from google.protobuf import text_format
 import minicaffe as caffe
 from minicaffe import Net
 from minicaffe.blob import Blob
-from minicaffe.kernels import winograd
+from minicaffe.kernels import jit, winograd
 from minicaffe.kernels.winograd import WinogradConv
 from minicaffe.layer_factory import create_layer
 from minicaffe.layers.conv import ConvGemm, ConvolutionLayer
@@ -18,6 +18,15 @@ TOL = 1e-4   # issue 10: every fast path equals the plain path to 1e-4 relative
 # Tighter per tile size, max |diff| / max |plain|; worst measured on CONFIGS: 8.0e-7 for
 # F(2x2), 1.0e-5 for F(4x4) (at C=K=512).
 ACCURACY = {2: 5e-6, 4: 5e-5}
+
+
+@pytest.fixture(autouse=True, params=["numpy", "compiled"])
+def transforms(request, monkeypatch):
+    """Every test runs on both F(4x4) paths: the numpy transforms and the compiled ones (numba)."""
+    if request.param == "compiled" and not jit.available():
+        pytest.skip(f"numba is not installed ({jit.INSTALL_HINT})")
+    monkeypatch.setattr(jit, "_enabled", request.param == "compiled")
+    return request.param
 
 
 def well_scaled(rng, n, c, k, h, w):
@@ -131,7 +140,10 @@ def test_tile_row_blocks_equal_one_block(monkeypatch, tile, n, c, k, h, w, ph, p
 def test_block_rows_follow_the_rule():
     conv = WinogradConv(64, 64, (1, 1), 4)
     conv.reshape(1, (224, 224), np.float32)       # VGG16 conv1_2: 56 x 56 tiles, 516 KiB a row
-    assert conv.block_rows == max(winograd.BLOCK_BYTES // (36 * 64 * 56 * 4), -(-winograd.MIN_BLOCK_TILES // 56))
+    pitch = 57 if conv.compiled else 56           # the compiled transforms add a spare tile a row
+    assert conv.pitch == pitch
+    assert conv.block_rows == max(winograd.BLOCK_BYTES // (36 * 64 * pitch * 4),
+                                  -(-winograd.MIN_BLOCK_TILES // pitch))
     conv.reshape(1, (28, 28), np.float32)         # 49 tiles: one block
     assert conv.block_rows == conv.tiles[0] == 7
 
