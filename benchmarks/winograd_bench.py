@@ -40,6 +40,13 @@ SHAPES = {
     "resnet50 conv4_x 3x3 b10": ((10, 256, 14, 14), 256),
     "resnet50 conv5_x 3x3": ((1, 512, 7, 7), 512),
     "resnet50 conv5_x 3x3 b4": ((4, 512, 7, 7), 512),
+    "squeezenet fire2 expand3x3": ((1, 16, 55, 55), 64),
+    "squeezenet fire4 expand3x3": ((1, 32, 27, 27), 128),
+    "squeezenet fire6 expand3x3": ((1, 48, 13, 13), 192),
+    "squeezenet fire8 expand3x3": ((1, 64, 13, 13), 256),
+    "googlenet conv2 3x3": ((1, 64, 56, 56), 192),
+    "googlenet 3a 3x3": ((1, 96, 28, 28), 128),
+    "googlenet 4a 3x3": ((1, 96, 14, 14), 208),
     "small 16ch": ((1, 16, 32, 32), 16),
 }
 VARIANTS = {"plain": False, "F(2x2)": 2, "F(4x4)": 4}

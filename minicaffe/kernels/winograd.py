@@ -58,6 +58,13 @@ TRANSFORMS = {
                   [0, 1, -1, 8, -8, 1]], dtype=np.float64)),
 }
 
+# The compiled transforms (below) run on images at least this many tiles wide. Measured with
+# benchmarks/winograd_bench.py (2 threads, batch 1), compiled against numpy transforms: VGG16's
+# 112x112 layers 8.5 against 12.5 ms, 56x56 8.2 against 8.9, ResNet-50's 56x56 1.16 against 1.37,
+# 224x224 equal; but 28x28 layers ran 1.05-1.5x slower (per-channel overhead, and the spare tile
+# costs 1/7 more product), and 14x14 ones up to 1.8x.
+COMPILED_MIN_TILE_COLUMNS = 14
+
 # Bound on one chunk's transformed input V (each of the three scratch buffers is about this
 # size); batches are cut into chunks of whole images to stay near it.
 WINOGRAD_BUFFER_BYTES = 16 << 20
@@ -153,7 +160,7 @@ class WinogradConv:
         self.tiles = (-(-oh // m), -(-ow // m))
         th, tw = self.tiles
         # The compiled transforms (F(4x4) only) lay each tile row out with one spare tile.
-        self.compiled = jit.enabled() and m == 4
+        self.compiled = jit.enabled() and m == 4 and tw >= COMPILED_MIN_TILE_COLUMNS
         self.pitch = tw + 1 if self.compiled else tw
         # Padded up to whole tiles: the extra rows/columns are zeros and their outputs dropped.
         self.padded_spatial = (th * m + 2, tw * m + 2)

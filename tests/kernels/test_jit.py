@@ -410,6 +410,7 @@ def test_inference_net_fuses_the_relu_into_the_compiled_winograd_output(monkeypa
     monkeypatch.setattr(winograd, "MIN_IN_CHANNELS", 4)
     monkeypatch.setattr(winograd, "MIN_TILES", 1)
     monkeypatch.setattr(winograd, "MIN_OUT_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "COMPILED_MIN_TILE_COLUMNS", 1)
     prototxt = tmp_path / "wg.prototxt"
     prototxt.write_text(f"""
 layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 2 dim: 5 dim: 13 dim: 10 }} }} }}

@@ -26,7 +26,19 @@ def transforms(request, monkeypatch):
     if request.param == "compiled" and not jit.available():
         pytest.skip(f"numba is not installed ({jit.INSTALL_HINT})")
     monkeypatch.setattr(jit, "_enabled", request.param == "compiled")
+    monkeypatch.setattr(winograd, "COMPILED_MIN_TILE_COLUMNS", 1)   # small test images too
     return request.param
+
+
+def test_compiled_transforms_run_on_wide_images_only(monkeypatch, transforms):
+    monkeypatch.setattr(winograd, "COMPILED_MIN_TILE_COLUMNS", 14)
+    conv = WinogradConv(8, 8, (1, 1), 4)
+    for width, wide in [(56, True), (53, True), (52, False), (28, False)]:
+        conv.reshape(1, (9, width), np.float32)
+        assert conv.compiled == (wide and transforms == "compiled"), width
+    conv = WinogradConv(8, 8, (1, 1), 2)
+    conv.reshape(1, (9, 224), np.float32)
+    assert not conv.compiled   # F(2x2) has numpy transforms only
 
 
 def well_scaled(rng, n, c, k, h, w):
