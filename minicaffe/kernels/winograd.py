@@ -16,6 +16,11 @@ patches of all tiles are gathered with one strided view, and each of the four tr
 the left, over every tile at once (no per-tile Python loop). U is computed once per weight
 version (`weights` compares a kept copy of the weights, far cheaper than the product).
 
+With numba (kernels/jit.py), F(4x4)'s input and output transforms on images at least
+COMPILED_MIN_TILE_COLUMNS tiles wide are instead one compiled pass each (`_winograd_input_4x4`,
+`_winograd_output_4x4`), the latter also applying an inference net's fused ReLU; the batched
+product is the same.
+
 Accuracy in float32 against im2col, max |diff| / max |plain| with well-scaled random weights
 (python -m pytest tests/kernels/test_winograd.py asserts the bounds in ACCURACY there): worst
 seen 8e-7 for F(2x2) and 1e-5 for F(4x4), whose transforms hold 1/6, 1/24 and 8.

@@ -36,6 +36,7 @@ from ..blob import Blob, flat_view
 from ..fillers import fill
 from ..im2col import col2im, col2im_rows, conv_output_shape, deconv_output_shape, im2col
 from ..kernels import jit, winograd
+from ..kernels.epilogue import bias_relu
 from ..kernels.depthwise import DepthwiseConv, is_depthwise
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
@@ -269,20 +270,27 @@ class ConvGemm:
             yield start, min(self.num, start + size)
 
     # -- public products ---------------------------------------------------------
-    def conv(self, im, w, out=None, dout=None, dw=None, bias=None):
-        """out = w * im + bias (if out given); dw += dout (x) im (if dw given). Shares the im2col.
+    # Whether conv() takes relu_slope (the compiled epilogue applies it with the bias).
+    fuses_relu = property(lambda self: jit.enabled())
+
+    def conv(self, im, w, out=None, dout=None, dw=None, bias=None, relu_slope=None):
+        """out = w * im + bias (if out given), then a ReLU with relu_slope if given (only where
+        fuses_relu); dw += dout (x) im (if dw given). Shares the im2col.
 
         With keep_columns, a forward (no dw) leaves im's columns for conv_transpose's dw."""
+        if relu_slope is not None and not self.fuses_relu:
+            raise ValueError("relu_slope needs compiled kernels (see fuses_relu)")
         if self.is_1x1:
             for a, b in self._chunks(self.conv_chunk):
                 self._conv_1x1(im[a:b], w, None if out is None else out[a:b],
                                None if dw is None else dout[a:b], dw,
-                               self._channel_bias(bias, self.out_channels))
+                               self._channel_bias(bias, self.out_channels), relu_slope)
             return
         keep = self._kept is not None and dw is None
         for a, b in self._chunks(self.conv_chunk):
             self._conv(im[a:b], w, None if out is None else out[a:b], None if dw is None else dout[a:b],
-                       dw, self._channel_bias(bias, self.out_channels), self._kept if keep else None)
+                       dw, self._channel_bias(bias, self.out_channels), self._kept if keep else None,
+                       relu_slope)
         self._kept_source = _identity(im) if keep else None
 
     def conv_transpose(self, dout, w, im=None, im_data=None, dw=None, bias=None):
@@ -426,7 +434,7 @@ class ConvGemm:
         self._as_blob_order(matrix, n)[...] = dout.reshape(n, self.out_channels, self.out_dim)
         return matrix
 
-    def _conv(self, im, w, out, dout, dw, bias, buffer=None):
+    def _conv(self, im, w, out, dout, dw, bias, buffer=None, relu_slope=None):
         n, g = im.shape[0], self.group
         cols = self._columns(im, buffer)
         if dw is not None:
@@ -437,7 +445,7 @@ class ConvGemm:
             direct = n == 1 and not self.batch_inner
             result = flat_out[0] if direct else self._output_matrix(n)
             np.matmul(w.reshape(g, -1, self.kernel_dim), cols, out=result.reshape(g, -1, cols.shape[-1]))
-            _store(flat_out, flat_out if direct else self._as_blob_order(result, n), bias)
+            _store(flat_out, flat_out if direct else self._as_blob_order(result, n), bias, relu_slope)
 
     def _transpose(self, dout, w, im, im_data, dw, bias, kept=None):
         g, columns = self.group, dout.shape[0] * self.out_dim
@@ -479,7 +487,7 @@ class ConvGemm:
         flat_dw = dw.reshape(total.shape)
         np.add(flat_dw, total, out=flat_dw)
 
-    def _conv_1x1(self, im, w, out, dout, dw, bias):
+    def _conv_1x1(self, im, w, out, dout, dw, bias, relu_slope=None):
         n, g = im.shape[0], self.group
         if dw is not None:
             self._weight_grad_1x1(dout, im, dw)
@@ -487,7 +495,7 @@ class ConvGemm:
             np.matmul(w.reshape(1, g, -1, self.kernel_dim), im.reshape(n, g, -1, self.out_dim),
                       out=out.reshape(n, g, -1, self.out_dim))
             flat_out = out.reshape(n, self.out_channels, -1)
-            _store(flat_out, flat_out, bias)
+            _store(flat_out, flat_out, bias, relu_slope)
 
     def _transpose_1x1(self, dout, w, im, im_data, dw, bias):
         n, g = dout.shape[0], self.group
@@ -518,9 +526,12 @@ def _identity(array):
     return (array.__array_interface__["data"][0], array.shape, array.strides, array.dtype)
 
 
-def _store(dest, values, bias):
-    """dest = values (+ bias per channel), in one pass; dest and values may be the same array."""
-    if bias is not None:
+def _store(dest, values, bias, relu_slope=None):
+    """dest = values (+ bias per channel), in one pass; dest and values may be the same array.
+    With relu_slope, the compiled pass also applies Caffe's ReLU (ConvGemm.fuses_relu)."""
+    if relu_slope is not None:
+        bias_relu(dest, values, bias, relu_slope)
+    elif bias is not None:
         np.add(values, bias, out=dest)
     elif values is not dest:
         dest[...] = values

@@ -486,3 +486,59 @@ def test_winograd_kernels_python_source_matches_the_numpy_transforms(pad, height
     np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
     winograd._winograd_output_4x4.py_func(m, out, bias, first, pitch, 0, 4, True, 0.25)
     np.testing.assert_allclose(out, np.maximum(want, 0) + 0.25 * np.minimum(want, 0), rtol=1e-12, atol=1e-12)
+
+
+# -- the convolution epilogue: bias and ReLU in one pass ------------------------------------------
+
+@needs_numba
+@pytest.mark.parametrize("num", [1, 3])                  # batch 3: the batch_inner column layout
+@pytest.mark.parametrize("slope", [0.0, 0.25])
+@pytest.mark.parametrize("bias_term", ["true", "false"])
+def test_inference_net_applies_bias_and_relu_in_one_compiled_pass(monkeypatch, tmp_path, num, slope, bias_term):
+    """ReLUs after im2col and 1x1 convolutions run in the compiled epilogue of an inference net;
+    the outputs equal the numpy path's exactly (the same sums, then the same ReLU)."""
+    import minicaffe
+    from minicaffe.layers.conv import ConvGemm
+    prototxt = tmp_path / "ep.prototxt"
+    prototxt.write_text(f"""
+layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: {num} dim: 3 dim: 9 dim: 8 }} }} }}
+layer {{ name: "c3" type: "Convolution" bottom: "data" top: "c3"
+  convolution_param {{ num_output: 5 kernel_size: 3 pad: 1 bias_term: {bias_term}
+    weight_filler {{ type: "gaussian" std: 0.5 }} bias_filler {{ type: "gaussian" std: 0.5 }} }} }}
+layer {{ name: "r3" type: "ReLU" bottom: "c3" top: "c3" relu_param {{ negative_slope: {slope} }} }}
+layer {{ name: "c1" type: "Convolution" bottom: "c3" top: "c1"
+  convolution_param {{ num_output: 4 kernel_size: 1 bias_term: {bias_term}
+    weight_filler {{ type: "gaussian" std: 0.5 }} bias_filler {{ type: "gaussian" std: 0.5 }} }} }}
+layer {{ name: "r1" type: "ReLU" bottom: "c1" top: "c1" relu_param {{ negative_slope: {slope} }} }}
+""")
+    weights = tmp_path / "ep.caffemodel"
+    minicaffe.Net(str(prototxt), minicaffe.TEST).save(str(weights))
+    x = np.random.default_rng(21).standard_normal((num, 3, 9, 8)).astype(np.float32)
+    x[0, 0, 0, :3] = [np.nan, -0.0, 0.0]
+    calls, conv = [], ConvGemm.conv
+    monkeypatch.setattr(ConvGemm, "conv", lambda self, *a, **k: calls.append(k.get("relu_slope")) or conv(self, *a, **k))
+    outputs = {}
+    for flag in (False, True):
+        monkeypatch.setattr(jit, "_enabled", flag)
+        net = minicaffe.Net(str(prototxt), minicaffe.TEST, weights=str(weights), inference=True,
+                            keep_blobs=("c3",))
+        out = net.forward(data=x)
+        outputs[flag] = (net.blobs["c3"].data.copy(), out["c1"].copy())
+    assert calls == [None, None, pytest.approx(slope), pytest.approx(slope)]
+    for got, want in zip(outputs[True], outputs[False]):
+        np.testing.assert_array_equal(got, want)
+        assert np.signbit(got).tolist() == np.signbit(want).tolist()   # -0.0 where numpy has it
+
+
+def test_bias_relu_python_source_matches_caffe():
+    from minicaffe.kernels.epilogue import _bias_relu
+    rng = np.random.default_rng(22)
+    values = rng.standard_normal((2, 3, 5))
+    values[0, 0, :2] = [np.nan, -0.0]
+    bias = rng.standard_normal(3)
+    for has_bias, slope in [(True, 0.0), (True, 0.3), (False, 0.1)]:
+        v = values + (bias[:, None] if has_bias else 0)
+        want = np.maximum(v, 0) + slope * np.minimum(v, 0)
+        got = np.empty_like(values)
+        _bias_relu.py_func(values, got, bias, has_bias, slope, 0, 6)
+        np.testing.assert_array_equal(got, want)
