@@ -5,7 +5,17 @@ import numpy as np
 import pytest
 
 import minicaffe
+from minicaffe.kernels import jit
 from minicaffe.layers.normalization import BatchNormScaleReLU
+
+
+@pytest.fixture(autouse=True, params=["numpy", "compiled"])
+def passes(request, monkeypatch):
+    """Every test runs on both the numpy passes and the compiled ones (kernels/normalization.py)."""
+    if request.param == "compiled" and not jit.available():
+        pytest.skip(f"numba is not installed ({jit.INSTALL_HINT})")
+    monkeypatch.setattr(jit, "_enabled", request.param == "compiled")
+    return request.param
 
 
 def _text(shape, bn="", scale="bias_term: true", relu="", bn_in_place=True):

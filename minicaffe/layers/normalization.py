@@ -8,6 +8,8 @@ import numpy as np
 
 from ..blob import Blob, zeros
 from ..fillers import fill
+from ..kernels import jit
+from ..kernels.normalization import batch_norm_input_grad, batch_norm_layer_grad, normalize_scale_relu
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
 from ..threads import parallel_for
@@ -390,6 +392,10 @@ class BatchNormLayer(Layer):
         row_std = _per_row(self._row_stats[1], self._std, num)
         row_mean_dy = _per_row(self._row_stats[0], self._channel_means(sums), num)
         row_mean_dy_xn = _per_row(self._row_stats[2], self._channel_means(products), num)
+        if jit.enabled():
+            _over_rows(rows, spatial, lambda lo, hi: batch_norm_layer_grad(
+                dy2, dx2, xn2, row_mean_dy_xn, row_mean_dy, row_std, lo, hi))
+            return
         # The correction goes through the x_norm-sized scratch, since dx may be dy.
         self._scratch = _buffer(self._scratch, xn2.shape, xn2.dtype)
         scratch = self._scratch
@@ -739,6 +745,13 @@ class BatchNormScaleReLU:
         xn2 = bn._x_norm.reshape(x2.shape)
         gamma, beta = self._gamma_beta(bn._x_norm.shape[0])
         slope = None if self.relu is None else self.relu.negative_slope
+        if jit.enabled():
+            has_beta, relu = beta is not None, slope is not None
+            beta = gamma if beta is None else beta
+            slope = x2.dtype.type(slope or 0)
+            _over_rows(x2.shape[0], x2.shape[1], lambda lo, hi: normalize_scale_relu(
+                x2, xn2, row_mean, row_std, gamma, beta, has_beta, relu, slope, lo, hi))
+            return 0.0
 
         def run(lo, hi):
             x, xn = x2[lo:hi], xn2[lo:hi]
@@ -800,6 +813,10 @@ class BatchNormScaleReLU:
         inv_m = gain.dtype.type(1.0 / max(num * spatial, 1))
         row_shift = _per_row(self._row_values[1], gain * channel_sums * inv_m, num)
         row_slope = _per_row(bn._row_stats[2], gain * channel_products * inv_m, num)
+        if jit.enabled():
+            _over_rows(rows, spatial, lambda lo, hi: batch_norm_input_grad(
+                dy2, xn2, row_gain, row_shift, row_slope, lo, hi))
+            return
         bn._scratch = scratch = _buffer(bn._scratch, xn2.shape, xn2.dtype)
 
         def gradient(lo, hi):

@@ -542,3 +542,26 @@ def test_bias_relu_python_source_matches_caffe():
         got = np.empty_like(values)
         _bias_relu.py_func(values, got, bias, has_bias, slope, 0, 6)
         np.testing.assert_array_equal(got, want)
+
+
+# -- BatchNorm passes -----------------------------------------------------------------------------
+
+@needs_numba
+@pytest.mark.parametrize("relu", ["", "relu_param { negative_slope: 0.1 }", None])
+@pytest.mark.parametrize("bias_term", ["true", "false"])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_compiled_batch_norm_passes_equal_numpy_bit_for_bit(monkeypatch, tmp_path, relu, bias_term, fuse):
+    """A training step through BatchNorm -> Scale (-> ReLU), fused into one step or run layer by
+    layer, leaves the same blobs, diffs and gradients with compiled passes as with numpy's."""
+    from tests.test_fuse import _pair, _state, _text
+    states = []
+    for flag in (False, True):
+        monkeypatch.setattr(jit, "_enabled", flag)
+        net = _pair(tmp_path, _text((2, 3, 5, 6), scale=f"bias_term: {bias_term}", relu=relu))[0]
+        net.fuse_chains = fuse
+        net.forward()
+        net.backward()
+        states.append(_state(net))
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        np.testing.assert_array_equal(states[1][key], states[0][key], err_msg=key)
