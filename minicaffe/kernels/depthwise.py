@@ -94,10 +94,12 @@ def _depthwise_3x3(x, w, bias, out, c0, c1, stride, pad_h, pad_w, relu, slope):
     n, _, height, width = x.shape
     out_h, out_w = out.shape[2], out.shape[3]
     pitch = width + 2 * pad_w
-    plane = np.zeros((height + 2 * pad_h, pitch), x.dtype)
-    flat = np.zeros(plane.size + 2, x.dtype)      # two spare cells for the last row's taps
+    padded_h = height + 2 * pad_h
+    # stride 1: the flat plane (two spare cells for the last row's taps) and its output rows
+    flat = np.zeros(padded_h * pitch + 2 if stride == 1 else 1, x.dtype)
     cells = out_h * pitch
-    rows = np.empty(cells, x.dtype)
+    rows = np.empty(cells if stride == 1 else 1, x.dtype)
+    plane = np.zeros((padded_h, pitch) if stride != 1 else (1, 1), x.dtype)   # stride 2
     zero = slope - slope
     for image in range(n):
         for ch in range(c0, c1):
@@ -115,16 +117,23 @@ def _depthwise_3x3(x, w, bias, out, c0, c1, stride, pad_h, pad_w, relu, slope):
                     rows[t] = (w0 * a[t] + w1 * a[t + 1] + w2 * a[t + 2] + w3 * b[t] + w4 * b[t + 1]
                                + w5 * b[t + 2] + w6 * d[t] + w7 * d[t + 1] + w8 * d[t + 2] + beta)
                 for r in range(out_h):
-                    out[image, ch, r] = rows[r * pitch:r * pitch + out_w]
-            else:
-                plane[pad_h:pad_h + height, pad_w:pad_w + width] = x[image, ch]
-                for r in range(out_h):
-                    o = out[image, ch, r]
-                    a, b, d = plane[2 * r], plane[2 * r + 1], plane[2 * r + 2]
-                    for q in range(out_w):
-                        o[q] = (w0 * a[2 * q] + w1 * a[2 * q + 1] + w2 * a[2 * q + 2] + w3 * b[2 * q]
-                                + w4 * b[2 * q + 1] + w5 * b[2 * q + 2] + w6 * d[2 * q]
-                                + w7 * d[2 * q + 1] + w8 * d[2 * q + 2] + beta)
+                    o, src = out[image, ch, r], rows[r * pitch:]
+                    if relu:   # (a test inside the loop above stops it vectorizing)
+                        for q in range(out_w):
+                            v = src[q]
+                            o[q] = zero + slope * v if v < zero else v   # zero + (-0.0) is +0.0
+                    else:
+                        for q in range(out_w):
+                            o[q] = src[q]
+                continue
+            plane[pad_h:pad_h + height, pad_w:pad_w + width] = x[image, ch]   # stride 2
+            for r in range(out_h):
+                o = out[image, ch, r]
+                a, b, d = plane[2 * r], plane[2 * r + 1], plane[2 * r + 2]
+                for q in range(out_w):
+                    o[q] = (w0 * a[2 * q] + w1 * a[2 * q + 1] + w2 * a[2 * q + 2] + w3 * b[2 * q]
+                            + w4 * b[2 * q + 1] + w5 * b[2 * q + 2] + w6 * d[2 * q]
+                            + w7 * d[2 * q + 1] + w8 * d[2 * q + 2] + beta)
             if relu:
                 for r in range(out_h):
                     o = out[image, ch, r]
