@@ -233,7 +233,7 @@ class PoolingLayer(Layer):
         top[0].reshape(out_shape)
         if len(top) > 1:
             top[1].reshape(out_shape)
-        key = (bottom[0].shape, bottom[0].dtype, len(top))
+        key = (bottom[0].shape, bottom[0].dtype, len(top), jit.enabled())
         self._num_tops = len(top)
         if key != getattr(self, "_scratch_key", None):
             self._allocate_scratch(w, num, channels, bottom[0].dtype, out_shape)

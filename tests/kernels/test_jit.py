@@ -565,3 +565,13 @@ def test_compiled_batch_norm_passes_equal_numpy_bit_for_bit(monkeypatch, tmp_pat
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         np.testing.assert_array_equal(states[1][key], states[0][key], err_msg=key)
+
+
+@needs_numba
+def test_pooling_follows_the_switch_at_its_next_reshape(monkeypatch):
+    x = np.random.default_rng(25).standard_normal((1, 2, 9, 9)).astype(np.float32)
+    layer, bottom, top = _pool_forward("kernel_size: 3 stride: 2", x, True, True, monkeypatch)
+    assert layer._compiled_max is not None
+    monkeypatch.setattr(jit, "_enabled", False)
+    layer.reshape([bottom], [top])
+    assert layer._compiled_max is None
