@@ -1,37 +1,50 @@
-"""What a convolution's product gets before it is stored: its bias, then an inference net's ReLU.
+"""What a convolution's product gets as it is stored: its bias, an inference net's ReLU, and the
+move from column order to blob order.
 
 numpy adds the bias in one pass over the output and the fused ReLU (fold.py) takes another; the
-compiled `bias_relu` does both in one (SqueezeNet v1.1's convolutions at batch 1: one of two
-passes over 26 outputs saved). Needs numba (kernels/jit.py); callers check `jit.enabled()`.
+compiled `store` does both in one (SqueezeNet v1.1's convolutions at batch 1: one of two passes
+over 26 outputs saved). When the product comes out with the batch innermost, (C, P, N) for small
+images (conv.py's batch_inner layout), numpy's copy into the (N, C, P) blob crawls along that
+view; `store` walks it a channel at a time, so each channel's (P, N) block stays in cache while
+it is read N times (ResNet-50's 14x14 layers at batch 8 and CaffeNet's 13x13 at batch 32: 2-4x).
+Needs numba (kernels/jit.py); callers check `jit.enabled()`.
 """
 import numpy as np
 
 from ..threads import parallel_for
 from . import jit
 
-__all__ = ["bias_relu"]
+__all__ = ["store"]
 
 
 @jit.kernel
-def _bias_relu(values, dest, bias, has_bias, slope, r0, r1):
-    """dest[n, c] = relu(values[n, c] + bias[c]) for rows r0:r1 of the (n*C) rows, with Caffe's
-    ReLU max(v, 0) + slope*min(v, 0) (slope in dest's dtype; NaN and -0.0 pass unchanged)."""
-    channels = dest.shape[1]
+def _store(values, dest, bias, has_bias, relu, slope, c0, c1):
+    """dest[n, c] = values[n, c] (+ bias[c]), then if relu Caffe's max(v, 0) + slope*min(v, 0),
+    for channels c0:c1 (slope in dest's dtype; NaN and -0.0 pass the ReLU unchanged)."""
+    num = dest.shape[0]
     zero = slope - slope
-    for row in range(r0, r1):
-        n, c = row // channels, row % channels
-        src, dst = values[n, c], dest[n, c]
+    for c in range(c0, c1):
         beta = bias[c] if has_bias else zero
-        for q in range(dst.shape[0]):
-            v = src[q] + beta
-            dst[q] = zero + slope * v if v < zero else v   # zero + (-0.0) is +0.0, as in Caffe
+        for n in range(num):
+            src, dst = values[n, c], dest[n, c]
+            if relu:
+                for q in range(dst.shape[0]):
+                    v = src[q] + beta
+                    dst[q] = zero + slope * v if v < zero else v   # zero + (-0.0) is +0.0, as in Caffe
+            elif has_bias:
+                for q in range(dst.shape[0]):
+                    dst[q] = src[q] + beta
+            else:
+                for q in range(dst.shape[0]):
+                    dst[q] = src[q]
 
 
-def bias_relu(dest, values, bias, slope):
-    """dest (N, C, P) = Caffe's ReLU (negative slope `slope`) of values (N, C, P) + bias (C,) or
-    None; dest and values may be the same array, or views of it in another order."""
-    n, c, p = dest.shape
-    has_bias = bias is not None
+def store(dest, values, bias, relu_slope=None):
+    """dest (N, C, P) = values (N, C, P) + bias ((C,) or (C, 1), or None), then Caffe's ReLU with
+    negative slope relu_slope if given; values may be dest itself, or a view in another order."""
+    c, p = dest.shape[1], dest.shape[2]
+    has_bias, relu = bias is not None, relu_slope is not None
     bias = bias.reshape(-1) if has_bias else np.zeros(1, dest.dtype)
-    slope = dest.dtype.type(slope)
-    parallel_for(n * c, lambda r0, r1: _bias_relu(values, dest, bias, has_bias, slope, r0, r1), p)
+    slope = dest.dtype.type(relu_slope if relu else 0)
+    parallel_for(c, lambda c0, c1: _store(values, dest, bias, has_bias, relu, slope, c0, c1),
+                 dest.shape[0] * p)

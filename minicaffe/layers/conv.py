@@ -36,7 +36,7 @@ from ..blob import Blob, flat_view
 from ..fillers import fill
 from ..im2col import col2im, col2im_rows, conv_output_shape, deconv_output_shape, im2col
 from ..kernels import jit, winograd
-from ..kernels.epilogue import bias_relu
+from ..kernels import epilogue
 from ..kernels.depthwise import DepthwiseConv, is_depthwise
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
@@ -528,9 +528,12 @@ def _identity(array):
 
 def _store(dest, values, bias, relu_slope=None):
     """dest = values (+ bias per channel), in one pass; dest and values may be the same array.
-    With relu_slope, the compiled pass also applies Caffe's ReLU (ConvGemm.fuses_relu)."""
-    if relu_slope is not None:
-        bias_relu(dest, values, bias, relu_slope)
+    With compiled kernels the pass is epilogue.store, which also applies relu_slope's ReLU
+    (ConvGemm.fuses_relu)."""
+    if jit.enabled() and (relu_slope is not None or bias is not None or values is not dest):
+        epilogue.store(dest, values, bias, relu_slope)
+    elif relu_slope is not None:
+        raise ValueError("relu_slope needs compiled kernels (see ConvGemm.fuses_relu)")
     elif bias is not None:
         np.add(values, bias, out=dest)
     elif values is not dest:

@@ -530,18 +530,39 @@ layer {{ name: "r1" type: "ReLU" bottom: "c1" top: "c1" relu_param {{ negative_s
         assert np.signbit(got).tolist() == np.signbit(want).tolist()   # -0.0 where numpy has it
 
 
-def test_bias_relu_python_source_matches_caffe():
-    from minicaffe.kernels.epilogue import _bias_relu
+def test_store_python_source_matches_caffe():
+    """The epilogue's Python source against numpy: bias, Caffe's ReLU, and a values view in another
+    order (the batch_inner layout's (C, P, N) product seen as (N, C, P))."""
+    from minicaffe.kernels.epilogue import _store
     rng = np.random.default_rng(22)
-    values = rng.standard_normal((2, 3, 5))
-    values[0, 0, :2] = [np.nan, -0.0]
+    columns = rng.standard_normal((3, 5, 2))                 # (C, P, N)
+    columns[0, :2, 0] = [np.nan, -0.0]
+    values = columns.transpose(2, 0, 1)
     bias = rng.standard_normal(3)
-    for has_bias, slope in [(True, 0.0), (True, 0.3), (False, 0.1)]:
+    for has_bias, relu, slope in [(True, True, 0.0), (True, True, 0.3), (False, True, 0.1),
+                                  (True, False, 0.0), (False, False, 0.0)]:
         v = values + (bias[:, None] if has_bias else 0)
-        want = np.maximum(v, 0) + slope * np.minimum(v, 0)
-        got = np.empty_like(values)
-        _bias_relu.py_func(values, got, bias, has_bias, slope, 0, 6)
+        want = np.maximum(v, 0) + slope * np.minimum(v, 0) if relu else v
+        got = np.empty(values.shape)
+        _store.py_func(values, got, bias, has_bias, relu, slope, 0, 3)
         np.testing.assert_array_equal(got, want)
+
+
+@needs_numba
+@pytest.mark.parametrize("shape", [(4, 3, 9, 8), (2, 3, 30, 30)])   # batch_inner, batch_outer
+def test_training_convolution_stores_through_the_compiled_epilogue(monkeypatch, shape):
+    """A TRAIN convolution's forward (bias added as the product moves to blob order) equals the
+    numpy path's exactly, in both column layouts."""
+    text = "num_output: 6 kernel_size: 3 pad: 1 bias_filler { type: 'gaussian' std: 1 }"
+    x = np.random.default_rng(26).standard_normal(shape).astype(np.float32)
+    weights, _ = run(make_layer("Convolution", text), x, np.float32)
+    tops = []
+    for flag in (False, True):
+        monkeypatch.setattr(jit, "_enabled", flag)
+        layer, blobs = run(make_layer("Convolution", text, fillers=False, blobs=weights.blobs), x, np.float32)
+        tops.append(blobs["top"])
+    assert layer.gemm.batch_inner == (shape[2] <= 16)
+    np.testing.assert_array_equal(tops[1], tops[0])
 
 
 # -- BatchNorm passes -----------------------------------------------------------------------------
