@@ -179,6 +179,7 @@ class WinogradConv:
         block_tiles = n * self.block_rows * self.pitch
         if self.compiled:
             self._sizes = dict(d=a * a * c * block_tiles, m=a * a * k * block_tiles)
+            self._no_bias = np.zeros(k, self.dtype)   # the output kernel always adds one
         else:
             self._sizes = dict(
                 padded=n * c * self.padded_spatial[0] * self.padded_spatial[1],
@@ -211,7 +212,7 @@ class WinogradConv:
         n, c = im.shape[:2]
         k, a, pitch = self.out_channels, self.alpha, self.pitch
         if bias is None:
-            bias = np.zeros(k, self.dtype)
+            bias = self._no_bias
         relu = relu_slope is not None
         slope = out.dtype.type(relu_slope if relu else 0)
         th = self.tiles[0]

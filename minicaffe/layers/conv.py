@@ -35,8 +35,7 @@ import numpy as np
 from ..blob import Blob, flat_view
 from ..fillers import fill
 from ..im2col import col2im, col2im_rows, conv_output_shape, deconv_output_shape, im2col
-from ..kernels import jit, winograd
-from ..kernels import epilogue
+from ..kernels import epilogue, jit, winograd
 from ..kernels.depthwise import DepthwiseConv, is_depthwise
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
