@@ -294,15 +294,20 @@ def main():
     print(f"forward ms (median of {args.rounds} alternated rounds x {args.iterations} forwards), "
           f"peak RSS MB, {args.threads} threads")
     header = ["net", "batch"] + [f"{e} {unit}" for e in engines for unit in ("ms", "MB")]
+    # minicaffe against each reference engine that ran (pycaffe's engine is Caffe's too)
+    references = [(e, label) for e, label in (("opencv", "OpenCV"), ("caffe", "Caffe"), ("pycaffe", "pycaffe"))
+                  if e in engines]
+    header += [f"minicaffe / {label}" for _, label in references]
     if "opencv" in engines:
-        header += ["minicaffe / OpenCV", "max rel. diff"]
+        header += ["max rel. diff"]
     table = []
     for row in rows:
         cells = [row["net"], str(row["batch"])]
         for engine in engines:
             cells += [f"{row[engine][0]:.1f}", f"{row[engine][1]:.0f}"]
+        cells += [f"{row['minicaffe'][0] / row[e][0]:.2f}" for e, _ in references]
         if "opencv" in engines:
-            cells += [f"{row['minicaffe'][0] / row['opencv'][0]:.2f}", f"{row['max_rel_err']:.1e}"]
+            cells += [f"{row['max_rel_err']:.1e}"]
         table.append(cells)
     print_table(header, table)
 

@@ -15,7 +15,7 @@ ratio = minicaffe / PyTorch (below 1 means minicaffe is faster).
     python benchmarks/train_bench.py                        # lenet, caffenet, resnet50
     python benchmarks/train_bench.py --quick                # smoke run: 1 round, 2 steps
     python benchmarks/train_bench.py --nets lenet --rounds 5 --threads 2 --layers
-    python benchmarks/train_bench.py --caffe /path/to/caffe  # adds a `caffe time` column
+    python benchmarks/train_bench.py --caffe /path/to/caffe  # adds a Caffe column (`caffe train` steps)
     python benchmarks/train_bench.py --nets lenet --numpy    # adds minicaffe with compiled kernels off
 
 PyTorch is `pip install torch==2.13.0` (the CPU build); without it its column is skipped with a
@@ -47,7 +47,8 @@ SCALING_BATCHES = (16, 64, 256)   # LeNet: does the cost per image fall as the b
 MNIST_BATCHES = 4                 # distinct real batches cycled through (the ImageNet nets use one)
 ENGINES = ("minicaffe", "torch")
 SOLVER = dict(base_lr=0.01, momentum=0.9, weight_decay=5e-4)
-CAFFE_FORWARD_BACKWARD = re.compile(r"Average Forward-Backward: ([\d.]+) ms")
+# glog's time stamp on Solver::Step's display line, logged once per iteration with display: 1
+CAFFE_ITERATION = re.compile(r"^I\d{4}(?:\d{4})? (\d\d):(\d\d):(\d\d\.\d+) .*\] Iteration (\d+) \(", re.M)
 TORCH_MISSING = "PyTorch column skipped: pip install torch==2.13.0"
 
 
@@ -327,6 +328,27 @@ def layer_worker(spec, iterations):
                       "backward": total_backward * 1000 / iterations}))
 
 
+def write_caffe_solver(spec, iterations):
+    """A solver prototxt beside spec's net: SOLVER's settings, a display line every iteration."""
+    path = spec["prototxt"][:-len(".prototxt")] + f".solver{iterations}.prototxt"
+    with open(path, "w") as f:
+        f.write(f'net: "{spec["prototxt"]}"\nlr_policy: "fixed"\nmax_iter: {iterations}\ndisplay: 1\n'
+                f'snapshot_after_train: false\nsolver_mode: CPU\n'
+                + "".join(f"{key}: {value}\n" for key, value in SOLVER.items()))
+    return path
+
+
+def caffe_step_ms(text, warmup, steps, binary):
+    """Median ms between Caffe's per-iteration display lines after `warmup` iterations. Each gap
+    is one whole step: the previous iteration's update, then this one's forward and backward."""
+    stamps = {int(n): (int(h) * 60 + int(m)) * 60 + float(s) for h, m, s, n in CAFFE_ITERATION.findall(text)}
+    wanted = range(warmup, warmup + steps + 1)
+    if any(i not in stamps for i in wanted):
+        raise RuntimeError(f"{binary} train: no 'Iteration N (' line for every iteration:\n{text[-1500:]}")
+    gaps = [(stamps[i + 1] - stamps[i]) % 86400 for i in wanted[:-1]]   # % 86400: past midnight
+    return statistics.median(gaps) * 1000
+
+
 # -- the parent: runs the children, prints the tables ----------------------------------------------
 def torch_available():
     """Whether torch is installed, without importing it (the parent process stays torch-free)."""
@@ -363,12 +385,9 @@ class Runner:
         """(ms per step, peak RSS MB, first loss or None) of one round."""
         a = self.args
         if engine == "caffe":
-            text, peak = child_rss_mb([a.caffe, "time", "-model", spec["prototxt"], "-phase", "TRAIN",
-                                       "-iterations", str(steps)], self.env)
-            found = CAFFE_FORWARD_BACKWARD.search(text)
-            if not found:
-                raise RuntimeError(f"no 'Average Forward-Backward' line from {a.caffe}:\n{text[-1500:]}")
-            return float(found.group(1)), peak, None
+            solver = write_caffe_solver(spec, a.warmup + steps + 1)
+            text, peak = child_rss_mb([a.caffe, "train", "-solver", solver], self.env)
+            return caffe_step_ms(text, a.warmup, steps, a.caffe), peak, None
         cmd = [sys.executable, __file__, "--worker", engine, json.dumps(spec), "--steps", str(steps),
                "--warmup", str(a.warmup), "--threads", str(a.threads)]
         env = {"minicaffe": self.minicaffe_env, "minicaffe-numpy": dict(self.minicaffe_env, MINICAFFE_JIT="0")}
@@ -459,8 +478,8 @@ def main():
     parser.add_argument("--nets", default=",".join(names), help="comma-separated subset of: " + ", ".join(names))
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help="comma-separated subset of: minicaffe, torch (Caffe comes with --caffe)")
-    parser.add_argument("--caffe", help="a Caffe binary: adds a column timed with `caffe time` "
-                                        "(forward + backward, without the update)")
+    parser.add_argument("--caffe", help="a Caffe binary: adds a column of `caffe train` steps "
+                                        "(forward, backward and update, on the same net and solver)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 2),
                         help="BLAS / OpenMP / torch / MINICAFFE_THREADS threads for every engine "
                              "(default: OMP_NUM_THREADS, else 2)")
@@ -534,7 +553,9 @@ def main():
           f"{args.warmup} warm-up step(s); peak RSS MB; {args.threads} threads")
     net_table(rows, main_engines)
     if args.caffe:
-        print("Caffe's column is `caffe time` (TRAIN phase): forward + backward, without the solver's update.")
+        print("Caffe's column is `caffe train` with the same net and solver settings: the median gap between "
+              "its per-iteration log lines. Its Input blobs hold zeros and its weights come from its own "
+              "fillers (same shapes and work, other values), so it has no first-loss entry.")
     if {"minicaffe", "torch"} <= set(engines):
         print("first loss: both engines' loss on the first batch from the same weights "
               "(CaffeNet's differs by its Dropout masks).")

@@ -24,10 +24,15 @@ def rows(out, first_cell):
 
 
 def test_quick_run_prints_the_tables(tmp_path, mnist_dir):
-    # A stand-in Caffe binary: checks the `caffe time` call and the parsing of its summary line.
+    # A stand-in Caffe binary: checks the `caffe train` call and its solver, and logs one display
+    # line per iteration, 12.5 ms apart, as Solver::Step does with display: 1.
     caffe = tmp_path / "caffe"
-    caffe.write_text('#!/bin/sh\n[ "$1" = time ] && [ "$5" = TRAIN ] || exit 3\n'
-                     'echo "I1202 01:02:03.000000 1 caffe.cpp:412] Average Forward-Backward: 12.5 ms."\n')
+    caffe.write_text('#!/bin/sh\n[ "$1" = train ] && [ "$2" = -solver ] || exit 3\n'
+                     'grep -q "^display: 1$" "$3" && grep -q "^momentum: 0.9$" "$3" || exit 4\n'
+                     'net=$(sed -n \'s/^net: "\\(.*\\)"$/\\1/p\' "$3"); [ -f "$net" ] || exit 5\n'
+                     'awk -v n="$(sed -n \'s/^max_iter: //p\' "$3")" \'BEGIN { for (i = 0; i < n; i++) '
+                     'printf "I1202 01:02:%09.6f 1 solver.cpp:239] Iteration %d (80 iter/s), loss = 2.3\\n", '
+                     '3 + i * 0.0125, i }\'\n')
     caffe.chmod(0o755)
     cmd = [sys.executable, str(BENCHMARKS / "train_bench.py"), "--quick", "--nets", "lenet", "--engines",
            "minicaffe", "--threads", "1", "--layers", "--top", "5", "--caffe", str(caffe), "--mnist", str(mnist_dir)]
@@ -41,10 +46,21 @@ def test_quick_run_prints_the_tables(tmp_path, mnist_dir):
     ms, per_s, mb, caffe_ms = (float(c) for c in lenet[2:6])
     assert ms > 0 and per_s == pytest.approx(64 * 1000 / ms, rel=0.01) and mb > 20
     assert caffe_ms == 12.5 and float(lenet[-1]) == pytest.approx(ms / 12.5, abs=0.01)
-    assert "without the solver's update" in out
+    assert "Caffe's column is `caffe train` with the same net and solver settings" in out
     assert [r[0] for r in rows(out, "16") + rows(out, "64") + rows(out, "256")] == ["16", "64", "256"]
     layers = rows(out.split("lenet: minicaffe per layer")[1], "conv1") + rows(out, "ip1")
     assert [r[1] for r in layers] == ["Convolution", "InnerProduct"]
+
+
+def test_caffe_step_is_the_median_gap_between_its_iteration_lines():
+    bench = load_bench()
+    line = "I20261202 {} 1 solver.cpp:239] Iteration {} (9 iter/s, 0.1s/1 iters), loss = 2.3\nI1202 x sgd_solver.cpp:112] Iteration {}, lr = 0.01"
+    stamps = ["23:59:59.900000", "23:59:59.950000", "00:00:00.010000", "00:00:00.060000", "00:00:00.300000"]
+    text = "\n".join(line.format(t, i, i) for i, t in enumerate(stamps))
+    # gaps after one warm-up iteration: 60, 50, 240 ms (the first across midnight)
+    assert bench.caffe_step_ms(text, 1, 3, "caffe") == pytest.approx(60.0)
+    with pytest.raises(RuntimeError, match="caffe train: no 'Iteration N \\(' line for every iteration"):
+        bench.caffe_step_ms(text, 1, 4, "caffe")
 
 
 def test_torch_lenet_computes_minicaffe_losses(tmp_path, mnist_dir):
