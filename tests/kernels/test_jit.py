@@ -112,6 +112,31 @@ def test_the_python_kernel_matches_loops():
                                        rtol=1e-12, atol=1e-12)
 
 
+@needs_numba
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("slope", [0.0, 0.1])
+def test_compiled_depthwise_relu_is_caffes_on_nan_and_negative_zero(stride, slope):
+    """The kernel's branch-free ReLU is Caffe's std::max(v, 0) + slope * std::min(v, 0) on the
+    plain kernel's output, bit for bit: NaN stays NaN and -0.0 stays -0.0 (Python's max / min
+    keep their first argument on ties and NaN, as std::max / std::min do)."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1, 4, 9, 8)).astype(np.float32)
+    x[0, 1, 4, 4] = np.nan
+    x[0, 2] = np.abs(x[0, 2]) + 0.5
+    w = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    w[2] = -0.0                                    # channel 2: sums of -0.0 products, -0.0 out
+    bias = np.array([0.1, -0.2, -0.0, 0.3], np.float32)
+    shape = (1, 4, (9 + 2 - 3) // stride + 1, (8 + 2 - 3) // stride + 1)
+    fused, plain = np.empty(shape, np.float32), np.empty(shape, np.float32)
+    depthwise._depthwise_3x3(x, w, bias, fused, 0, 4, stride, 1, 1, True, np.float32(slope))
+    depthwise._depthwise_3x3(x, w, bias, plain, 0, 4, stride, 1, 1, False, np.float32(slope))
+    f32, zero = np.float32, np.float32(0)
+    want = np.array([max(v, zero) + f32(slope) * min(v, zero) for v in plain.ravel()], np.float32)
+    assert np.isnan(want).any() and np.signbit(want.reshape(shape)[0, 2]).all()
+    np.testing.assert_array_equal(fused.ravel(), want)    # NaN where NaN
+    np.testing.assert_array_equal(np.signbit(fused.ravel()), np.signbit(want))
+
+
 def test_without_numba_layers_take_the_numpy_path(monkeypatch):
     monkeypatch.setattr(jit, "available", lambda: False)
     monkeypatch.setattr(jit, "_enabled", None)
