@@ -405,12 +405,15 @@ def _winograd_output_4x4(m, out, bias, first, pitch, k0, k1, relu, slope):
                         line[4 * q + 2] = s12 + four * s34
                         line[4 * q + 3] = d12 + eight * d34 + h5[q]
                     dst = out[n, k, y]
-                    for q in range(out_w):
-                        dst[q] = line[q] + beta
+                    # Branch-free, as the depthwise kernel's (a test on the value stops the loop
+                    # vectorizing); max / min keep NaN and -0.0 as Caffe's std::max / std::min.
                     if relu:
                         for q in range(out_w):
-                            if dst[q] < zero:
-                                dst[q] = zero + slope * dst[q]   # zero + (-0.0) is +0.0, as in Caffe
+                            v = line[q] + beta
+                            dst[q] = max(v, zero) + slope * min(v, zero)
+                    else:
+                        for q in range(out_w):
+                            dst[q] = line[q] + beta
 
 
 # The rule for choosing Winograd per layer (benchmarks/winograd_bench.py, OMP_NUM_THREADS=1):
