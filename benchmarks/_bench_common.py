@@ -6,6 +6,7 @@ keeps one engine's thread pools and allocator state away from the other's.
 import importlib.metadata
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -98,3 +99,12 @@ def print_table(header, rows):
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(row) + " |")
+
+
+# glog's time stamp on Solver::Step's display line (Caffe's, and minicaffe train's own log)
+_ITERATION_LINE = re.compile(r"^[IWE]\d{4}(?:\d{4})? (\d\d):(\d\d):(\d\d\.\d+) .*\] Iteration (\d+) \(", re.M)
+
+
+def iteration_stamps(log):
+    """{iteration: seconds since midnight} of each `Iteration N (...)` display line in a log."""
+    return {int(n): (int(h) * 60 + int(m)) * 60 + float(s) for h, m, s, n in _ITERATION_LINE.findall(log)}

@@ -28,13 +28,13 @@ import importlib.util
 import json
 import os
 import pathlib
-import re
 import statistics
 import sys
 import tempfile
 import time
 
-from _bench_common import ROOT, SHARED, alternated, child_env, child_rss_mb, print_command, print_table
+from _bench_common import (ROOT, SHARED, alternated, child_env, child_rss_mb, iteration_stamps, print_command,
+                           print_table)
 
 BENCH = SHARED / "models" / "bench"
 # (name, deploy prototxt, batch, timed steps per round by default)
@@ -47,8 +47,6 @@ SCALING_BATCHES = (16, 64, 256)   # LeNet: does the cost per image fall as the b
 MNIST_BATCHES = 4                 # distinct real batches cycled through (the ImageNet nets use one)
 ENGINES = ("minicaffe", "torch")
 SOLVER = dict(base_lr=0.01, momentum=0.9, weight_decay=5e-4)
-# glog's time stamp on Solver::Step's display line, logged once per iteration with display: 1
-CAFFE_ITERATION = re.compile(r"^I\d{4}(?:\d{4})? (\d\d):(\d\d):(\d\d\.\d+) .*\] Iteration (\d+) \(", re.M)
 TORCH_MISSING = "PyTorch column skipped: pip install torch==2.13.0"
 
 
@@ -341,7 +339,7 @@ def write_caffe_solver(spec, iterations):
 def caffe_step_ms(text, warmup, steps, binary):
     """Median ms between Caffe's per-iteration display lines after `warmup` iterations. Each gap
     is one whole step: the previous iteration's update, then this one's forward and backward."""
-    stamps = {int(n): (int(h) * 60 + int(m)) * 60 + float(s) for h, m, s, n in CAFFE_ITERATION.findall(text)}
+    stamps = iteration_stamps(text)
     wanted = range(warmup, warmup + steps + 1)
     if any(i not in stamps for i in wanted):
         raise RuntimeError(f"{binary} train: no 'Iteration N (' line for every iteration:\n{text[-1500:]}")

@@ -17,9 +17,10 @@ import statistics
 import subprocess
 import sys
 
+from _bench_common import iteration_stamps
+
 LAYER = re.compile(r"\]\s+(\S+)\s+(forward|backward): ([\d.e+-]+) ms")
 TOTAL = re.compile(r"Average Forward-Backward: ([\d.]+) ms")
-ITER = re.compile(r"[IWE]\d{4,8} (\d\d):(\d\d):(\d\d\.\d+) .*Iteration (\d+) \(")
 
 
 def run(cmd, env):
@@ -39,8 +40,8 @@ def time_scores(out):
 def train_scores(out):
     """ms per iteration between the first and last `Iteration N (...)` display lines; with
     test_interval beyond them (as in a max_iter 500, test_interval 500 solver) no test runs between."""
-    marks = [(int(h) * 3600 + int(m) * 60 + float(s), int(it)) for h, m, s, it in ITER.findall(out)]
-    (t0, i0), (t1, i1) = marks[0], marks[-1]
+    marks = sorted((i, t) for i, t in iteration_stamps(out).items())
+    (i0, t0), (i1, t1) = marks[0], marks[-1]
     return {"train ms/iter": (t1 - t0) * 1000 / max(1, i1 - i0)}
 
 
