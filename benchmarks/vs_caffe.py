@@ -40,7 +40,7 @@ def time_scores(out):
 def train_scores(out):
     """ms per iteration between the first and last `Iteration N (...)` display lines; with
     test_interval beyond them (as in a max_iter 500, test_interval 500 solver) no test runs between."""
-    marks = sorted((i, t) for i, t in iteration_stamps(out).items())
+    marks = sorted(iteration_stamps(out).items())
     (i0, t0), (i1, t1) = marks[0], marks[-1]
     return {"train ms/iter": (t1 - t0) * 1000 / max(1, i1 - i0)}
 
