@@ -29,6 +29,7 @@ from minicaffe.proto import caffe_pb2  # noqa: E402
 
 # name: (N, C, H, W), num_output
 SHAPES = {
+    "vgg16 conv1_1": ((1, 3, 224, 224), 64),
     "vgg16 conv1_2": ((1, 64, 224, 224), 64),
     "vgg16 conv2_x": ((1, 128, 112, 112), 128),
     "vgg16 conv3_x": ((1, 256, 56, 56), 256),
@@ -48,6 +49,7 @@ SHAPES = {
     "googlenet 3a 3x3": ((1, 96, 28, 28), 128),
     "googlenet 4a 3x3": ((1, 96, 14, 14), 208),
     "small 16ch": ((1, 16, 32, 32), 16),
+    "small 3ch": ((1, 3, 32, 32), 16),
 }
 VARIANTS = {"plain": False, "F(2x2)": 2, "F(4x4)": 4}
 

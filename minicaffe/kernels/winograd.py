@@ -416,25 +416,33 @@ def _winograd_output_4x4(m, out, bias, first, pitch, k0, k1, relu, slope):
                             dst[q] = line[q] + beta
 
 
-# The rule for choosing Winograd per layer (benchmarks/winograd_bench.py, OMP_NUM_THREADS=1):
-# F(4x4) beats im2col + GEMM once each batched product has enough tiles and channels
-# (56x56 and 28x28 ResNet/VGG layers: 1.3-2x); on 14x14 single images (16 tiles) the 36 small
-# products lose to one big GEMM. F(2x2) was slower than F(4x4) at every size where F(4x4) won,
-# and at 14x14 batch 1 its gain over im2col (0.9-1.2x) did not repeat across runs.
-# Few input channels make the 36 products' shared axis too short for BLAS: at batch 1,
-# SqueezeNet's 16->64 at 56x56 and 32->128 at 28x28 ran im2col in 0.78x and 0.8-1.0x of
-# F(4x4)'s time (medians of 8 alternated rounds, one thread), while 48->96 at 28x28 and
-# 64->64 at 56x56 stayed 1.04x and 1.4x faster with F(4x4).
+# The rule for choosing Winograd per layer (benchmarks/winograd_bench.py, 2 threads and 1, batch 1,
+# numpy 2.4's OpenBLAS on the 2-core AMD EPYC): F(4x4) beats im2col + GEMM once each batched
+# product has enough tiles and channels (56x56 and 28x28 ResNet/VGG layers: 1.0-2.6x), and
+# whenever its transformed weights U (36 * C * K values) are small enough to stay in one core's
+# cache however few the tiles are: SqueezeNet's expand3x3 layers (16-64 -> 64-256 channels, 55x55
+# down to 13x13) ran 1.3-1.7x faster, a 16 -> 16 layer at 32x32 1.2-1.7x. With larger weights on
+# 14x14 and 7x7 single images (16 tiles or fewer) the 36 products stream U from memory and lose to
+# one big GEMM (ResNet-50's 256 -> 256 at 14x14 0.80x, 512 -> 512 at 7x7 0.46x, at 2 threads).
+# Three input channels are too few either way (VGG16's conv1_1 0.87x). F(2x2) was slower than
+# F(4x4) at every size but 7x7.
 MIN_IN_CHANNELS = 48
 MIN_OUT_CHANNELS = 16
 MIN_TILES = 32
+SMALL_WEIGHTS_VALUES = 36 * 64 * 256   # U of SqueezeNet's fire8 (64 -> 256): 2.4 MB in float32
+SMALL_WEIGHTS_MIN_TILES = 16
+SMALL_WEIGHTS_MIN_IN_CHANNELS = 16
 
 
 def choose_tile(in_channels, out_channels, out_spatial, num):
     """Tile size m for F(m x m, 3x3) on a 3x3 stride-1 undilated group-1 convolution, or None."""
     oh, ow = out_spatial
-    if in_channels < MIN_IN_CHANNELS or out_channels < MIN_OUT_CHANNELS or oh < 4 or ow < 4:
+    if out_channels < MIN_OUT_CHANNELS or oh < 4 or ow < 4:
         return None
-    if num * -(-oh // 4) * -(-ow // 4) < MIN_TILES:
+    tiles = num * -(-oh // 4) * -(-ow // 4)
+    if (36 * in_channels * out_channels <= SMALL_WEIGHTS_VALUES and tiles >= SMALL_WEIGHTS_MIN_TILES
+            and in_channels >= SMALL_WEIGHTS_MIN_IN_CHANNELS):
+        return 4
+    if in_channels < MIN_IN_CHANNELS or tiles < MIN_TILES:
         return None
     return 4

@@ -198,13 +198,21 @@ DISPATCH = [  # (layer arguments, expected tile size)
     (dict(phase=TEST, dilation=2, pad=2), None),
     (dict(phase=TEST, group=2), None),
     (dict(phase=TEST, kernel=5, pad=2), None),
-    (dict(phase=TEST, c=8), None),               # too few channels
-    (dict(phase=TEST, c=32, k=128), None),       # too few input channels for 36 short products
-    (dict(phase=TEST, c=16, k=64, hw=56), None),
+    # few channels: the transformed weights stay in cache, and 16 tiles are enough
+    (dict(phase=TEST, c=8), None),               # but 16 input channels at least
+    (dict(phase=TEST, c=16), 4),
+    (dict(phase=TEST, c=32, k=128), 4),
+    (dict(phase=TEST, c=16, k=64, hw=56), 4),
+    (dict(phase=TEST, c=64, k=256, hw=14), 4),   # SqueezeNet's fire8: the largest small weights
+    (dict(phase=TEST, c=16, k=64, hw=16), 4),    # 16 tiles
+    (dict(phase=TEST, c=16, k=64, hw=12), None), # 9 tiles
     (dict(phase=TEST, k=8), None),
     (dict(phase=TEST, hw=3, pad=0), None),       # output 1x1
-    (dict(phase=TEST, hw=14), None),             # 16 tiles: one big GEMM is faster
-    (dict(phase=TEST, hw=14, n=2), 4),           # 32 tiles
+    # larger weights: 16 tiles stream them from memory, one big GEMM is faster
+    (dict(phase=TEST, c=65, k=256, hw=14), None),
+    (dict(phase=TEST, c=256, k=256, hw=14), None),
+    (dict(phase=TEST, c=256, k=256, hw=14, n=2), 4),   # 32 tiles
+    (dict(phase=TEST, c=256, k=256, hw=28), 4),
     (dict(phase=TEST, dtype=np.float64), None),  # gradient checks stay on the plain path
     (dict(phase=TEST, winograd_setting=False), None),
     (dict(phase=TRAIN, winograd_setting=2), 2),
@@ -220,9 +228,9 @@ def test_dispatch_follows_the_rule(kwargs, tile):
 
 
 def test_dispatch_follows_reshapes():
-    layer, bottom, top = conv_layer(TEST, hw=14)
+    layer, bottom, top = conv_layer(TEST, c=256, k=256, hw=14)
     assert layer._winograd is None
-    bottom[0].reshape(4, 48, 14, 14)
+    bottom[0].reshape(4, 256, 14, 14)
     layer.reshape(bottom, top)
     assert layer._winograd is not None and layer._winograd.num == 4
     bottom[0].data[...] = np.random.default_rng(0).standard_normal(bottom[0].shape)
@@ -260,7 +268,6 @@ layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
 
 @pytest.mark.parametrize("inference", [False, True])
 def test_whole_net_outputs_equal_with_and_without_winograd(monkeypatch, tmp_path, inference):
-    monkeypatch.setattr(winograd, "MIN_IN_CHANNELS", 16)   # "auto" picks Winograd for these small layers
     param = text_format.Parse(VGG_LIKE, caffe_pb2.NetParameter())
     trained = Net(param, caffe.TEST)
     rng = np.random.default_rng(4)
