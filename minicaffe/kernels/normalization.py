@@ -1,4 +1,4 @@
-"""Compiled passes of BatchNorm and of a fused BatchNorm -> Scale (-> ReLU) chain (numba).
+"""Compiled passes of BatchNorm, of a fused BatchNorm -> Scale (-> ReLU) chain, and of LRN (numba).
 
 The chain's numpy forward normalizes, scales, shifts and rectifies each block of rows in five
 numpy passes (the block stays in cache, but each pass still reads and writes it); the last step
@@ -7,9 +7,12 @@ loops do each in one pass, with the same float32 operations in the same order, s
 bit for bit the numpy path's, and need no blob-sized scratch. The statistics and the backward's
 sums stay in numpy (a compiled float32 sum would not vectorize without reordering it).
 """
+import numpy as np
+
 from . import jit
 
-__all__ = ["normalize_scale_relu", "batch_norm_input_grad", "batch_norm_layer_grad"]
+__all__ = ["normalize_scale_relu", "batch_norm_input_grad", "batch_norm_layer_grad",
+           "lrn_across_channels", "LRN_BETAS", "LRN_BLOCK"]
 
 
 @jit.kernel
@@ -52,3 +55,58 @@ def batch_norm_layer_grad(dy, dx, x_norm, mean_dy_xn, mean_dy, std, lo, hi):
         d, out, xn = dy[r], dx[r], x_norm[r]
         for q in range(d.shape[0]):
             out[q] = (d[q] - (xn[q] * k + t)) / s
+
+
+# The betas lrn_across_channels computes scale^-beta for with sqrt and a reciprocal, as the numpy
+# path's _negative_power does (np.power on float32 is a scalar loop); others stay on numpy.
+LRN_BETAS = (0.75, 0.5, 1.0)
+# Pixels per block: a block's window of channel rows stays in L1 while it is summed.
+LRN_BLOCK = 512
+
+
+@jit.kernel
+def lrn_across_channels(x, y, scale, power, keep, size, coef, k, beta_kind, q0, q1):
+    """LRN across channels of (N, C, P) x for pixels q0:q1: scale = k + coef * (sum of x^2 over
+    channels c - (size-1)/2 .. c + (size-1)/2 inside 0..C-1), power = scale^-beta with beta
+    LRN_BETAS[beta_kind], y = x * power. The same float32 operations in the same order as the
+    numpy path (a left-to-right window sum, then *coef, +k, sqrt and reciprocal), one pass.
+    scale and power (what backward reads) are written only if keep, else held a block at a time."""
+    num, channels = x.shape[0], x.shape[1]
+    pre = (size - 1) // 2
+    one = k - k + x.dtype.type(1)
+    block_scale, block_power = np.empty(LRN_BLOCK, x.dtype), np.empty(LRN_BLOCK, x.dtype)
+    # Each loop runs over a block sliced out first, from 0: a loop from b0 keeps numba's
+    # negative-index wraparound test, which stops it vectorizing.
+    for b0 in range(q0, q1, LRN_BLOCK):
+        b1 = min(q1, b0 + LRN_BLOCK)
+        width = b1 - b0
+        for n in range(num):
+            for c in range(channels):
+                first, last = max(0, c - pre), min(channels, c + pre + 1)
+                row = scale[n, c, b0:b1] if keep else block_scale[:width]
+                src = x[n, first, b0:b1]
+                for q in range(width):
+                    row[q] = src[q] * src[q]
+                for cc in range(first + 1, last):
+                    src = x[n, cc, b0:b1]
+                    for q in range(width):
+                        row[q] += src[q] * src[q]
+                pw = power[n, c, b0:b1] if keep else block_power[:width]
+                xc, yc = x[n, c, b0:b1], y[n, c, b0:b1]
+                for q in range(width):
+                    v = row[q] * coef
+                    row[q] = v + k
+                # One loop per beta: a test inside the loop would stop it vectorizing, as would
+                # `/`, whose ZeroDivisionError check np.divide does not make.
+                if beta_kind == 0:
+                    for q in range(width):
+                        r = np.sqrt(row[q])
+                        pw[q] = np.divide(one, r * np.sqrt(r))
+                elif beta_kind == 1:
+                    for q in range(width):
+                        pw[q] = np.divide(one, np.sqrt(row[q]))
+                else:
+                    for q in range(width):
+                        pw[q] = np.divide(one, row[q])
+                for q in range(width):
+                    yc[q] = xc[q] * pw[q]

@@ -9,7 +9,8 @@ import numpy as np
 from ..blob import Blob, zeros
 from ..fillers import fill
 from ..kernels import jit
-from ..kernels.normalization import batch_norm_input_grad, batch_norm_layer_grad, normalize_scale_relu
+from ..kernels.normalization import (LRN_BETAS, LRN_BLOCK, batch_norm_input_grad, batch_norm_layer_grad,
+                                     lrn_across_channels, normalize_scale_relu)
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
 from ..threads import parallel_for
@@ -113,6 +114,7 @@ class LRNLayer(Layer):
             raise self.error("LRN cannot run in place: its backward needs both its input and output")
         self._padded = self._padded_diff = None
         self._scale = self._windows = self._power = self._scratch = None
+        self._compiled = self._state_stale = False
 
     def reshape(self, bottom, top):
         if bottom[0].num_axes != 4:
@@ -126,6 +128,9 @@ class LRNLayer(Layer):
         self._scale = _buffer(self._scale, shape, dtype)
         self._power = _buffer(self._power, shape, dtype)
         self._scratch = _buffer(self._scratch, shape, dtype)
+        # With numba, ACROSS_CHANNELS' forward is one compiled pass (kernels/normalization.py)
+        self._compiled = (jit.enabled() and self.region == _LRN.ACROSS_CHANNELS
+                          and self.beta in LRN_BETAS)
         if self.region == _LRN.ACROSS_CHANNELS:
             # Channels zero-padded by pre_pad on both sides, so every window is a plain slice.
             padded = (num, channels + self.size - 1, height, width)
@@ -152,6 +157,12 @@ class LRNLayer(Layer):
     def forward(self, bottom, top):
         x, y, scale = bottom[0].data, top[0].data, self._scale
         power, scratch = self._power, self._scratch
+        self._state_stale = False
+        if self._compiled:
+            # A forward_only layer keeps no scale and power for backward (2 of the 3 writes)
+            self._forward_compiled(x, y, scale, power, keep=not self.forward_only)
+            self._state_stale = self.forward_only
+            return
         if self.region == _LRN.ACROSS_CHANNELS:
             channels = x.shape[1]
             squares = self._padded
@@ -173,11 +184,28 @@ class LRNLayer(Layer):
         _negative_power(scale, self.beta, power, scratch)
         np.multiply(x, power, out=y)
 
+    def _forward_compiled(self, x, y, scale, power, keep):
+        """The ACROSS_CHANNELS forward in one pass (lrn_across_channels: the same values as the
+        numpy passes), over blocks of pixels so that a single image splits over the threads too."""
+        num, channels = x.shape[:2]
+        pixels = x[0, 0].size
+        flat = [a.reshape(num, channels, pixels) for a in (x, y, scale, power)]
+        f = x.dtype.type
+        coef, k, kind = f(self.alpha / self.size), f(self.k), LRN_BETAS.index(self.beta)
+        parallel_for(-(-pixels // LRN_BLOCK), lambda lo, hi: lrn_across_channels(
+            *flat, keep, self.size, coef, k, kind, lo * LRN_BLOCK, min(pixels, hi * LRN_BLOCK)),
+            4 * num * channels * LRN_BLOCK)
+
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
         x, y, dy, scale = bottom[0].data, top[0].data, top[0].diff, self._scale
         dx, power, accum = bottom[0].diff, self._power, self._scratch
+        if self._state_stale:
+            # The last forward kept no scale and power (a forward_only layer, run backward by
+            # hand): recompute them from the input, the top into scratch that is free until later.
+            self._forward_compiled(x, accum, scale, power, keep=True)
+            self._state_stale = False
         # Each y_j depends on x_i through scale_j: dy_j/dx_i = -2 beta (alpha/n) x_i y_j / scale_j
         # for every window j holding i. So dx_i = dy_i scale_i^-beta - 2 beta (alpha/n) x_i *
         # sum_{j: i in window j} dy_j y_j / scale_j.

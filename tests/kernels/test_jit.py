@@ -621,3 +621,87 @@ def test_pooling_follows_the_switch_at_its_next_reshape(monkeypatch):
     monkeypatch.setattr(jit, "_enabled", False)
     layer.reshape([bottom], [top])
     assert layer._compiled_max is None
+
+
+# -- LRN across channels ------------------------------------------------------------------------
+def _lrn_forward_backward(monkeypatch, compiled, x, dy, params, forward_only=False):
+    """(layer, top data, bottom diff) of an ACROSS_CHANNELS LRN layer, compiled kernels on or off."""
+    from google.protobuf import text_format
+    from minicaffe.layer_factory import create_layer
+    from minicaffe.proto import caffe_pb2
+    monkeypatch.setattr(jit, "_enabled", compiled)
+    param = text_format.Parse(f'name: "n" type: "LRN" lrn_param {{ {params} }}', caffe_pb2.LayerParameter())
+    layer = create_layer(param, caffe_pb2.TRAIN)
+    layer.forward_only = forward_only
+    bottom, top = Blob(x.shape, dtype=x.dtype), Blob(dtype=x.dtype)
+    layer.setup([bottom], [top])
+    bottom.data[...] = x
+    top.data[...] = 12345.0
+    layer.forward([bottom], [top])
+    data = top.data.copy()
+    top.diff[...] = dy
+    layer.backward([top], [True], [bottom])
+    np.testing.assert_array_equal(top.data, data)   # backward leaves the top alone
+    return layer, data, bottom.diff.copy()
+
+
+LRN_CONFIGS = ["local_size: 5 alpha: 0.0001 beta: 0.75", "local_size: 3 alpha: 0.2 beta: 0.5 k: 2",
+               "local_size: 1 alpha: 1 beta: 1", "local_size: 7 alpha: 0.5 beta: 0.75 k: 0.5"]
+
+
+@needs_numba
+@pytest.mark.parametrize("params", LRN_CONFIGS)
+@pytest.mark.parametrize("shape", [(1, 7, 5, 6), (2, 3, 4, 5), (1, 4, 30, 41)])   # 1230 pixels: 3 blocks
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("forward_only", [False, True])
+def test_compiled_lrn_equals_the_numpy_path(monkeypatch, params, shape, dtype, forward_only):
+    """The compiled forward makes the numpy passes' float operations in their order: the top, and
+    the backward that reads its scale and power, equal the numpy path's bit for bit. A
+    forward_only layer keeps neither; run backward by hand, it recomputes them."""
+    rng = np.random.default_rng(18)
+    x, dy = (rng.standard_normal(shape).astype(dtype) * 3 for _ in range(2))
+    fast, got, got_dx = _lrn_forward_backward(monkeypatch, True, x, dy, params, forward_only)
+    plain, want, want_dx = _lrn_forward_backward(monkeypatch, False, x, dy, params)
+    assert fast._compiled and not plain._compiled
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_dx, want_dx)
+
+
+@needs_numba
+def test_lrn_with_another_beta_or_within_channel_keeps_the_numpy_path(monkeypatch):
+    x = np.random.default_rng(19).standard_normal((1, 5, 6, 6)).astype(np.float32)
+    for params in ["local_size: 5 beta: 0.6", "local_size: 3 norm_region: WITHIN_CHANNEL"]:
+        layer, _, _ = _lrn_forward_backward(monkeypatch, True, x, x, params)
+        assert not layer._compiled
+
+
+@needs_numba
+def test_compiled_lrn_splits_pixel_blocks_over_the_pool(monkeypatch):
+    import minicaffe.threads as threads
+    rng = np.random.default_rng(20)
+    x, dy = (rng.standard_normal((1, 12, 40, 50)).astype(np.float32) for _ in range(2))
+    monkeypatch.setattr(threads, "MIN_PARALLEL_ELEMENTS", 1)
+    threads.set_num_threads(2)
+    try:
+        _, got, _ = _lrn_forward_backward(monkeypatch, True, x, dy, LRN_CONFIGS[0])
+    finally:
+        threads.set_num_threads(threads._threads_from_env())
+    _, want, _ = _lrn_forward_backward(monkeypatch, False, x, dy, LRN_CONFIGS[0])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_lrn_python_source_matches_the_numpy_path(monkeypatch):
+    """The kernel's Python source (what runs without numba), on pixels q0:q1 of a small input."""
+    from minicaffe.kernels.normalization import LRN_BETAS, lrn_across_channels
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((2, 6, 1, 700)).astype(np.float32)
+    for kind, beta in enumerate(LRN_BETAS):
+        _, want, _ = _lrn_forward_backward(monkeypatch, False, x, x, f"local_size: 5 alpha: 0.3 beta: {beta} k: 1.5")
+        flat = x.reshape(2, 6, 700)
+        coef = np.float32(float(np.float32(0.3)) / 5)   # alpha is a float field, as the layer reads it
+        for keep in (True, False):
+            y, scale, power = (np.full_like(flat, np.nan) for _ in range(3))
+            lrn_across_channels.py_func(flat, y, scale, power, keep, 5, coef, np.float32(1.5), kind, 100, 650)
+            np.testing.assert_array_equal(y[:, :, 100:650], want.reshape(2, 6, 700)[:, :, 100:650])
+            assert np.isnan(y[:, :, :100]).all() and np.isnan(y[:, :, 650:]).all()
+            assert np.isnan(scale).all() != keep and np.isnan(power).all() != keep
