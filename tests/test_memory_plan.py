@@ -246,6 +246,27 @@ def test_region_family_moves_out_together_with_its_values():
     assert parent.buf[4] == 40   # b writes its own buffer now
 
 
+def test_all_placed_needs_every_part_at_its_own_run():
+    from minicaffe.blob import Blob, _Region
+    from minicaffe.layers.shape import _all_placed
+
+    def placed(offsets, sizes=(4, 6)):
+        whole, family = Blob((10,)), []
+        parts = [Blob((size,)) for size in sizes]
+        for part, offset in zip(parts, offsets):
+            if offset is not None:
+                part._data = _Region(whole._data, offset, part.count, family)
+        return parts, whole
+
+    assert _all_placed(*placed((0, 4)))
+    assert not _all_placed(*placed((0, None)))     # the second part has a buffer of its own
+    assert not _all_placed(*placed((6, 0), (6, 4)))   # runs in the other order
+    parts, whole = placed((0, 4))
+    assert not _all_placed(parts, Blob((10,)))      # runs of another blob
+    parts[0].reshape(5)                             # no longer fits: the family moves out
+    assert not _all_placed(parts, whole)
+
+
 # Batch 1: "slice" cuts "c" into two runs of it and is its last reader; "slice2" is not the last
 # reader of "c2" (the Eltwise reads it later), so it copies.
 SLICED = """

@@ -8,6 +8,7 @@ shared thread pool (minicaffe.threads.copy_2d).
 """
 import numpy as np
 
+from ..blob import _Region
 from ..layer import Layer, register_layer
 from ..threads import copy_2d
 
@@ -55,6 +56,20 @@ def _runs_of(whole, parts, axis):
     for part in parts[:-1]:
         starts.append(starts[-1] + part.count)
     return whole, parts, starts
+
+
+def _all_placed(parts, whole):
+    """Whether every part's storage is its run of whole's, as an inference net places a Concat's
+    bottoms and a Slice's tops (memory_plan.py): the forward has nothing to copy. A blob-level check, so that a
+    batch-1 Concat costs a few attribute reads instead of building and comparing every block."""
+    memory, offset = whole._data, 0
+    for part in parts:
+        region = part._data
+        if type(region) is not _Region or region.own is not None or region.parent is not memory \
+                or region.offset != offset:
+            return False
+        offset += part.count
+    return True
 
 
 def _copy_unplaced(pairs):
@@ -223,7 +238,7 @@ class ConcatLayer(Layer):
         return _runs_of(top[0], bottom, self.axis)
 
     def forward(self, bottom, top):
-        if len(bottom) > 1:
+        if len(bottom) > 1 and not _all_placed(bottom, top[0]):
             _copy_unplaced(_column_blocks(top[0].data, [b.data for b in bottom], self.axis))
 
     def backward(self, top, propagate_down, bottom):
@@ -282,7 +297,7 @@ class SliceLayer(Layer):
         return _runs_of(bottom[0], top, self.axis)
 
     def forward(self, bottom, top):
-        if len(top) == 1:
+        if len(top) == 1 or _all_placed(top, bottom[0]):
             return
         blocks = _column_blocks(bottom[0].data, [t.data for t in top], self.axis)
         _copy_unplaced([(part, part_of_whole) for part_of_whole, part in blocks])
