@@ -60,8 +60,9 @@ def _runs_of(whole, parts, axis):
 
 def _all_placed(parts, whole):
     """Whether every part's storage is its run of whole's, as an inference net places a Concat's
-    bottoms and a Slice's tops (memory_plan.py): the forward has nothing to copy. A blob-level check, so that a
-    batch-1 Concat costs a few attribute reads instead of building and comparing every block."""
+    bottoms and a Slice's tops (memory_plan.py): the forward has nothing to copy. A blob-level
+    check, so that a batch-1 Concat costs a few attribute reads instead of building and comparing
+    every block."""
     memory, offset = whole._data, 0
     for part in parts:
         region = part._data
