@@ -12,7 +12,7 @@ import numpy as np
 from . import jit
 
 __all__ = ["normalize_scale_relu", "batch_norm_input_grad", "batch_norm_layer_grad",
-           "lrn_across_channels", "LRN_BETAS", "LRN_BLOCK"]
+           "lrn_across_channels", "lrn_across_channels_backward", "LRN_BETAS", "LRN_BLOCK"]
 
 
 @jit.kernel
@@ -110,3 +110,36 @@ def lrn_across_channels(x, y, scale, power, keep, size, coef, k, beta_kind, q0, 
                         pw[q] = np.divide(one, row[q])
                 for q in range(width):
                     yc[q] = xc[q] * pw[q]
+
+
+@jit.kernel
+def lrn_across_channels_backward(x, y, dy, scale, power, dx, size, factor, q0, q1):
+    """LRN across channels' input gradient of (N, C, P) arrays for pixels q0:q1:
+    dx = dy * power - (window sum over channels of dy * y / scale) * x * factor, factor being
+    2 * alpha * beta / size; the numpy path's float operations in its order, one pass."""
+    num, channels = x.shape[0], x.shape[1]
+    pre = (size - 1) // 2
+    ratio = np.empty((channels, LRN_BLOCK), x.dtype)
+    acc = np.empty(LRN_BLOCK, x.dtype)
+    for b0 in range(q0, q1, LRN_BLOCK):
+        b1 = min(q1, b0 + LRN_BLOCK)
+        width = b1 - b0
+        for n in range(num):
+            for c in range(channels):
+                r, d, o, s = ratio[c, :width], dy[n, c, b0:b1], y[n, c, b0:b1], scale[n, c, b0:b1]
+                for q in range(width):
+                    r[q] = np.divide(d[q] * o[q], s[q])
+            for c in range(channels):
+                first, last = max(0, c - pre), min(channels, c + pre + 1)
+                a, r = acc[:width], ratio[first, :width]
+                for q in range(width):
+                    a[q] = r[q]
+                for cc in range(first + 1, last):
+                    r = ratio[cc, :width]
+                    for q in range(width):
+                        a[q] += r[q]
+                xc, d, pw, out = x[n, c, b0:b1], dy[n, c, b0:b1], power[n, c, b0:b1], dx[n, c, b0:b1]
+                for q in range(width):
+                    v = a[q] * xc[q]
+                    v = v * factor
+                    out[q] = d[q] * pw[q] - v

@@ -10,7 +10,8 @@ from ..blob import Blob, zeros
 from ..fillers import fill
 from ..kernels import jit
 from ..kernels.normalization import (LRN_BETAS, LRN_BLOCK, batch_norm_input_grad, batch_norm_layer_grad,
-                                     lrn_across_channels, normalize_scale_relu)
+                                     lrn_across_channels, lrn_across_channels_backward,
+                                     normalize_scale_relu)
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
 from ..threads import parallel_for
@@ -209,6 +210,16 @@ class LRNLayer(Layer):
         # Each y_j depends on x_i through scale_j: dy_j/dx_i = -2 beta (alpha/n) x_i y_j / scale_j
         # for every window j holding i. So dx_i = dy_i scale_i^-beta - 2 beta (alpha/n) x_i *
         # sum_{j: i in window j} dy_j y_j / scale_j.
+        if self.region == _LRN.ACROSS_CHANNELS and jit.enabled():
+            # one compiled pass per block of pixels, the same values as the numpy passes below
+            num, channels = x.shape[:2]
+            pixels = x[0, 0].size
+            flat = [a.reshape(num, channels, pixels) for a in (x, y, dy, scale, power, dx)]
+            factor = x.dtype.type(2 * self.alpha * self.beta / self.size)
+            parallel_for(-(-pixels // LRN_BLOCK), lambda lo, hi: lrn_across_channels_backward(
+                *flat, self.size, factor, lo * LRN_BLOCK, min(pixels, hi * LRN_BLOCK)),
+                4 * num * channels * LRN_BLOCK)
+            return
         if self.region == _LRN.ACROSS_CHANNELS:
             channels = x.shape[1]
             # Reuse the forward's channel-padded buffer; its zero border is never written.

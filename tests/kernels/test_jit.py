@@ -705,3 +705,16 @@ def test_lrn_python_source_matches_the_numpy_path(monkeypatch):
             np.testing.assert_array_equal(y[:, :, 100:650], want.reshape(2, 6, 700)[:, :, 100:650])
             assert np.isnan(y[:, :, :100]).all() and np.isnan(y[:, :, 650:]).all()
             assert np.isnan(scale).all() != keep and np.isnan(power).all() != keep
+
+
+def test_lrn_backward_python_source_matches_the_numpy_path(monkeypatch):
+    from minicaffe.kernels.normalization import lrn_across_channels_backward
+    rng = np.random.default_rng(22)
+    x, dy = (rng.standard_normal((2, 6, 1, 600)).astype(np.float32) for _ in range(2))
+    layer, y, want = _lrn_forward_backward(monkeypatch, False, x, dy, "local_size: 3 alpha: 0.3 beta: 0.75 k: 1.5")
+    flat = [a.reshape(2, 6, 600) for a in (x, y, dy, layer._scale, layer._power)]
+    dx = np.full_like(flat[0], np.nan)
+    factor = np.float32(2 * float(np.float32(0.3)) * 0.75 / 3)
+    lrn_across_channels_backward.py_func(*flat, dx, 3, factor, 50, 600)
+    np.testing.assert_array_equal(dx[:, :, 50:], want.reshape(2, 6, 600)[:, :, 50:])
+    assert np.isnan(dx[:, :, :50]).all()
