@@ -116,7 +116,9 @@ def lrn_across_channels(x, y, scale, power, keep, size, coef, k, beta_kind, q0, 
 def lrn_across_channels_backward(x, y, dy, scale, power, dx, size, factor, q0, q1):
     """LRN across channels' input gradient of (N, C, P) arrays for pixels q0:q1:
     dx = dy * power - (window sum over channels of dy * y / scale) * x * factor, factor being
-    2 * alpha * beta / size; the numpy path's float operations in its order, one pass."""
+    2 * alpha * beta / size; the numpy path's float operations in its order, one pass (its window
+    sums skip the zero channels padding the edges, so a -0.0 there stays -0.0 where numpy's
+    +0.0 + -0.0 gives +0.0; every other value is bit for bit the same)."""
     num, channels = x.shape[0], x.shape[1]
     pre = (size - 1) // 2
     ratio = np.empty((channels, LRN_BLOCK), x.dtype)
