@@ -115,7 +115,7 @@ class LRNLayer(Layer):
             raise self.error("LRN cannot run in place: its backward needs both its input and output")
         self._padded = self._padded_diff = None
         self._scale = self._windows = self._power = self._scratch = None
-        self._compiled = self._state_stale = False
+        self._compiled = self._compiled_backward = self._state_stale = False
 
     def reshape(self, bottom, top):
         if bottom[0].num_axes != 4:
@@ -129,9 +129,10 @@ class LRNLayer(Layer):
         self._scale = _buffer(self._scale, shape, dtype)
         self._power = _buffer(self._power, shape, dtype)
         self._scratch = _buffer(self._scratch, shape, dtype)
-        # With numba, ACROSS_CHANNELS' forward is one compiled pass (kernels/normalization.py)
-        self._compiled = (jit.enabled() and self.region == _LRN.ACROSS_CHANNELS
-                          and self.beta in LRN_BETAS)
+        # With numba, ACROSS_CHANNELS' backward, and its forward for LRN_BETAS, are one compiled
+        # pass each (kernels/normalization.py)
+        self._compiled_backward = jit.enabled() and self.region == _LRN.ACROSS_CHANNELS
+        self._compiled = self._compiled_backward and self.beta in LRN_BETAS
         if self.region == _LRN.ACROSS_CHANNELS:
             # Channels zero-padded by pre_pad on both sides, so every window is a plain slice.
             padded = (num, channels + self.size - 1, height, width)
@@ -187,15 +188,10 @@ class LRNLayer(Layer):
 
     def _forward_compiled(self, x, y, scale, power, keep):
         """The ACROSS_CHANNELS forward in one pass (lrn_across_channels: the same values as the
-        numpy passes), over blocks of pixels so that a single image splits over the threads too."""
-        num, channels = x.shape[:2]
-        pixels = x[0, 0].size
-        flat = [a.reshape(num, channels, pixels) for a in (x, y, scale, power)]
+        numpy passes)."""
         f = x.dtype.type
         coef, k, kind = f(self.alpha / self.size), f(self.k), LRN_BETAS.index(self.beta)
-        parallel_for(-(-pixels // LRN_BLOCK), lambda lo, hi: lrn_across_channels(
-            *flat, keep, self.size, coef, k, kind, lo * LRN_BLOCK, min(pixels, hi * LRN_BLOCK)),
-            4 * num * channels * LRN_BLOCK)
+        _over_pixel_blocks(lrn_across_channels, (x, y, scale, power), keep, self.size, coef, k, kind)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -210,15 +206,9 @@ class LRNLayer(Layer):
         # Each y_j depends on x_i through scale_j: dy_j/dx_i = -2 beta (alpha/n) x_i y_j / scale_j
         # for every window j holding i. So dx_i = dy_i scale_i^-beta - 2 beta (alpha/n) x_i *
         # sum_{j: i in window j} dy_j y_j / scale_j.
-        if self.region == _LRN.ACROSS_CHANNELS and jit.enabled():
-            # one compiled pass per block of pixels, the same values as the numpy passes below
-            num, channels = x.shape[:2]
-            pixels = x[0, 0].size
-            flat = [a.reshape(num, channels, pixels) for a in (x, y, dy, scale, power, dx)]
+        if self._compiled_backward:   # one compiled pass, the same values as the numpy passes below
             factor = x.dtype.type(2 * self.alpha * self.beta / self.size)
-            parallel_for(-(-pixels // LRN_BLOCK), lambda lo, hi: lrn_across_channels_backward(
-                *flat, self.size, factor, lo * LRN_BLOCK, min(pixels, hi * LRN_BLOCK)),
-                4 * num * channels * LRN_BLOCK)
+            _over_pixel_blocks(lrn_across_channels_backward, (x, y, dy, scale, power, dx), self.size, factor)
             return
         if self.region == _LRN.ACROSS_CHANNELS:
             channels = x.shape[1]
@@ -248,6 +238,16 @@ class LRNLayer(Layer):
         accum *= 2 * self.alpha * self.beta
         np.multiply(dy, power, out=dx)
         dx -= accum
+
+
+def _over_pixel_blocks(kernel, arrays, *args):
+    """kernel(*arrays viewed as (N, C, pixels), *args, q0, q1) over blocks of LRN_BLOCK pixels,
+    split over the threads (the channel windows stay whole, and a single image splits too)."""
+    num, channels = arrays[0].shape[:2]
+    pixels = arrays[0][0, 0].size
+    flat = [a.reshape(num, channels, pixels) for a in arrays]
+    parallel_for(-(-pixels // LRN_BLOCK), lambda lo, hi: kernel(
+        *flat, *args, lo * LRN_BLOCK, min(pixels, hi * LRN_BLOCK)), 4 * num * channels * LRN_BLOCK)
 
 
 def _negative_power(base, beta, out, scratch):
