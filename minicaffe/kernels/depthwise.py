@@ -84,60 +84,81 @@ def _depthwise_3x3(x, w, bias, out, c0, c1, stride, pad_h, pad_w, relu, slope):
     """out[n, c] = sum_ij w[c, 0, i, j] * x_padded[n, c, stride*r + i, stride*q + j] + bias[c] for
     channels c0:c1; a 3x3 kernel, stride 1 or 2; then, if relu, Caffe's max(v, 0) + slope*min(v, 0)
     (slope in out's dtype, so no float64 enters the loops).
-    Each channel is first copied into a zero-bordered plane, so every tap reads in bounds; the
-    offsets are literals, so the loops vectorize (numba cannot prove a runtime offset non-negative,
-    and its negative-index check stops vectorization). The plane is flattened: output pixel (r, q)
-    of stride 1 is cell r*pitch + q, and tap (i, j) is cell i*pitch + j further, so the nine taps
-    are one loop over all rows (the 2*pad_w cells past each row's end computed and dropped), where
-    a loop per row of a 14-pixel map is too short to vectorize (MobileNet v1's 14x14 and 7x7
-    layers: 3.5-5x). Stride 2 computes each output row's input row at full resolution, with
-    contiguous loads, and keeps every second value: twice the multiply-adds, but 1.3-1.6x faster
-    than stride-2 loads, which do not vectorize.
+
+    Each channel is first copied into zero-bordered flat planes, so every tap reads in bounds and
+    all nine taps of every output pixel are one loop over the flattened output (the cells past each
+    row's end computed and dropped): a loop per row of a 14-pixel map is too short to vectorize
+    (MobileNet v1's 14x14 and 7x7 layers: 3.5-5x). The offsets are literals once each plane is
+    sliced at its shift (numba cannot prove a runtime offset non-negative, and its negative-index
+    check stops vectorization).
+      stride 1: one plane of pitch W + 2*pad_w; output (r, q) is cell r*pitch + q and tap (i, j) is
+        cell i*pitch + j further.
+      stride 2: four planes, the padded rows and columns split by parity (as max pooling's phases,
+        kernels/pooling.py), of pitch W_out + 1: tap (i, j) of output (r, q) is cell
+        (r + i // 2)*pitch + q + j // 2 of plane (i % 2, j % 2), so the loads are contiguous too.
+        (Computing each input row at full resolution and keeping every second value took twice
+        the multiply-adds: MobileNet v1's stride-2 layers ran 1.5-1.7x slower, timed alone.)
     The ReLU is max(v, 0) + slope * min(v, 0) without a branch: a test on the value stops a loop
     vectorizing (as a separate short loop per row it took three quarters of the time on 14x14 and
     7x7 maps). max and min keep NaN and -0.0 as Caffe's std::max / std::min do."""
     n, _, height, width = x.shape
     out_h, out_w = out.shape[2], out.shape[3]
-    pitch = width + 2 * pad_w
-    # The zero-bordered plane, flattened, with two spare cells for the last row's taps.
-    flat = np.zeros((height + 2 * pad_h) * pitch + 2, x.dtype)
-    cells = out_h * pitch if stride == 1 else 2 * out_w - 1
-    rows = np.empty(cells, x.dtype)
     zero = slope - slope
+    if stride == 1:
+        pitch = width + 2 * pad_w
+        cells = out_h * pitch
+        # The zero-bordered plane, flattened, with two spare cells for the last row's taps.
+        planes = np.zeros((1, (height + 2 * pad_h) * pitch + 2), x.dtype)
+    else:
+        pitch = out_w + 1
+        cells = out_h * pitch
+        # rows 0..out_h of each parity plane, and one spare cell for the last tap's column shift
+        planes = np.zeros((4, (out_h + 1) * pitch + 1), x.dtype)
+    rows = np.empty(cells, x.dtype)
     for image in range(n):
         for ch in range(c0, c1):
-            for y in range(height):
-                dst, src = flat[(pad_h + y) * pitch + pad_w:], x[image, ch, y]
-                for q in range(width):
-                    dst[q] = src[q]
+            if stride == 1:
+                for y in range(height):
+                    dst, src = planes[0, (pad_h + y) * pitch + pad_w:], x[image, ch, y]
+                    for q in range(width):
+                        dst[q] = src[q]
+            else:
+                for y in range(height):
+                    # image column m is padded column m + pad_w: plane (m + pad_w) % 2, cell
+                    # (m + pad_w) // 2 of the row; one loop fills both column parities, which
+                    # the compiler vectorizes as one interleaved load (a loop per parity does not)
+                    row = y + pad_h
+                    base, parity = (row // 2) * pitch, (row % 2) * 2
+                    src = x[image, ch, y]
+                    even = planes[parity + pad_w % 2, base + pad_w // 2:]
+                    odd = planes[parity + 1 - pad_w % 2, base + (pad_w + 1) // 2:]
+                    for u in range(width // 2):
+                        even[u] = src[2 * u]
+                        odd[u] = src[2 * u + 1]
+                    if width % 2:
+                        even[width // 2] = src[width - 1]
             w0, w1, w2 = w[ch, 0, 0, 0], w[ch, 0, 0, 1], w[ch, 0, 0, 2]
             w3, w4, w5 = w[ch, 0, 1, 0], w[ch, 0, 1, 1], w[ch, 0, 1, 2]
             w6, w7, w8 = w[ch, 0, 2, 0], w[ch, 0, 2, 1], w[ch, 0, 2, 2]
             beta = bias[ch]
-            for r in range(out_h if stride == 2 else 1):
-                # stride 1: every output row at once, rectified in the same loop (a loop-invariant
-                # test, which the compiler hoists); stride 2: row 2r at full resolution, rectified
-                # as every second value is kept
-                top = 2 * r * pitch
-                a, b, d = flat[top:], flat[top + pitch:], flat[top + 2 * pitch:]
+            if stride == 1:
+                a, b, d = planes[0], planes[0, pitch:], planes[0, 2 * pitch:]
                 for t in range(cells):
                     v = (w0 * a[t] + w1 * a[t + 1] + w2 * a[t + 2] + w3 * b[t] + w4 * b[t + 1]
                          + w5 * b[t + 2] + w6 * d[t] + w7 * d[t + 1] + w8 * d[t + 2] + beta)
-                    rows[t] = max(v, zero) + slope * min(v, zero) if relu and stride == 1 else v
-                if stride == 1:
-                    for row in range(out_h):
-                        o, src = out[image, ch, row], rows[row * pitch:]
-                        for q in range(out_w):
-                            o[q] = src[q]
-                else:
-                    o = out[image, ch, r]
-                    if relu:
-                        for q in range(out_w):
-                            v = rows[2 * q]
-                            o[q] = max(v, zero) + slope * min(v, zero)
-                    else:
-                        for q in range(out_w):
-                            o[q] = rows[2 * q]
+                    rows[t] = max(v, zero) + slope * min(v, zero) if relu else v
+            else:
+                ee, eo, oe, oo = planes[0], planes[1], planes[2], planes[3]
+                below, below_odd = planes[0, pitch:], planes[1, pitch:]
+                for t in range(cells):
+                    v = (w0 * ee[t] + w1 * eo[t] + w2 * ee[t + 1] + w3 * oe[t] + w4 * oo[t]
+                         + w5 * oe[t + 1] + w6 * below[t] + w7 * below_odd[t] + w8 * below[t + 1]
+                         + beta)
+                    rows[t] = max(v, zero) + slope * min(v, zero) if relu else v
+            for r in range(out_h):
+                o, src = out[image, ch, r], rows[r * pitch:]
+                for q in range(out_w):
+                    o[q] = src[q]
 
 
 def compiled_3x3_applies(multiplier, kernel, stride, dilation):

@@ -15,7 +15,7 @@ needs_numba = pytest.mark.skipif(not jit.available(), reason=f"numba is not inst
 # 3x3 geometries the compiled depthwise forward takes (stride 1 or 2, any padding) and some it leaves
 COMPILED = ["kernel_size: 3 pad: 1", "kernel_size: 3 stride: 2 pad: 1", "kernel_size: 3",
             "kernel_size: 3 stride: 2", "kernel_size: 3 pad: 2", "kernel_size: 3 stride: 2 pad_h: 0 pad_w: 2",
-            "kernel_size: 3 pad: 1 bias_term: false"]
+            "kernel_size: 3 stride: 2 pad_h: 2 pad_w: 1", "kernel_size: 3 pad: 1 bias_term: false"]
 NOT_COMPILED = [(1, "kernel_size: 3 pad: 2 dilation: 2"), (1, "kernel_size: 5 pad: 2"),
                 (1, "kernel_size: 3 stride: 3 pad: 1"), (2, "kernel_size: 3 pad: 1"),
                 (1, "kernel_h: 3 kernel_w: 1 pad_h: 1")]
