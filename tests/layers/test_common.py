@@ -67,6 +67,23 @@ def test_inner_product_param_diffs_accumulate():
     np.testing.assert_allclose(l.blobs[1].diff, 4.0)
 
 
+@pytest.mark.parametrize("extra", ["", "transpose: true"])
+def test_inner_product_blocked_weight_gradient_equals_one_product(extra):
+    # blocks of 3 weight rows (the last one short) must add up to dW += dy^T x in one GEMM
+    set_random_seed(0)
+    rng = np.random.default_rng(3)
+    l = layer((IP % extra).replace("num_output: 4", "num_output: 7"))
+    bottom, top = run(l, rng.normal(size=(5, 8)))
+    top[0].diff[...] = rng.normal(size=top[0].shape)
+    previous = rng.normal(size=l.blobs[0].shape).astype(np.float32)
+    l.blobs[0].diff[...] = previous
+    l._grad_rows, l._w_grad = 3, None
+    l.backward(top, [True], bottom)
+    dy, x = top[0].diff.astype(np.float64), bottom[0].data.astype(np.float64)
+    product = x.T @ dy if "transpose" in extra else dy.T @ x
+    np.testing.assert_allclose(l.blobs[0].diff, previous + product, rtol=1e-5, atol=1e-5)
+
+
 def test_inner_product_refuses_bad_params():
     with pytest.raises(LayerError, match="num_output"):
         run(layer('name: "ip" type: "InnerProduct"'), np.ones((2, 3)))
