@@ -62,7 +62,7 @@ class InnerProductLayer(Layer):
         self._w_grad = None
         # up to 16 MB of gradient rows per block of the weight-gradient GEMM: with a small
         # batch each GEMM is short, so fewer, larger blocks beat cache-sized ones (fc6 of
-        # CaffeNet at batch 32: 7-row blocks ~2.5x slower than 455-row ones)
+        # CaffeNet at batch 32: 7-row blocks 2-3x slower than 455-row ones)
         w_rows, w_cols = (self.K, self.num_output) if self.transpose else (self.num_output, self.K)
         self._grad_rows = min(w_rows, max(1, (1 << 22) // w_cols))
         if self.blobs_loaded:
