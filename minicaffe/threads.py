@@ -27,7 +27,7 @@ import _thread
 import os
 import threading
 
-__all__ = ["get_num_threads", "set_num_threads", "parallel_for", "map_flat", "map_positions",
+__all__ = ["get_num_threads", "set_num_threads", "in_worker", "parallel_for", "map_flat", "map_positions",
            "copy_2d", "MIN_PARALLEL_ELEMENTS", "BLOCKS_PER_THREAD"]
 
 # The least work (float32 elements of a streaming pass) worth handing to another thread. On the
@@ -169,6 +169,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
+def in_worker():
+    """Whether the calling thread is one of the pool's workers (which never split further)."""
+    return getattr(_local, "in_worker", False)
+
+
 def parallel_for(n, fn, elements_per_item=1):
     """Call fn(lo, hi) over contiguous blocks that cover range(n), on all threads at once.
 
@@ -179,7 +184,7 @@ def parallel_for(n, fn, elements_per_item=1):
     """
     threads = get_num_threads()
     blocks = 1
-    if threads > 1 and n > 1 and not getattr(_local, "in_worker", False):
+    if threads > 1 and n > 1 and not in_worker():
         blocks = min(n, threads * BLOCKS_PER_THREAD,
                      int(n * elements_per_item) // MIN_PARALLEL_ELEMENTS)
     if blocks <= 1:

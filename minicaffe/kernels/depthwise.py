@@ -46,7 +46,7 @@ import threading
 import numpy as np
 
 from ..blob import flat_view, zeros
-from ..threads import parallel_for
+from .workers import parallel_kernel
 from . import jit
 from .pooling import _phase_slices
 
@@ -286,9 +286,8 @@ class DepthwiseConv:
             bias = self._no_bias if bias is None else bias
             pad_h, pad_w = self.pad
             relu, slope = relu_slope is not None, out.dtype.type(relu_slope or 0)
-            parallel_for(c, lambda a, b: _depthwise_3x3(im, w, bias, out, a, b, self.stride[0], pad_h, pad_w,
-                                                        relu, slope),
-                         n * (im[0, 0].size + out[0, 0].size))
+            parallel_kernel(_depthwise_3x3, (im, w, bias, out, self.stride[0], pad_h, pad_w, relu, slope),
+                            c, at=4, cost=n * (im[0, 0].size + out[0, 0].size))
             out = None
         elif out is not None and m == 1:
             self._conv_phases(im, w, out, bias)

@@ -11,7 +11,7 @@ Needs numba (kernels/jit.py); callers check `jit.enabled()`.
 """
 import numpy as np
 
-from ..threads import parallel_for
+from .workers import parallel_kernel
 from . import jit
 
 __all__ = ["store"]
@@ -46,5 +46,4 @@ def store(dest, values, bias, relu_slope=None):
     has_bias, relu = bias is not None, relu_slope is not None
     bias = bias.reshape(-1) if has_bias else np.zeros(1, dest.dtype)
     slope = dest.dtype.type(relu_slope if relu else 0)
-    parallel_for(c, lambda c0, c1: _store(values, dest, bias, has_bias, relu, slope, c0, c1),
-                 dest.shape[0] * p)
+    parallel_kernel(_store, (values, dest, bias, has_bias, relu, slope), c, at=6, cost=dest.shape[0] * p)

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..im2col import _valid_range
 from ..threads import parallel_for
+from .workers import parallel_kernel
 from . import jit
 from .clamp import clamp_below
 
@@ -295,9 +296,8 @@ class CompiledMaxPool:
         w = self.windows
         x = x.reshape(self.planes, w.height, w.width)
         y = y.reshape(self.planes, w.pooled_h, w.pooled_w)
-        parallel_for(self.planes, lambda p0, p1: _max_pool(
-            x, y, p0, p1, w.kernel_h, w.kernel_w, w.stride_h, w.stride_w, w.pad_h, w.pad_w),
-            w.height * w.width + w.pooled_h * w.pooled_w)
+        parallel_kernel(_max_pool, (x, y, w.kernel_h, w.kernel_w, w.stride_h, w.stride_w, w.pad_h, w.pad_w),
+                        self.planes, at=2, cost=w.height * w.width + w.pooled_h * w.pooled_w)
 
 
 def _phase_slices(phase, pad, stride, size, grid_size):

@@ -28,7 +28,7 @@ seen 8e-7 for F(2x2) and 1e-5 for F(4x4), whose transforms hold 1/6, 1/24 and 8.
 import numpy as np
 
 from ..blob import flat_view
-from ..threads import parallel_for
+from .workers import parallel_kernel
 from . import jit
 
 __all__ = ["WinogradConv", "TRANSFORMS"]
@@ -219,12 +219,12 @@ class WinogradConv:
         for first in range(0, th, self.block_rows):
             cells = (min(th, first + self.block_rows) - first) * pitch
             v = self._buf("d", (a * a, c, n, cells))
-            parallel_for(c, lambda c0, c1: _winograd_input_4x4(
-                im, v, first, pitch, c0, c1, self.pad[0], self.pad[1]), n * a * a * cells)
+            parallel_kernel(_winograd_input_4x4, (im, v, first, pitch, self.pad[0], self.pad[1]),
+                            c, at=4, cost=n * a * a * cells)
             prod = self._buf("m", (a * a, k, n, cells))
             np.matmul(u, v.reshape(a * a, c, n * cells), out=prod.reshape(a * a, k, n * cells))
-            parallel_for(k, lambda k0, k1: _winograd_output_4x4(
-                prod, out, bias, first, pitch, k0, k1, relu, slope), n * a * a * cells)
+            parallel_kernel(_winograd_output_4x4, (prod, out, bias, first, pitch, relu, slope),
+                            k, at=5, cost=n * a * a * cells)
 
     def _conv_chunk(self, im, u, out, bias):
         n, c = im.shape[:2]
