@@ -69,8 +69,8 @@ class kernel:
     whose layers runs a compiled kernel costs no memory for it. A kernel may call other kernels
     (module globals): they are compiled first and called as compiled code."""
 
-    def __init__(self, fn):
-        self.py_func = fn
+    def __init__(self, fn, cache=True):
+        self.py_func, self.cache = fn, cache
         self.__doc__, self.__name__ = fn.__doc__, fn.__name__
         self._compiled = None
 
@@ -96,4 +96,4 @@ class kernel:
             fn = types.FunctionType(fn.__code__, {**fn.__globals__, **callees}, fn.__name__,
                                     fn.__defaults__, fn.__closure__)
             fn.__qualname__, fn.__module__ = self.py_func.__qualname__, self.py_func.__module__
-        return numba.njit(nogil=True, cache=True, boundscheck=False)(fn)
+        return numba.njit(nogil=True, cache=self.cache, boundscheck=False)(fn)

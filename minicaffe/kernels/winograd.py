@@ -29,7 +29,7 @@ import numpy as np
 
 from ..blob import flat_view
 from .workers import parallel_kernel
-from . import jit
+from . import gemm, jit
 
 __all__ = ["WinogradConv", "TRANSFORMS"]
 
@@ -222,7 +222,7 @@ class WinogradConv:
             parallel_kernel(_winograd_input_4x4, (im, v, first, pitch, self.pad[0], self.pad[1]),
                             c, at=4, cost=n * a * a * cells)
             prod = self._buf("m", (a * a, k, n, cells))
-            np.matmul(u, v.reshape(a * a, c, n * cells), out=prod.reshape(a * a, k, n * cells))
+            gemm.matmul(u, v.reshape(a * a, c, n * cells), prod.reshape(a * a, k, n * cells))
             parallel_kernel(_winograd_output_4x4, (prod, out, bias, first, pitch, relu, slope),
                             k, at=5, cost=n * a * a * cells)
 
@@ -264,7 +264,7 @@ class WinogradConv:
         np.matmul(bt, rows.reshape(a, a, c * tiles), out=v)
 
         prod = self._buf("m", (a * a, k, tiles))
-        np.matmul(u, v.reshape(a * a, c, tiles), out=prod)
+        gemm.matmul(u, v.reshape(a * a, c, tiles), prod)
 
         half = self._buf("rows", (m, a, k * tiles))                  # A^T M over i
         np.matmul(at, prod.reshape(a, a * k * tiles), out=half.reshape(m, a * k * tiles))

@@ -41,14 +41,16 @@ _workers = []
 _lock = threading.Lock()  # guards _native, _jobs and _workers
 
 
-def parallel_kernel(kernel, args, n, at, cost=1):
+def parallel_kernel(kernel, args, n, at, cost=1, least=None):
     """kernel(*args[:at], lo, hi, *args[at:]) over blocks covering range(n), on all threads.
 
-    `cost` is the work per index in elements: the call splits from MIN_NATIVE_ELEMENTS (or
-    threads.MIN_PARALLEL_ELEMENTS, if lower). `kernel` is a jit.kernel; any other callable
-    (a test's wrapper) runs through threads.parallel_for."""
+    `cost` is the work per index: the call splits when n * cost reaches `least` per block (by
+    default, for costs in elements, MIN_NATIVE_ELEMENTS or threads.MIN_PARALLEL_ELEMENTS if
+    lower). `kernel` is a jit.kernel; any other callable (a test's wrapper) runs through
+    threads.parallel_for."""
     count = threads.get_num_threads()
-    least = min(MIN_NATIVE_ELEMENTS, threads.MIN_PARALLEL_ELEMENTS)
+    if least is None:
+        least = min(MIN_NATIVE_ELEMENTS, threads.MIN_PARALLEL_ELEMENTS)
     blocks = min(count, n, int(n * cost) // least)
     native = blocks > 1 and hasattr(kernel, "compiled") and not threads.in_worker()
     kinds = _kinds(args) if native else None

@@ -7,6 +7,7 @@ import numpy as np
 
 from ..blob import Blob
 from ..fillers import fill
+from ..kernels import gemm
 from ..layer import Layer, register_layer
 from ..threads import map_flat, map_positions
 from .neuron import relu, scale_and_shift
@@ -87,7 +88,7 @@ class InnerProductLayer(Layer):
     def forward(self, bottom, top):
         x = bottom[0].data.reshape(-1, self.K)
         y = top[0].data.reshape(-1, self.num_output)
-        np.matmul(x, self._weight(), out=y)
+        gemm.matmul(x, self._weight(), y)
         if self.output_scale is not None:
             scale_and_shift(y, self.output_scale, self.blobs[1].data, 1)
         elif self.bias_term:

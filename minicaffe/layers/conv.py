@@ -35,7 +35,7 @@ import numpy as np
 from ..blob import Blob, flat_view
 from ..fillers import fill
 from ..im2col import col2im, col2im_rows, conv_output_shape, deconv_output_shape, im2col
-from ..kernels import epilogue, jit, winograd
+from ..kernels import epilogue, gemm, jit, winograd
 from ..kernels.depthwise import DepthwiseConv, is_depthwise
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
@@ -443,7 +443,7 @@ class ConvGemm:
             # One batch_outer image is already in blob order: multiply straight into it.
             direct = n == 1 and not self.batch_inner
             result = flat_out[0] if direct else self._output_matrix(n)
-            np.matmul(w.reshape(g, -1, self.kernel_dim), cols, out=result.reshape(g, -1, cols.shape[-1]))
+            gemm.matmul(w.reshape(g, -1, self.kernel_dim), cols, result.reshape(g, -1, cols.shape[-1]))
             _store(flat_out, flat_out if direct else self._as_blob_order(result, n), bias, relu_slope)
 
     def _transpose(self, dout, w, im, im_data, dw, bias, kept=None):
@@ -457,7 +457,7 @@ class ConvGemm:
             self._weight_grad_of(dout, cols, dw, dout_matrix)
         if im is not None:
             cols = flat_view(self._cols, (g, self.kernel_dim, columns))
-            np.matmul(w.reshape(g, -1, self.kernel_dim).swapaxes(-1, -2), dout_matrix, out=cols)
+            gemm.matmul(w.reshape(g, -1, self.kernel_dim).swapaxes(-1, -2), dout_matrix, cols)
             self._col2im(cols, im, bias)
 
     # -- 1x1: the images are the columns (n, C, P), one matmul per image ---------------
@@ -491,8 +491,8 @@ class ConvGemm:
         if dw is not None:
             self._weight_grad_1x1(dout, im, dw)
         if out is not None:
-            np.matmul(w.reshape(1, g, -1, self.kernel_dim), im.reshape(n, g, -1, self.out_dim),
-                      out=out.reshape(n, g, -1, self.out_dim))
+            gemm.matmul(w.reshape(1, g, -1, self.kernel_dim), im.reshape(n, g, -1, self.out_dim),
+                        out.reshape(n, g, -1, self.out_dim))
             flat_out = out.reshape(n, self.out_channels, -1)
             _store(flat_out, flat_out, bias, relu_slope)
 
@@ -501,8 +501,8 @@ class ConvGemm:
         if dw is not None:
             self._weight_grad_1x1(dout, im_data, dw)
         if im is not None:
-            np.matmul(w.reshape(1, g, -1, self.kernel_dim).swapaxes(-1, -2),
-                      dout.reshape(n, g, -1, self.out_dim), out=im.reshape(n, g, -1, self.out_dim))
+            gemm.matmul(w.reshape(1, g, -1, self.kernel_dim).swapaxes(-1, -2),
+                        dout.reshape(n, g, -1, self.out_dim), im.reshape(n, g, -1, self.out_dim))
             flat_im = im.reshape(n, self.in_channels, -1)
             _store(flat_im, flat_im, bias)
 
