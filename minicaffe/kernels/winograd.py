@@ -419,17 +419,18 @@ def _winograd_output_4x4(m, out, bias, first, pitch, k0, k1, relu, slope):
 # The rule for choosing Winograd per layer (benchmarks/winograd_bench.py, 2 threads and 1, batch 1,
 # numpy 2.4's OpenBLAS on the 2-core AMD EPYC): F(4x4) beats im2col + GEMM once each batched
 # product has enough tiles and channels (56x56 and 28x28 ResNet/VGG layers: 1.0-2.6x), and
-# whenever its transformed weights U (36 * C * K values) are small enough to stay in one core's
-# cache however few the tiles are: SqueezeNet's expand3x3 layers (16-64 -> 64-256 channels, 55x55
-# down to 13x13) ran 1.3-1.7x faster, a 16 -> 16 layer at 32x32 1.2-1.7x. With larger weights on
-# 14x14 and 7x7 single images (16 tiles or fewer) the 36 products stream U from memory and lose to
-# one big GEMM (ResNet-50's 256 -> 256 at 14x14 0.80x, 512 -> 512 at 7x7 0.46x, at 2 threads).
-# Three input channels are too few either way (VGG16's conv1_1 0.87x). F(2x2) was slower than
-# F(4x4) at every size but 7x7.
+# whenever its transformed weights U (36 * C * K values) are at most 36 * 256 * 256, however few
+# the tiles are (16, a 14x14 image): SqueezeNet's expand3x3 layers (16-64 -> 64-256 channels,
+# 55x55 down to 13x13) ran 1.1-1.6x faster, GoogLeNet's 4a 3x3 (96 -> 208 at 14x14) 1.28x,
+# ResNet-50's 256 -> 256 at 14x14 1.10x, since the 36 products are split over the threads as
+# whole one-thread GEMMs (kernels/gemm.py; with OpenBLAS's own threading that layer was 0.80x).
+# Larger weights on 16 tiles or fewer break even or lose (VGG16's 512 -> 512 at 14x14 0.99x,
+# ResNet-50's at 7x7 0.46x). Three input channels are too few either way (VGG16's conv1_1 0.87x).
+# F(2x2) was slower than F(4x4) at every size but 7x7 and the 512-channel 14x14.
 MIN_IN_CHANNELS = 48
 MIN_OUT_CHANNELS = 16
 MIN_TILES = 32
-SMALL_WEIGHTS_VALUES = 36 * 64 * 256   # U of SqueezeNet's fire8 (64 -> 256): 2.4 MB in float32
+SMALL_WEIGHTS_VALUES = 36 * 256 * 256   # U of ResNet-50's conv4_x 3x3: 9.4 MB in float32
 SMALL_WEIGHTS_MIN_TILES = 16
 SMALL_WEIGHTS_MIN_IN_CHANNELS = 16
 

@@ -203,16 +203,18 @@ DISPATCH = [  # (layer arguments, expected tile size)
     (dict(phase=TEST, c=16), 4),
     (dict(phase=TEST, c=32, k=128), 4),
     (dict(phase=TEST, c=16, k=64, hw=56), 4),
-    (dict(phase=TEST, c=64, k=256, hw=14), 4),   # SqueezeNet's fire8: the largest small weights
+    (dict(phase=TEST, c=64, k=256, hw=14), 4),   # SqueezeNet's fire8
+    (dict(phase=TEST, c=256, k=256, hw=14), 4),  # ResNet-50's conv4_x: the largest small weights
     (dict(phase=TEST, c=16, k=64, hw=16), 4),    # 16 tiles
     (dict(phase=TEST, c=16, k=64, hw=12), None), # 9 tiles
     (dict(phase=TEST, k=8), None),
     (dict(phase=TEST, hw=3, pad=0), None),       # output 1x1
     # larger weights: 16 tiles stream them from memory, one big GEMM is faster
-    (dict(phase=TEST, c=65, k=256, hw=14), None),
-    (dict(phase=TEST, c=256, k=256, hw=14), None),
-    (dict(phase=TEST, c=256, k=256, hw=14, n=2), 4),   # 32 tiles
-    (dict(phase=TEST, c=256, k=256, hw=28), 4),
+    (dict(phase=TEST, c=257, k=256, hw=14), None),
+    (dict(phase=TEST, c=512, k=512, hw=14), None),
+    (dict(phase=TEST, c=512, k=512, hw=7, pad=1), None),
+    (dict(phase=TEST, c=512, k=512, hw=14, n=2), 4),   # 32 tiles
+    (dict(phase=TEST, c=512, k=512, hw=28), 4),
     (dict(phase=TEST, dtype=np.float64), None),  # gradient checks stay on the plain path
     (dict(phase=TEST, winograd_setting=False), None),
     (dict(phase=TRAIN, winograd_setting=2), 2),
@@ -228,9 +230,9 @@ def test_dispatch_follows_the_rule(kwargs, tile):
 
 
 def test_dispatch_follows_reshapes():
-    layer, bottom, top = conv_layer(TEST, c=256, k=256, hw=14)
+    layer, bottom, top = conv_layer(TEST, c=512, k=512, hw=14)
     assert layer._winograd is None
-    bottom[0].reshape(4, 256, 14, 14)
+    bottom[0].reshape(4, 512, 14, 14)
     layer.reshape(bottom, top)
     assert layer._winograd is not None and layer._winograd.num == 4
     bottom[0].data[...] = np.random.default_rng(0).standard_normal(bottom[0].shape)
