@@ -110,12 +110,12 @@ class InnerProductLayer(Layer):
             for start in range(0, w_diff.shape[0], rows):
                 stop = min(start + rows, w_diff.shape[0])
                 block = self._w_grad[: stop - start]
-                np.matmul(a[start:stop], b, out=block)
+                gemm.matmul(a[start:stop], b, block)
                 w_diff[start:stop] += block
         if self.bias_term and self.param_propagate_down[1]:
             self.blobs[1].diff[...] += dy.sum(axis=0)
         if propagate_down[0]:
-            np.matmul(dy, self._weight().T, out=bottom[0].diff.reshape(-1, self.K))
+            gemm.matmul(dy, self._weight().T, bottom[0].diff.reshape(-1, self.K))
 
 
 @register_layer("Softmax")

@@ -418,11 +418,11 @@ class ConvGemm:
         flat_dw = dw.reshape(g, -1, self.kernel_dim)
         if flipped_weight_grad(flat_dw.shape[1], self.kernel_dim, pixels):
             product = flat_view(self._dw, (g, self.kernel_dim, flat_dw.shape[1]))
-            np.matmul(cols, dout_matrix.swapaxes(-1, -2), out=product)
+            gemm.matmul(cols, dout_matrix.swapaxes(-1, -2), product)
             product = product.swapaxes(-1, -2)
         else:
             product = flat_view(self._dw, flat_dw.shape)
-            np.matmul(dout_matrix, cols.swapaxes(-1, -2), out=product)
+            gemm.matmul(dout_matrix, cols.swapaxes(-1, -2), product)
         np.add(flat_dw, product, out=flat_dw)
 
     def _load_dout(self, dout):
@@ -480,7 +480,7 @@ class ConvGemm:
         one GEMM per image, each reading its operands in place (cols may be strided)."""
         n, g = dout.shape[0], self.group
         per_image = flat_view(self._dw, (n, g, self.out_channels // g, self.kernel_dim))
-        np.matmul(dout.reshape(n, g, -1, self.out_dim), cols.swapaxes(-1, -2), out=per_image)
+        gemm.matmul(dout.reshape(n, g, -1, self.out_dim), cols.swapaxes(-1, -2), per_image)
         total = self._dw_sum.reshape(per_image.shape[1:])
         np.sum(per_image, axis=0, out=total)
         flat_dw = dw.reshape(total.shape)
