@@ -42,7 +42,7 @@ def main():
     import numpy as np
     from minicaffe import threads
     from minicaffe.kernels import gemm
-    from _bench_common import print_table
+    from _bench_common import alternated, print_command, print_table
 
     threads.set_num_threads(args.threads)
     if not gemm.available():
@@ -56,21 +56,20 @@ def main():
         b = rng.standard_normal(stack + (k, n), dtype=np.float32)
         outs = {e: np.empty(stack + (m, n), np.float32) for e in engines}
         times = {e: [] for e in engines}
-        for r in range(args.rounds):
-            for engine in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
-                fn, out = engines[engine], outs[engine]
+        for _, engine in alternated(args.rounds, list(engines)):
+            fn, out = engines[engine], outs[engine]
+            fn(a, b, out)
+            start = time.perf_counter()
+            for _ in range(args.repeats):
                 fn(a, b, out)
-                start = time.perf_counter()
-                for _ in range(args.repeats):
-                    fn(a, b, out)
-                times[engine].append((time.perf_counter() - start) / args.repeats * 1000)
+            times[engine].append((time.perf_counter() - start) / args.repeats * 1000)
         # Same products, so the same values up to the order of the sums inside each sgemm call.
         scale = float(np.abs(outs["np.matmul"]).max())
         error = float(np.abs(outs["np.matmul"] - outs["gemm.matmul"]).max()) / scale
         plain, split = (statistics.median(times[e]) for e in engines)
         shape = "x".join(map(str, stack + (m, k, n)))
         rows.append([name, shape, f"{plain:.3f}", f"{split:.3f}", f"{plain / split:.2f}x", f"{error:.0e}"])
-    print(f"$ python benchmarks/gemm_bench.py {' '.join(sys.argv[1:])}".rstrip())
+    print_command(__file__)
     print(f"{args.threads} threads, median ms of {args.rounds} alternated rounds of {args.repeats} products")
     print_table(["product", "stack x M x K x N", "np.matmul ms", "gemm.matmul ms", "speedup", "max rel. diff"], rows)
 
