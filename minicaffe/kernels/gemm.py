@@ -6,8 +6,11 @@ that second thread gains little: OpenBLAS wakes it for every product (it sleeps 
 the last one, see minicaffe/_blas_env.py) and splits inside each small product; a stack of 36
 is 36 such hand-offs. Here the calling thread and the native workers of minicaffe.kernels.workers
 each take a share of the stack's products (or of one product's columns or rows) and call sgemm
-themselves, with OpenBLAS's thread count set to 1 for their own thread only
-(openblas_set_num_threads_local, OpenBLAS >= 0.3.27).
+themselves. OpenBLAS's thread count is 1 for the length of the call and restored after it:
+its only setter is process-wide (openblas_set_num_threads_local, despite its name, sets the
+global count in the pthreads build numpy ships), so the caller sets it once around the split
+call; the workers never touch it. The calling thread is the only one that calls matmul
+(workers run plain np.matmul), so nothing else sees the count at 1.
 
     gemm.matmul(w, cols, out)      # out[...] = w @ cols, as np.matmul(w, cols, out=out)
 
@@ -35,8 +38,12 @@ _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _ALIGN = 16                       # blocks of columns / rows in multiples of the SIMD tile
 
 
+def _symbol(lib, names):
+    return next((getattr(lib, name) for name in names if hasattr(lib, name)), None)
+
+
 def _load_blas():
-    """(sgemm, set_local_threads) from the OpenBLAS numpy loaded, or None."""
+    """(sgemm, get_threads, set_threads) from the OpenBLAS numpy loaded, or None."""
     paths = []
     try:
         with open("/proc/self/maps") as maps:
@@ -52,23 +59,24 @@ def _load_blas():
         except OSError:
             continue
         # only the 64-bit-integer interface: its symbols say so by their suffix
-        sgemm = next((getattr(lib, name) for name in ("scipy_cblas_sgemm64_", "cblas_sgemm64_")
-                      if hasattr(lib, name)), None)
-        if sgemm is None or not hasattr(lib, "openblas_set_num_threads_local"):
+        sgemm = _symbol(lib, ("scipy_cblas_sgemm64_", "cblas_sgemm64_"))
+        get_threads = _symbol(lib, ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_"))
+        set_threads = _symbol(lib, ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_"))
+        if None in (sgemm, get_threads, set_threads):
             continue
         i32, i64 = ctypes.c_int32, ctypes.c_int64
         sgemm.argtypes = [i32, i32, i32, i64, i64, i64, ctypes.c_float, i64, i64, i64, i64,
                           ctypes.c_float, i64, i64]
         sgemm.restype = None
-        set_local = lib.openblas_set_num_threads_local
-        set_local.argtypes, set_local.restype = [ctypes.c_int], ctypes.c_int
-        return sgemm, set_local
+        get_threads.argtypes, get_threads.restype = [], ctypes.c_int
+        set_threads.argtypes, set_threads.restype = [ctypes.c_int], None
+        return sgemm, get_threads, set_threads
     return None
 
 
 _blas = _load_blas() if jit.available() else None
 if _blas is not None:
-    _sgemm, _set_local_threads = _blas
+    _sgemm, _get_blas_threads, _set_blas_threads = _blas
 
 
 def available():
@@ -83,7 +91,6 @@ def _products(a, b, c, m, n, k, trans_a, lda, trans_b, ldb, ldc, inner,
               a0, a1, b0, b1, c0, c1, parts, by_columns, lo, hi):
     """Items lo:hi of the grid (outer batch, inner batch, part): c[i][part] = a[i] @ b[i] over one
     block of columns (or rows) of the product. Pointers are byte addresses, strides elements."""
-    before = _set_local_threads(1)
     size = n if by_columns else m
     width = ((size + parts - 1) // parts + 15) // 16 * 16
     for item in range(lo, hi):
@@ -107,7 +114,6 @@ def _products(a, b, c, m, n, k, trans_a, lda, trans_b, ldb, ldc, inner,
             pc += 4 * first * ldc
         _sgemm(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS,
                rows, cols, k, 1.0, pa, lda, pb, ldb, 0.0, pc, ldc)
-    _set_local_threads(before)
 
 
 def _matrix_layout(x):
@@ -184,6 +190,11 @@ def matmul(a, b, out):
         np.matmul(a, b, out=out)
         return out
     args, items, macs_per_item = plan
-    workers.parallel_kernel(_products, args, items, at=len(args), cost=macs_per_item,
-                            least=MIN_NATIVE_MACS)
+    blas_threads = _get_blas_threads()
+    _set_blas_threads(1)
+    try:
+        workers.parallel_kernel(_products, args, items, at=len(args), cost=macs_per_item,
+                                least=MIN_NATIVE_MACS)
+    finally:
+        _set_blas_threads(blas_threads)
     return out
