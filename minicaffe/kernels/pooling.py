@@ -21,6 +21,14 @@ MAX backward routes each window's gradient to the FIRST maximum in row-major ord
 whose maximum no earlier offset matched. Gradients are summed into zeroed phase buffers and then
 copied back to the image (phases partition the image, so that copy is a plain assignment).
 
+With numba (kernels/jit.py), MAX keeps more state and makes fewer passes: forward's one compiled
+pass over the k_h*k_w shifted runs (`_peak_and_offset`, branch-free selects, which vectorize)
+takes each window's peak and the number of the first offset holding it, and backward
+(`_max_pool_backward`) adds each window's gradient straight into the image at that offset, in
+Caffe's window order: one scattered add per output where the numpy backward makes five passes
+per offset (3-7x faster on the nets' pools at TRAIN, forward about even, as the phase copy
+dominates it).
+
 Work is cut into blocks of whole planes (sized for the L2 cache) and spread over the thread pool
 (minicaffe.threads). A block computes flat positions up to its last plane's last real output,
 whose shifted reads and writes end exactly at that plane's end, so blocks never touch each other.
@@ -67,11 +75,13 @@ class PhasePool:
         cols = windows.pooled_w + (windows.kernel_w - 1) // windows.stride_w
         return rows * cols <= MAX_WASTE * windows.pooled_h * windows.pooled_w
 
-    def __init__(self, windows, is_max, planes, dtype):
+    def __init__(self, windows, is_max, planes, dtype, compiled=False):
         if not self.applies(windows):
             raise ValueError("the phase grid would be mostly padding for this pooling geometry")
         w = self.windows = windows
         self.is_max, self.planes, self.dtype = is_max, planes, np.dtype(dtype)
+        # MAX with numba: forward keeps each window's first-maximum offset, backward scatters by it
+        self.compiled = bool(compiled and is_max)
         self.rows = w.pooled_h + (w.kernel_h - 1) // w.stride_h
         self.cols = w.pooled_w + (w.kernel_w - 1) // w.stride_w
         self.plane = self.rows * self.cols
@@ -98,7 +108,7 @@ class PhasePool:
         # Stride-1 MAX windows (GoogLeNet's and SSD's 3x3 s1 pad 1) take their peak in two
         # passes, over each row's k_w columns and then over k_h of those row peaks: k_h + k_w - 2
         # fmax passes instead of k_h * k_w - 1 (the max of a rectangle is the max of its rows').
-        self.separable = (is_max and (w.stride_h, w.stride_w) == (1, 1)
+        self.separable = (is_max and not self.compiled and (w.stride_h, w.stride_w) == (1, 1)
                           and w.kernel_h > 1 and w.kernel_w > 1)
         size = planes * self.plane
         fill = -np.inf if is_max else 0
@@ -108,6 +118,12 @@ class PhasePool:
         self._dx = None                                   # backward's buffers, on first use
         if not is_max:
             self._divisor = windows.ave_divisor(self.dtype)
+        if self.compiled:
+            self._best = np.full(size, -1, dtype=np.int32)   # offset number per grid cell
+            self._phase_of = np.array([q for q, _ in self.offsets], dtype=np.int64)
+            self._shift_of = np.array([t for _, t in self.offsets], dtype=np.int64)
+            self._offset_rows = np.array([i for i, _ in w.offsets()], dtype=np.int64)
+            self._offset_cols = np.array([j for _, j in w.offsets()], dtype=np.int64)
         self.block = max_planes = max(1, BLOCK_BYTES // (self.plane * self.dtype.itemsize))
         self.blocks = -(-planes // max_planes)
 
@@ -139,7 +155,9 @@ class PhasePool:
         acc = self._acc[f0:f1]
         (q, t), rest = self.offsets[0], self.offsets[1:]
         if self.is_max:
-            if self.separable:
+            if self.compiled:
+                _peak_and_offset(self._x, self._phase_of, self._shift_of, self._acc, self._best, f0, f1)
+            elif self.separable:
                 self._separable_peak(f0, f1)
             else:
                 # fmax skips NaNs, as Caffe's `value > max` test does (clamp_below: the same fmax
@@ -175,6 +193,15 @@ class PhasePool:
     # -- backward ----------------------------------------------------------------------
     def backward(self, dy, dx):
         """dx = the gradient of the last forward's pooling given dy (overwritten)."""
+        w = self.windows
+        if self.compiled:
+            dy = np.ascontiguousarray(dy).reshape(self.planes, w.pooled_h, w.pooled_w)
+            parallel_kernel(_max_pool_backward,
+                            (dy, self._best, self._offset_rows, self._offset_cols,
+                             dx.reshape(self.planes, w.height * w.width), w.stride_h, w.stride_w,
+                             w.pad_h, w.pad_w, w.width, self.cols, self.plane),
+                            self.planes, at=5, cost=w.height * w.width + w.pooled_h * w.pooled_w)
+            return
         if self._dx is None:   # allocated here: TEST nets never need them
             size = self._acc.size
             self._dx = np.zeros((len(self.copies), size), dtype=self.dtype)
@@ -232,6 +259,48 @@ class PhasePool:
                 if k < last:
                     np.logical_or(taken, equal, out=taken)
             route(k, q, equal)
+
+
+@jit.kernel
+def _peak_and_offset(grid, phase_of, shift_of, peak, best, f0, f1):
+    """For grid cells g in f0:f1: peak[g] = Caffe's max over the window offsets k of
+    grid[phase_of[k], g + shift_of[k]], and best[g] = the first k (in Caffe's row-major order)
+    holding it, -1 where no value beats -FLT_MAX. Caffe's `value > max` test, so NaNs never win.
+    One branch-free pass per offset over contiguous runs, which vectorizes."""
+    lowest = grid.dtype.type(-3.4028234663852886e38)
+    n = f1 - f0
+    peaks, bests = peak[f0:f1], best[f0:f1]
+    for g in range(n):
+        peaks[g] = lowest
+        bests[g] = -1
+    for k in range(phase_of.shape[0]):
+        run = grid[phase_of[k], f0 + shift_of[k]: f1 + shift_of[k]]
+        number = np.int32(k)
+        for g in range(n):
+            v = run[g]
+            wins = v > peaks[g]
+            bests[g] = number if wins else bests[g]
+            peaks[g] = v if wins else peaks[g]
+
+
+@jit.kernel
+def _max_pool_backward(dy, best, offset_rows, offset_cols, dx, p0, p1, stride_h, stride_w, pad_h,
+                       pad_w, width, cols, plane):
+    """dx[p] = 0, then for each window (r, q) of plane p whose grid cell holds offset k >= 0:
+    dx[p, h * width + w] += dy[p, r, q] at (h, w) = (r*s_h - pad_h + i_k, q*s_w - pad_w + j_k),
+    summed in Caffe's window order."""
+    out_h, out_w = dy.shape[1], dy.shape[2]
+    for p in range(p0, p1):
+        grad = dx[p]
+        for e in range(grad.shape[0]):
+            grad[e] = 0
+        cells = best[p * plane: (p + 1) * plane]
+        for r in range(out_h):
+            for q in range(out_w):
+                k = cells[r * cols + q]
+                if k >= 0:
+                    h = r * stride_h - pad_h + offset_rows[k]
+                    grad[h * width + q * stride_w - pad_w + offset_cols[k]] += dy[p, r, q]
 
 
 @jit.kernel

@@ -292,7 +292,7 @@ class PoolingLayer(Layer):
                 and w.kernel_h >= w.height and w.kernel_w >= w.width:
             self._whole_plane = True   # one window holds the whole image
         elif not has_mask_top and PhasePool.applies(w):
-            self._phase_geometry = (w, self.pool == _PP.MAX, planes, dtype)
+            self._phase_geometry = (w, self.pool == _PP.MAX, planes, dtype, jit.enabled())
             if self.pool == _PP.MAX and jit.enabled():
                 self._compiled_max = CompiledMaxPool(w, planes)
 
