@@ -3,6 +3,7 @@
 A child per engine keeps peak RSS that engine's alone (os.wait4 reports one child's usage) and
 keeps one engine's thread pools and allocator state away from the other's.
 """
+import argparse
 import importlib.metadata
 import os
 import pathlib
@@ -31,6 +32,20 @@ def child_rss_mb(cmd, env):
     if proc.returncode:
         raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} ... failed (exit {proc.returncode}):\n{output[-1500:]}")
     return output, usage.ru_maxrss / 1024
+
+
+def in_process_args(description, rounds, repeats_help):
+    """Parse --threads / --rounds / --repeats for a benchmark that times both of its paths in
+    its own process, and set the thread count for BLAS and minicaffe before either is loaded."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--threads", type=int, default=2, help="threads for both (default 2)")
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"alternated rounds (default {rounds})")
+    parser.add_argument("--repeats", type=int, default=5, help=f"{repeats_help} timed per round (default 5)")
+    args = parser.parse_args()
+    if min(args.threads, args.rounds, args.repeats) < 1:
+        parser.error("--threads, --rounds and --repeats must be at least 1")
+    os.environ["OMP_NUM_THREADS"] = os.environ["MINICAFFE_THREADS"] = str(args.threads)
+    return args
 
 
 def alternated(rounds, engines):

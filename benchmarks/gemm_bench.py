@@ -6,14 +6,13 @@ thread count of --threads for both; medians of the rounds.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/gemm_bench.py --threads 2
 """
-import argparse
-import os
 import pathlib
 import statistics
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _bench_common import alternated, in_process_args, print_command, print_table  # noqa: E402
 
 # (name, stack, M, K, N): a stack of products of one shape.
 SHAPES = [
@@ -30,19 +29,11 @@ SHAPES = [
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2, help="threads for both (default 2)")
-    parser.add_argument("--rounds", type=int, default=15, help="alternated rounds (default 15)")
-    parser.add_argument("--repeats", type=int, default=5, help="products timed per round (default 5)")
-    args = parser.parse_args()
-    if min(args.threads, args.rounds, args.repeats) < 1:
-        parser.error("--threads, --rounds and --repeats must be at least 1")
-    os.environ["OMP_NUM_THREADS"] = os.environ["MINICAFFE_THREADS"] = str(args.threads)
+    args = in_process_args(__doc__.splitlines()[0], 15, "products")
     import minicaffe  # noqa: F401  (before numpy: minicaffe/_blas_env.py sets numpy's BLAS defaults)
     import numpy as np
     from minicaffe import threads
     from minicaffe.kernels import gemm
-    from _bench_common import alternated, print_command, print_table
 
     threads.set_num_threads(args.threads)
     if not gemm.available():

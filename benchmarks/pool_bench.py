@@ -5,11 +5,13 @@ process, alternated round by round, on --threads threads; medians of the rounds.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/pool_bench.py --threads 2
 """
-import argparse
-import os
+import pathlib
 import statistics
 import sys
 import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _bench_common import alternated, in_process_args, print_command, print_table  # noqa: E402
 
 # (name, input shape, kernel, stride, pad)
 SHAPES = [
@@ -23,6 +25,7 @@ SHAPES = [
 
 
 def make_layer(shape, kernel, stride, pad):
+    import numpy as np
     from google.protobuf import text_format
 
     from minicaffe.blob import Blob
@@ -34,7 +37,7 @@ def make_layer(shape, kernel, stride, pad):
     layer = create_layer(param, caffe_pb2.TRAIN)
     bottom, top = Blob(shape), Blob()
     layer.setup([bottom], [top])
-    rng = __import__("numpy").random.default_rng(0)
+    rng = np.random.default_rng(0)
     bottom.data[...] = rng.standard_normal(shape)
     top.diff[...] = rng.standard_normal(top.shape)
     return layer, bottom, top
@@ -54,38 +57,33 @@ def time_steps(layer, bottom, top, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2, help="threads for both (default 2)")
-    parser.add_argument("--rounds", type=int, default=9, help="alternated rounds (default 9)")
-    parser.add_argument("--repeats", type=int, default=5, help="steps timed per round (default 5)")
-    args = parser.parse_args()
-    if min(args.threads, args.rounds, args.repeats) < 1:
-        parser.error("--threads, --rounds and --repeats must be at least 1")
-    os.environ["OMP_NUM_THREADS"] = os.environ["MINICAFFE_THREADS"] = str(args.threads)
+    args = in_process_args(__doc__.splitlines()[0], 9, "steps")
+    from minicaffe import threads
     from minicaffe.kernels import jit
     if not jit.available():
         sys.exit(f"pool_bench compares the numpy and compiled paths: {jit.INSTALL_HINT}")
-    print(f"$ python benchmarks/pool_bench.py --threads {args.threads} --rounds {args.rounds} "
-          f"--repeats {args.repeats}")
-    print("MAX pooling at TRAIN, ms per forward / backward: medians of alternated rounds\n")
-    print("| pool | input | numpy fwd | numpy bwd | compiled fwd | compiled bwd | backward speedup |")
-    print("|---|---|---|---|---|---|---|")
+    threads.set_num_threads(args.threads)
+    paths = ["numpy", "compiled"]
+    rows = []
     for name, shape, kernel, stride, pad in SHAPES:
         layers = {}
-        for path in ("numpy", "compiled"):
-            jit.set_enabled(path == "compiled")
+        for path in paths:
+            jit.set_enabled(path == "compiled")   # read at setup: the layer keeps its path
             layers[path] = make_layer(shape, kernel, stride, pad)
-            time_steps(*layers[path], 1)   # warm-up (and the compile)
-        times = {path: [] for path in layers}
-        for _ in range(args.rounds):
-            for path, (layer, bottom, top) in layers.items():
-                jit.set_enabled(path == "compiled")
-                times[path].append(time_steps(layer, bottom, top, args.repeats))
-        med = {path: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
-               for path, ts in times.items()}
-        (nf, nb), (cf, cb) = med["numpy"], med["compiled"]
-        print(f"| {name} | {'x'.join(map(str, shape))} k{kernel} s{stride} p{pad} | {nf:.3f} | "
-              f"{nb:.3f} | {cf:.3f} | {cb:.3f} | {nb / cb:.2f}x |")
+            time_steps(*layers[path], 1)          # warm-up (and the compile)
+        times = {path: [] for path in paths}
+        for _, path in alternated(args.rounds, paths):
+            jit.set_enabled(path == "compiled")
+            times[path].append(time_steps(*layers[path], args.repeats))
+        (nf, nb), (cf, cb) = ((statistics.median(t[0] for t in times[path]),
+                               statistics.median(t[1] for t in times[path])) for path in paths)
+        rows.append([name, f"{'x'.join(map(str, shape))} k{kernel} s{stride} p{pad}", f"{nf:.3f}",
+                     f"{nb:.3f}", f"{cf:.3f}", f"{cb:.3f}", f"{nb / cb:.2f}x"])
+    print_command(__file__)
+    print(f"MAX pooling at TRAIN, {args.threads} threads, median ms per forward / backward of "
+          f"{args.rounds} alternated rounds of {args.repeats} steps")
+    print_table(["pool", "input", "numpy fwd", "numpy bwd", "compiled fwd", "compiled bwd",
+                 "backward speedup"], rows)
 
 
 if __name__ == "__main__":
